@@ -1,0 +1,1 @@
+"""Triton kernels for the GPU side: attention (flash/paged/MLA), fused MoE, norms, RoPE."""

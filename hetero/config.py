@@ -1,0 +1,145 @@
+"""Typed model configuration, read once from a Hugging Face config.json at the edge.
+
+Families extend `TransformerConfig` with their own fields; everything inside hetero takes
+these dataclasses, never raw dicts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from hetero.errors import ModelFormatError, UnsupportedModelError
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, from `rope_scaling` (older configs) or `rope_parameters`
+    (transformers >= 5)."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
+        params = dict(cfg.get("rope_scaling") or {})
+        params.update(cfg.get("rope_parameters") or {})
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in ROPE_TYPES:
+            raise_unsupported(cfg, f"rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        factor = params.get("factor")
+        original = params.get("original_max_position_embeddings")
+        if rope_type == "yarn" and factor is None and original:
+            factor = cfg["max_position_embeddings"] / original
+        return cls(
+            theta=float(theta),
+            type=rope_type,
+            factor=float(factor if factor is not None else 1.0),
+            original_max_position_embeddings=original,
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+        )
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Fields every decoder-only family shares."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    hidden_act: str = "silu"
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> Self:
+        """Build from a config.json dict; subclasses add their fields through `_extra`."""
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            act = cfg.get("hidden_act", "silu")
+            if act not in ("silu", "swish"):
+                raise_unsupported(cfg, f"activation {act!r} (only silu is supported)")
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                model_type=cfg["model_type"],
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                intermediate_size=int(cfg.get("intermediate_size") or 0),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                rope=RopeConfig.from_hf(cfg),
+                hidden_act="silu",
+                eos_token_ids=eos_ids,
+                bos_token_id=cfg.get("bos_token_id"),
+                **cls._extra(cfg),
+            )
+        except KeyError as missing:
+            raise ModelFormatError(
+                f"config.json of model_type {cfg.get('model_type')!r} lacks the field {missing}"
+            ) from None
+
+    @classmethod
+    def _extra(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @property
+    def context_limit(self) -> int:
+        """Longest sequence (prompt + completion) the model runs correctly."""
+        return self.max_position_embeddings
+
+
+def raise_unsupported(cfg: dict[str, Any], what: str) -> None:
+    raise UnsupportedModelError(f"model_type {cfg.get('model_type')!r} uses {what}")
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    """Read and minimally validate config.json."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelFormatError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFormatError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ModelFormatError(f"{path} has no model_type field")
+    return cfg

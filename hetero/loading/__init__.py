@@ -1,0 +1,1 @@
+"""Reading model files: Hugging Face safetensors checkpoints (GGUF comes next)."""

@@ -1,0 +1,1 @@
+"""The runtime: KV cache, forward batches, expert backends, generation, and the `Model` API."""

@@ -1,0 +1,53 @@
+"""The expert-backend interface: "these tokens go to these experts with these weights".
+
+A MoE block calls `experts(x, expert_ids, expert_weights)` and knows nothing else. `TorchExperts`
+is the reference backend (plain torch, autograd-capable); the runtime may swap a layer's backend
+for another that holds the same experts (CPU kernels, GPU, a split) without touching model code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers, experts, shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TorchExperts(nn.ModuleList):
+    """Routed experts of one layer as a list of `GatedMLP` (checkpoint names `experts.N.*`)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int):
+        super().__init__(GatedMLP(hidden_size, expert_size) for _ in range(num_experts))
+
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
+        top_k = expert_ids.shape[1]
+        flat_ids = expert_ids.reshape(-1)
+        flat_weights = expert_weights.reshape(-1).to(x.dtype)
+        # group (token, slot) pairs by expert so each expert runs one matmul over its tokens
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=len(self)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start : start + count]
+            start += count
+            tokens = pairs // top_k
+            y = self[expert](x[tokens]) * flat_weights[pairs, None]
+            out.index_add_(0, tokens, y)
+        return out

@@ -1,0 +1,182 @@
+"""`Model`: a loaded checkpoint with its tokenizer, and the Python API (`logits`, `generate`,
+chat templating) the CLI and server are built on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from hetero.config import TransformerConfig, read_config_json
+from hetero.errors import InvalidRequestError, ModelFormatError, PromptTooLongError
+from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
+from hetero.loading.weights import load_weights
+from hetero.models import family_for
+from hetero.models.decoder import CausalLM
+from hetero.runtime.batch import ForwardBatch
+from hetero.runtime.generate import GenerationRequest, GenerationResult, run_generation
+from hetero.runtime.kv_cache import PagedKVCache
+from hetero.runtime.sampling import SamplingParams
+from hetero.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_BLOCK_TOKENS = 16
+
+
+class Model:
+    def __init__(
+        self,
+        path: Path,
+        family: ModuleType,
+        config: TransformerConfig,
+        net: CausalLM,
+        tokenizer: Tokenizer,
+    ):
+        self.path = path
+        self.family = family
+        self.config = config
+        self.net = net
+        self.tokenizer = tokenizer
+        self.dtype = net.embed_tokens.weight.dtype
+        self.name = path.name
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dtype: str = "auto",
+        threads: int | None = None,
+        progress: bool = True,
+    ) -> Model:
+        """Open a Hugging Face model directory (weights memory-mapped, read lazily)."""
+        model_dir = Path(path).expanduser()
+        if not model_dir.is_dir():
+            raise ModelFormatError(f"model directory {model_dir} does not exist")
+        if threads is not None:
+            if threads < 1:
+                raise InvalidRequestError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        raw = read_config_json(model_dir)
+        family = family_for(raw)
+        config = family.parse_config(raw)
+        torch_dtype = resolve_dtype(dtype, raw)
+        checkpoint = SafetensorsCheckpoint(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        with torch.device("meta"):
+            net = family.build(config)
+        load_weights(
+            net,
+            checkpoint,
+            family.checkpoint_name,
+            torch_dtype,
+            config.tie_word_embeddings,
+            progress=progress,
+        )
+        net.eval().requires_grad_(False)
+        return cls(model_dir, family, config, net, tokenizer)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """A fresh forward over the whole sequence: [len(token_ids), vocab] float32."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        self._check_ids(ids.tolist())
+        with torch.inference_mode():
+            return self.net(ids, ForwardBatch.fresh(len(ids))).float()
+
+    def new_kv_cache(self, max_tokens: int, max_sequences: int = 1) -> PagedKVCache:
+        blocks = max_sequences * -(-max_tokens // KV_BLOCK_TOKENS)
+        entries = [layer.self_attn.cache_entries() for layer in self.net.layers]
+        return PagedKVCache(entries, blocks, KV_BLOCK_TOKENS, dtype=self.dtype)
+
+    # ---- text ----------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a raw prompt: a string gets the tokenizer's own special tokens (BOS)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        text = self.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: list[str] | str | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Complete `prompt` (text or token ids). `on_text` streams each new piece of text."""
+        sampling = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            seed=seed,
+        )
+        prompt_ids = self.encode_prompt(prompt)
+        self._check_ids(prompt_ids)
+        if max_new_tokens < 0:
+            raise InvalidRequestError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        room = self.config.context_limit - len(prompt_ids)
+        request = GenerationRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=min(max_new_tokens, room),
+            sampling=sampling,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            eos_token_ids=frozenset(self.eos_token_ids),
+        )
+        kv = self.new_kv_cache(len(prompt_ids) + request.max_new_tokens)
+        return run_generation(self.net, kv, self.tokenizer, request, on_text)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        limit = self.config.context_limit
+        if len(ids) >= limit:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but {self.name} holds at most {limit} "
+                f"(max_position_embeddings); shorten the prompt"
+            )
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+            )
+
+
+def resolve_dtype(dtype: str, raw_config: dict[str, Any]) -> torch.dtype:
+    """'auto' keeps the checkpoint's dtype (zero-copy loading); otherwise a name from DTYPES."""
+    if dtype == "auto":
+        dtype = raw_config.get("torch_dtype") or raw_config.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise InvalidRequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+

@@ -1,0 +1,1 @@
+"""Placement planner: memory and cost model, expert popularity, plans (`hetero plan`)."""

@@ -1,0 +1,1 @@
+"""OpenAI- and Ollama-compatible server with a web chat page (`hetero serve`)."""

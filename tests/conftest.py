@@ -1,0 +1,79 @@
+"""Fixtures that make tiny random-weight checkpoints with transformers' own classes, so every
+family is tested against the reference implementation without downloading anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetero.demo_tokenizer import write_demo_tokenizer
+
+# Small but not degenerate: GQA (4 q heads over 2 kv heads), 8 experts, top-2, sizes divisible
+# by 4 (transformers' grouped_mm needs 16-byte strides, see shared/notes/reference-models.md).
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+TINY_MOE = dict(moe_intermediate_size=32, num_experts_per_tok=2)
+
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": dict(TINY, attention_bias=False),
+    "qwen2": dict(TINY),
+    "qwen3": dict(TINY),
+    "qwen3_moe": dict(
+        TINY, **TINY_MOE, num_experts=8, norm_topk_prob=True, mlp_only_layers=[1],
+        decoder_sparse_step=1,
+    ),
+    "qwen2_moe": dict(
+        TINY, **TINY_MOE, num_experts=8, shared_expert_intermediate_size=48,
+        decoder_sparse_step=1, mlp_only_layers=[],
+    ),
+    "mixtral": dict(TINY, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+}
+
+
+def sharpen_routers(model: torch.nn.Module) -> None:
+    """Random routers are nearly uniform, so top-k sits on near-ties that flip between two
+    correct implementations; scale them so routing is decisive (a mismatch is then a bug)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                param.mul_(8.0)
+            if name.endswith("e_score_correction_bias"):
+                param.copy_(torch.rand_like(param) * 0.5)
+
+
+def make_checkpoint(
+    directory: Path, model_type: str, seed: int = 0, shards: bool = False, **overrides
+):
+    """Write a random-weight transformers model of `model_type` (plus the demo tokenizer) to
+    `directory`; return the transformers model in float32 for reference outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab_size = write_demo_tokenizer(directory)
+    cfg = dict(FAMILY_CONFIGS[model_type], vocab_size=vocab_size, **overrides)
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sharpen_routers(model)
+    model.eval()
+    model.save_pretrained(directory, max_shard_size="200KB" if shards else "5GB")
+    return model
+
+
+@pytest.fixture
+def checkpoint_factory(tmp_path):
+    def make(model_type: str, **kwargs):
+        directory = tmp_path / model_type
+        directory.mkdir(exist_ok=True)
+        return directory, make_checkpoint(directory, model_type, **kwargs)
+
+    return make
