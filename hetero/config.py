@@ -135,7 +135,9 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     """Read and minimally validate config.json."""
     path = model_dir / "config.json"
     if not path.is_file():
-        raise ModelFormatError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+        raise ModelFormatError(
+            f"{model_dir} has no config.json; is it a Hugging Face model directory?"
+        )
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

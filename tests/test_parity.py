@@ -31,7 +31,9 @@ def family(request):
 def test_logits_match_transformers_float32(family, checkpoint_factory):
     path, hf_model = checkpoint_factory(family)
     model = hetero.load(path, dtype="float32", progress=False)
-    ids = torch.randint(0, model.config.vocab_size, (37,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, model.config.vocab_size, (37,), generator=torch.Generator().manual_seed(1)
+    )
     ours = model.logits(ids.tolist())
     reference = reference_logits(hf_model, ids.tolist())
     assert ours.shape == reference.shape == (37, model.config.vocab_size)
@@ -42,7 +44,9 @@ def test_logits_match_transformers_float32(family, checkpoint_factory):
 def test_greedy_generation_matches_transformers(family, checkpoint_factory):
     path, hf_model = checkpoint_factory(family)
     model = hetero.load(path, dtype="float32", progress=False)
-    prompt = torch.randint(0, model.config.vocab_size, (11,), generator=torch.Generator().manual_seed(2))
+    prompt = torch.randint(
+        0, model.config.vocab_size, (11,), generator=torch.Generator().manual_seed(2)
+    )
     prompt_ids = prompt.tolist()
     # no EOS on either side: compare all 32 tokens
     model.tokenizer.eos_token_ids.clear()
@@ -65,7 +69,9 @@ def test_bfloat16_logits_stay_within_documented_tolerance(family, checkpoint_fac
     path, hf_model = checkpoint_factory(family)
     model = hetero.load(path, dtype="bfloat16", progress=False)
     assert model.net.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16
-    ids = torch.randint(0, model.config.vocab_size, (29,), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        0, model.config.vocab_size, (29,), generator=torch.Generator().manual_seed(3)
+    )
     error = relative_error(model.logits(ids.tolist()), reference_logits(hf_model, ids.tolist()))
     assert error < BF16_LOGITS_REL_TOLERANCE
 

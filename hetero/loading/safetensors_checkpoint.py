@@ -27,6 +27,7 @@ DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -65,17 +66,22 @@ class SafetensorsCheckpoint:
         flat = torch.frombuffer(buf, dtype=torch.uint8, count=entry.nbytes, offset=entry.start)
         return flat.view(entry.dtype).reshape(entry.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the page-cache pages of a tensor from this process once it has been copied,
-        so peak RSS stays near what is materialised."""
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop this process's pages of bytes [begin, end) of a tensor once they have been
+        copied elsewhere, so peak RSS stays near what is materialised."""
         entry = self.entries[name]
         buf = self._maps.get(entry.file)
-        if buf is None or entry.nbytes == 0:
+        end = entry.nbytes if end is None else end
+        if buf is None or end <= begin:
             return
         page = mmap.PAGESIZE
-        begin = entry.start // page * page
-        end = min(len(buf), -(-(entry.start + entry.nbytes) // page) * page)
-        buf.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        # only whole pages inside the range: a neighbour's bytes may still be in use
+        first = -(-(entry.start + begin) // page) * page
+        last = (entry.start + end) // page * page
+        if end == entry.nbytes:
+            last = min(len(buf), -(-(entry.start + end) // page) * page)
+        if last > first:
+            buf.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def _map(self, file: Path) -> mmap.mmap:
         if file not in self._maps:
@@ -132,7 +138,9 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
             begin, stop = info["data_offsets"]
             shape = tuple(int(d) for d in info["shape"])
         except (KeyError, TypeError, ValueError):
-            raise ModelFormatError(f"{file}: tensor {name!r} has an unreadable header entry") from None
+            raise ModelFormatError(
+                f"{file}: tensor {name!r} has an unreadable header entry"
+            ) from None
         entries[name] = TensorEntry(file, dtype, shape, data_start + begin, stop - begin)
         end = max(end, data_start + stop)
     if end > size:

@@ -14,7 +14,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from torch import nn
 
 from hetero.errors import ModelFormatError
+from hetero.loading.fp8 import SCALE_SUFFIX, dequantize_fp8_rows
 from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
+
+CONVERT_SLICE_BYTES = 32 * 1024 * 1024
 
 
 def load_weights(
@@ -23,8 +26,12 @@ def load_weights(
     checkpoint_name: Callable[[str], str],
     dtype: torch.dtype,
     tie_word_embeddings: bool,
+    fp8_block: tuple[int, int] = (128, 128),
+    keep_float32: tuple[str, ...] = (),
     progress: bool = True,
 ) -> None:
+    """Assign every parameter of `net` from `checkpoint` in `dtype`, except those whose names
+    end with a suffix in `keep_float32` (small tensors whose precision decides routing)."""
     params = dict(net.named_parameters(remove_duplicate=False))
     names = {name: file_name(name, checkpoint_name) for name in params}
     if tie_word_embeddings or "lm_head.weight" not in checkpoint:
@@ -52,7 +59,10 @@ def load_weights(
         for name, param in params.items():
             source = names[name]
             if source not in loaded:
-                loaded[source] = materialise(checkpoint, source, tuple(param.shape), dtype)
+                target = torch.float32 if name.endswith(keep_float32) else dtype
+                loaded[source] = materialise(
+                    checkpoint, source, tuple(param.shape), target, fp8_block
+                )
                 bar.advance(task, checkpoint.entries[source].nbytes)
             set_parameter(net, name, loaded[source])
 
@@ -63,18 +73,52 @@ def file_name(module_name: str, checkpoint_name: Callable[[str], str]) -> str:
 
 
 def materialise(
-    checkpoint: SafetensorsCheckpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    checkpoint: SafetensorsCheckpoint,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    fp8_block: tuple[int, int],
 ) -> torch.Tensor:
     tensor = checkpoint.tensor(name)
     if tuple(tensor.shape) != shape:
         raise ModelFormatError(
             f"tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {shape}"
         )
+    if tensor.dtype == torch.float8_e4m3fn:
+        return dequantize_fp8(checkpoint, name, tensor, dtype, fp8_block)
     if tensor.dtype == dtype:
         return tensor
-    converted = tensor.to(dtype)
-    checkpoint.release(name)
-    return converted
+    # convert in slices of rows, releasing each slice's source pages as soon as it is copied
+    out = torch.empty(shape, dtype=dtype)
+    rows = tensor.reshape(-1, shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    target = out.view(rows.shape)
+    row_bytes = rows.shape[1] * tensor.element_size()
+    step = max(1, CONVERT_SLICE_BYTES // max(row_bytes, 1))
+    for begin in range(0, rows.shape[0], step):
+        stop = min(begin + step, rows.shape[0])
+        target[begin:stop] = rows[begin:stop]
+        checkpoint.release(name, begin * row_bytes, stop * row_bytes)
+    return out
+
+
+def dequantize_fp8(
+    checkpoint: SafetensorsCheckpoint,
+    name: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    block: tuple[int, int],
+) -> torch.Tensor:
+    scale_name = name + SCALE_SUFFIX
+    if scale_name not in checkpoint or tensor.dim() != 2:
+        raise ModelFormatError(f"float8 tensor {name!r} has no {scale_name!r} block scales")
+    scale_inv = checkpoint.tensor(scale_name)
+    out = torch.empty(tensor.shape, dtype=dtype)
+    step = block[0] * max(1, CONVERT_SLICE_BYTES // (block[0] * tensor.shape[1] * 4))
+    for begin in range(0, tensor.shape[0], step):
+        rows = slice(begin, min(begin + step, tensor.shape[0]))
+        out[rows] = dequantize_fp8_rows(tensor, scale_inv, block, rows, dtype)
+        checkpoint.release(name, begin * tensor.shape[1], rows.stop * tensor.shape[1])
+    return out
 
 
 def set_parameter(net: nn.Module, dotted: str, value: torch.Tensor) -> None:

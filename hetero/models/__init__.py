@@ -1,7 +1,8 @@
 """Model families, one file each, chosen by config.json's model_type.
 
 A family module provides MODEL_TYPES, parse_config(dict) -> config dataclass, build(config) ->
-CausalLM, and checkpoint_name(module name) -> tensor name in the family's checkpoints."""
+CausalLM, and checkpoint_name(module name) -> tensor name in the family's checkpoints; optionally
+FLOAT32_PARAMETERS, name suffixes of parameters kept in float32 whatever the model dtype."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from types import ModuleType
 from typing import Any
 
 from hetero.errors import UnsupportedModelError
-from hetero.models import llama, mixtral, qwen_moe
+from hetero.models import deepseek, llama, mixtral, qwen_moe
 
 FAMILIES: dict[str, ModuleType] = {
-    model_type: family for family in (llama, qwen_moe, mixtral) for model_type in family.MODEL_TYPES
+    model_type: family
+    for family in (llama, qwen_moe, mixtral, deepseek)
+    for model_type in family.MODEL_TYPES
 }
 
 

@@ -40,7 +40,11 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, eps: float, layers: list[nn.Module]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        # an explicit empty weight skips random init: models are built on the meta device
+        # and filled from checkpoints
+        self.embed_tokens = nn.Embedding(
+            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
+        )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden_size, eps)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)

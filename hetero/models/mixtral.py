@@ -39,7 +39,9 @@ class MixtralConfig(TransformerConfig):
     @property
     def context_limit(self) -> int:
         # Attention is full; within a sliding window it is identical to windowed attention.
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        return min(
+            self.max_position_embeddings, self.sliding_window or self.max_position_embeddings
+        )
 
 
 def parse_config(cfg: dict[str, Any]) -> MixtralConfig:

@@ -45,14 +45,18 @@ def llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor
     return torch.where(medium, blended, scaled)
 
 
-def yarn_frequencies(pos_freqs: torch.Tensor, dim: int, rope: RopeConfig) -> tuple[torch.Tensor, float]:
+def yarn_frequencies(
+    pos_freqs: torch.Tensor, dim: int, rope: RopeConfig
+) -> tuple[torch.Tensor, float]:
     # YaRN (arXiv 2309.00071): interpolate low frequencies, extrapolate high ones, linear ramp
     # between the dimensions that turn beta_fast and beta_slow times over the original context.
     factor = rope.factor
     if rope.attention_factor is not None:
         attention_factor = float(rope.attention_factor)
     elif rope.mscale and rope.mscale_all_dim:
-        attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
+        attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(
+            factor, rope.mscale_all_dim
+        )
     else:
         attention_factor = yarn_mscale(factor)
     original = rope.original_max_position_embeddings or 4096
@@ -66,14 +70,16 @@ def yarn_frequencies(pos_freqs: torch.Tensor, dim: int, rope: RopeConfig) -> tup
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(
+        0, 1
+    )
     extrapolation_weight = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
     return inv_freq, attention_factor
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for absolute token positions; `apply` rotates q or k of shape [tokens, heads, dim]."""
+    """cos/sin for absolute token positions; `apply` rotates q or k: [tokens, heads, dim]."""
 
     def __init__(self, dim: int, rope: RopeConfig, interleaved: bool = False):
         super().__init__()
@@ -81,7 +87,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleaved = interleaved
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [tokens] -> cos, sin: [tokens, 1, dim]
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)

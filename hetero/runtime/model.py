@@ -11,7 +11,12 @@ from typing import Any
 import torch
 
 from hetero.config import TransformerConfig, read_config_json
-from hetero.errors import InvalidRequestError, ModelFormatError, PromptTooLongError
+from hetero.errors import (
+    InvalidRequestError,
+    ModelFormatError,
+    PromptTooLongError,
+    UnsupportedModelError,
+)
 from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
 from hetero.loading.weights import load_weights
 from hetero.models import family_for
@@ -73,6 +78,8 @@ class Model:
             family.checkpoint_name,
             torch_dtype,
             config.tie_word_embeddings,
+            fp8_block=fp8_block_size(raw),
+            keep_float32=getattr(family, "FLOAT32_PARAMETERS", ()),
             progress=progress,
         )
         net.eval().requires_grad_(False)
@@ -172,6 +179,19 @@ class Model:
             )
 
 
+def fp8_block_size(raw_config: dict[str, Any]) -> tuple[int, int]:
+    """Block size of fp8 weights (DeepSeek-V3's release); other quantised formats are refused."""
+    quant = raw_config.get("quantization_config") or {}
+    method = quant.get("quant_method", "fp8") if isinstance(quant, dict) else "?"
+    if method != "fp8":
+        raise UnsupportedModelError(
+            f"{method!r}-quantised safetensors are not supported; use the bf16/fp16 checkpoint "
+            f"(GGUF support is coming)"
+        )
+    block = quant.get("weight_block_size") or (128, 128)
+    return int(block[0]), int(block[1])
+
+
 def resolve_dtype(dtype: str, raw_config: dict[str, Any]) -> torch.dtype:
     """'auto' keeps the checkpoint's dtype (zero-copy loading); otherwise a name from DTYPES."""
     if dtype == "auto":
@@ -179,4 +199,3 @@ def resolve_dtype(dtype: str, raw_config: dict[str, Any]) -> torch.dtype:
     if dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
-

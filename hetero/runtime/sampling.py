@@ -48,7 +48,15 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
-        """logits: [vocab] float32 -> the chosen token id."""
+        """logits: [vocab] -> the chosen token id."""
+        if self.params.temperature == 0.0:
+            return int(torch.argmax(self.penalised(logits, prompt_ids, output_ids)))
+        probs = self.distribution(logits, prompt_ids, output_ids)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def penalised(
+        self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]
+    ) -> torch.Tensor:
         p = self.params
         logits = logits.float().clone()
         if p.repetition_penalty != 1.0:
@@ -63,20 +71,26 @@ class Sampler:
             ids = torch.tensor(list(counts), dtype=torch.long)
             freq = torch.tensor(list(counts.values()), dtype=torch.float32)
             logits[ids] -= p.presence_penalty + p.frequency_penalty * freq
-        if p.temperature == 0.0:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if p.top_k > 0 and p.top_k < logits.shape[0]:
+        return logits
+
+    def distribution(
+        self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]
+    ) -> torch.Tensor:
+        """The probabilities a token is drawn from (temperature > 0): [vocab] float32."""
+        p = self.params
+        logits = self.penalised(logits, prompt_ids, output_ids) / p.temperature
+        if 0 < p.top_k < logits.shape[0]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits[logits < kth] = -math.inf
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
             # drop a token when the mass before it already reaches top_p; keep at least one
-            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= p.top_p
             drop[0] = False
             logits[order[drop]] = -math.inf
         probs = torch.softmax(logits, dim=-1)
         if p.min_p > 0.0:
             probs = torch.where(probs < p.min_p * probs.max(), torch.zeros_like(probs), probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            probs = probs / probs.sum()
+        return probs

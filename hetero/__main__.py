@@ -1,0 +1,7 @@
+"""`python -m hetero` is the `hetero` command."""
+
+import sys
+
+from hetero.cli import main
+
+sys.exit(main())
