@@ -108,7 +108,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from hetero.reasoning import split_reasoning
+    from hetero.reasoning import prompt_opens_reasoning, split_reasoning
 
     model = load_model(args)
     system = args.system
@@ -137,7 +137,8 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         try:
-            prompt_ids = model.encode_chat(messages)
+            prompt_text = model.apply_chat_template(messages)
+            prompt_ids = model.tokenizer.encode(prompt_text)
             result = model.generate(prompt_ids, on_text=stream_to_stdout, **sampling_kwargs(args))
         except HeteroError as err:
             history.pop()
@@ -146,7 +147,7 @@ def run_chat(args: argparse.Namespace) -> int:
         print()
         print_stats(result)
         # history keeps the answer only: chat templates drop earlier turns' reasoning
-        _, answer = split_reasoning(result.text)
+        _, answer = split_reasoning(result.text, prompt_opens_reasoning(prompt_text))
         history.append({"role": "assistant", "content": answer})
 
 
