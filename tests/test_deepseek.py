@@ -78,7 +78,7 @@ def test_cached_decoding_equals_fresh_forward(model_type, checkpoint_factory):
     ids = random_ids(80, model.config.vocab_size, seed=5)
     prompt_len = 70
     kv = model.new_kv_cache(max_tokens=len(ids))
-    seq = kv.new_sequence()
+    seq, _ = kv.new_sequence()
     kv.reserve(seq, len(ids))
     with torch.inference_mode():
         batch = ForwardBatch([SequenceSlice(seq, 0, prompt_len)], kv)

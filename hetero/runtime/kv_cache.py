@@ -1,9 +1,16 @@
 """Paged KV cache: a fixed pool of blocks of `block_size` tokens; each sequence owns a block table.
 
 Each layer declares what it stores per token (`{"k": (kv_heads, head_dim), "v": ...}` for
-GQA, `{"latent": (rank,), "k_rope": (dim,)}` for MLA), so every attention kind shares one cache."""
+GQA, `{"latent": (rank,), "k_rope": (dim,)}` for MLA), so every attention kind shares one cache.
+
+Prefix caching: a full block is named by a hash of its tokens and of everything before it.
+A new sequence whose prompt starts with cached blocks shares them (reference counted) and skips
+their computation. Freed blocks keep their contents and hash until the space is needed (LRU)."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +21,12 @@ EntryShapes = dict[str, tuple[int, ...]]
 
 class KVCacheFullError(HeteroError):
     """No free blocks are left for a sequence to grow."""
+
+
+@dataclass
+class _SequenceBlocks:
+    table: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
 
 
 class PagedKVCache:
@@ -36,42 +49,111 @@ class PagedKVCache:
             }
             for entries in layer_entries
         ]
+        self.bytes_per_token = sum(
+            t[0].numel() * t.element_size() for layer in self.storage for t in layer.values()
+        )
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.block_tables: dict[int, list[int]] = {}
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, int] = {}
+        self._block_of: dict[int, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU
+        self._sequences: dict[int, _SequenceBlocks] = {}
         self._next_id = 0
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     @property
     def blocks_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can take: empty ones plus cached ones no sequence uses."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def blocks_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.blocks_free
 
-    def new_sequence(self) -> int:
+    @property
+    def blocks_cached(self) -> int:
+        return len(self._evictable)
+
+    def block_table(self, seq: int) -> list[int]:
+        return self._sequences[seq].table
+
+    def new_sequence(self, prompt: list[int] | None = None) -> tuple[int, int]:
+        """Open a sequence; with a prompt, share its longest cached prefix of full blocks.
+        Returns (sequence id, number of prompt tokens already in the cache). At least one
+        prompt token is always left to compute, so the caller gets logits."""
         seq = self._next_id
         self._next_id += 1
-        self.block_tables[seq] = []
-        return seq
+        blocks = _SequenceBlocks()
+        self._sequences[seq] = blocks
+        if not prompt:
+            return seq, 0
+        usable = (len(prompt) - 1) // self.block_size
+        parent = 0
+        for i in range(usable):
+            h = block_hash(parent, prompt[i * self.block_size : (i + 1) * self.block_size])
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            self._ref(block)
+            blocks.table.append(block)
+            blocks.hashes.append(h)
+            parent = h
+        cached = len(blocks.table) * self.block_size
+        self.prefix_query_tokens += len(prompt)
+        self.prefix_hit_tokens += cached
+        return seq, cached
 
     def reserve(self, seq: int, total_tokens: int) -> None:
         """Make room for `total_tokens` tokens of `seq` (all or nothing)."""
-        table = self.block_tables[seq]
+        table = self._sequences[seq].table
         needed = -(-total_tokens // self.block_size) - len(table)
-        if needed > len(self._free):
+        if needed > self.blocks_free:
             raise KVCacheFullError(
-                f"KV cache full: sequence needs {needed} more blocks, {len(self._free)} free"
+                f"KV cache full: a sequence needs {needed} more blocks, {self.blocks_free} free"
             )
         for _ in range(max(needed, 0)):
-            table.append(self._free.pop())
+            block = self._free.pop() if self._free else self._evict()
+            self._refs[block] = 1
+            table.append(block)
+
+    def commit(self, seq: int, tokens: list[int]) -> None:
+        """Name the sequence's full blocks whose KV is computed (`tokens` are exactly those
+        tokens), so later prompts can share them."""
+        blocks = self._sequences[seq]
+        full = len(tokens) // self.block_size
+        parent = blocks.hashes[-1] if blocks.hashes else 0
+        for i in range(len(blocks.hashes), full):
+            h = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            block = blocks.table[i]
+            if h not in self._block_of and block not in self._hash_of:
+                self._block_of[h] = block
+                self._hash_of[block] = h
+            blocks.hashes.append(h)
+            parent = h
 
     def free(self, seq: int) -> None:
-        self._free.extend(reversed(self.block_tables.pop(seq)))
+        for block in reversed(self._sequences.pop(seq).table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def _ref(self, block: int) -> None:
+        self._refs[block] += 1
+        self._evictable.pop(block, None)
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        del self._block_of[self._hash_of.pop(block)]
+        return block
 
     def slots(self, seq: int, start: int, count: int) -> torch.Tensor:
         """Flat storage rows of tokens start..start+count of `seq`."""
         positions = torch.arange(start, start + count)
-        table = torch.tensor(self.block_tables[seq], dtype=torch.long)
+        table = torch.tensor(self._sequences[seq].table, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def write(self, layer: int, seq: int, start: int, entries: dict[str, torch.Tensor]) -> None:
@@ -83,3 +165,7 @@ class PagedKVCache:
     def read(self, layer: int, seq: int, length: int) -> dict[str, torch.Tensor]:
         slots = self.slots(seq, 0, length)
         return {name: store[slots.to(store.device)] for name, store in self.storage[layer].items()}
+
+
+def block_hash(parent: int, tokens: list[int]) -> int:
+    return hash((parent, tuple(tokens)))

@@ -22,7 +22,7 @@ from hetero.loading.weights import load_weights
 from hetero.models import family_for
 from hetero.models.decoder import CausalLM
 from hetero.runtime.batch import ForwardBatch
-from hetero.runtime.generate import GenerationRequest, GenerationResult, run_generation
+from hetero.runtime.engine import Engine, GenerationResult, Request
 from hetero.runtime.kv_cache import PagedKVCache
 from hetero.runtime.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
@@ -132,8 +132,10 @@ class Model:
         seed: int | None = None,
         stop: list[str] | str | None = None,
         on_text: Callable[[str], None] | None = None,
+        logprobs: int | None = None,
     ) -> GenerationResult:
-        """Complete `prompt` (text or token ids). `on_text` streams each new piece of text."""
+        """Complete `prompt` (text or token ids). `on_text` streams each new piece of text;
+        `logprobs=n` records each token's log-probability and the top n alternatives."""
         sampling = SamplingParams(
             temperature=temperature,
             top_p=top_p,
@@ -149,15 +151,28 @@ class Model:
         if max_new_tokens < 0:
             raise InvalidRequestError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         room = self.config.context_limit - len(prompt_ids)
-        request = GenerationRequest(
+        request = Request(
             prompt_ids=prompt_ids,
             max_new_tokens=min(max_new_tokens, room),
             sampling=sampling,
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
             eos_token_ids=frozenset(self.eos_token_ids),
+            logprobs=logprobs,
         )
         kv = self.new_kv_cache(len(prompt_ids) + request.max_new_tokens)
-        return run_generation(self.net, kv, self.tokenizer, request, on_text)
+        engine = Engine(self.net, self.tokenizer, kv, max_running=1)
+        results: list[GenerationResult] = []
+
+        def listen(event) -> None:
+            if event.text and on_text is not None:
+                on_text(event.text)
+            if event.result is not None:
+                results.append(event.result)
+
+        engine.submit(request, listen)
+        while not results:
+            engine.step()
+        return results[0]
 
     @property
     def eos_token_ids(self) -> set[int]:
