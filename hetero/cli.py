@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from hetero import __version__
 from hetero.errors import HeteroError
+from placement.cli import add_placement_commands
+from server.cli import add_serve_command
 
 EXIT_USAGE = 2
 
@@ -68,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="initial system message")
     add_sampling_options(chat, max_new_tokens=512)
     chat.set_defaults(run=run_chat)
+
+    add_serve_command(commands)
+    add_placement_commands(commands)
+
+    quant = commands.add_parser("quantize", help="write MODEL as a GGUF file (llama.cpp's mixes)")
+    quant.add_argument("model", metavar="SRC", help='model directory, .gguf file, or "demo"')
+    quant.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write")
+    quant.add_argument(
+        "--type",
+        required=True,
+        choices=["q4_k_m", "q5_k_m", "q6_k", "q8_0", "bf16", "f16", "f32"],
+        help="q4_k_m: llama.cpp's Q4_K_M mix (Q4_K, Q6_K/Q5_K/Q8_0 where it chooses them)",
+    )
+    quant.set_defaults(run=run_quantize)
 
     demo = commands.add_parser("demo", help="write the built-in demo model to DIR")
     demo.add_argument("dir", nargs="?", default=None, help="target (default: the cache folder)")
@@ -149,6 +165,18 @@ def run_chat(args: argparse.Namespace) -> int:
         # history keeps the answer only: chat templates drop earlier turns' reasoning
         _, answer = split_reasoning(result.text, prompt_opens_reasoning(prompt_text))
         history.append({"role": "assistant", "content": answer})
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import hetero
+    from hetero.loading.gguf_writer import write_gguf
+
+    model = hetero.load(args.model, progress=True)
+    for path in write_gguf(model, Path(args.out).expanduser(), args.type):
+        print(path)
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Separating a reasoning model's `<think>...</think>` block from its answer, whole or while it
-streams. Both sections are stripped of surrounding whitespace, as vLLM's DeepSeek-R1 and Qwen3
-reasoning parsers do."""
+streams. The reasoning is stripped of surrounding whitespace and the answer of the whitespace
+that follows `</think>`; text without a reasoning block is left exactly as generated."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def split_reasoning(text: str, started_in_reasoning: bool = False) -> tuple[str 
     else:
         before, opened, rest = text.partition(THINK_OPEN)
         if not opened:
-            return None, text.strip()
+            return None, text
     reasoning, _, after = rest.partition(THINK_CLOSE)
-    return reasoning.strip(), (before + after).strip()
+    return reasoning.strip(), before + after.lstrip()
 
 
 def prompt_opens_reasoning(prompt_text: str) -> bool:
@@ -45,8 +45,8 @@ class ReasoningStream:
     def __init__(self, started_in_reasoning: bool = False) -> None:
         self.state = "reasoning" if started_in_reasoning else "before"  # then "after" the block
         self.pending = ""  # text not yet given out: the beginning of a tag, perhaps
-        self.reasoning = _StrippedText()
-        self.content = _StrippedText()
+        self.reasoning = _StrippedText(strip_end=True)
+        self.answer = _StrippedText(strip_end=False)  # the text after </think>
 
     def push(self, delta: str) -> tuple[str, str]:
         self.pending += delta
@@ -56,7 +56,7 @@ class ReasoningStream:
             at = self.pending.find(tag)
             end = at if at != -1 else len(self.pending) - _partial_tag_length(self.pending, tag)
             if self.state == "before":
-                content_out += self.content.feed(self.pending[:end])
+                content_out += self.pending[:end]
             else:
                 reasoning_out += self.reasoning.feed(self.pending[:end])
             if at == -1:
@@ -65,23 +65,24 @@ class ReasoningStream:
             self.pending = self.pending[at + len(tag) :]
             self.state = "reasoning" if self.state == "before" else "after"
         text, self.pending = self.pending, ""
-        return reasoning_out, content_out + self.content.feed(text)
+        return reasoning_out, content_out + self.answer.feed(text)
 
     def flush(self) -> tuple[str, str]:
-        """Give out held text as literal text of the current section; trailing whitespace goes."""
+        """Give out held text as literal text of the current section."""
         text, self.pending = self.pending, ""
         if self.state == "reasoning":
             return self.reasoning.feed(text), ""
-        return "", self.content.feed(text)
+        return "", text if self.state == "before" else self.answer.feed(text)
 
 
 class _StrippedText:
-    """One section of streamed text with its leading and trailing whitespace removed: leading
-    whitespace is dropped, trailing whitespace held until more text follows it."""
+    """One section of streamed text with its leading whitespace removed and, with `strip_end`,
+    its trailing whitespace held until more text follows it (so it goes at the end)."""
 
-    def __init__(self) -> None:
+    def __init__(self, strip_end: bool) -> None:
         self.started = False
         self.held_space = ""
+        self.strip_end = strip_end
 
     def feed(self, text: str) -> str:
         if not self.started:
@@ -89,6 +90,8 @@ class _StrippedText:
             if not text:
                 return ""
             self.started = True
+        if not self.strip_end:
+            return text
         text = self.held_space + text
         body = text.rstrip()
         self.held_space = text[len(body) :]

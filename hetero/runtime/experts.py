@@ -34,20 +34,20 @@ class TorchExperts(nn.ModuleList):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
-        top_k = expert_ids.shape[1]
+        tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)
-        flat_weights = expert_weights.reshape(-1).to(x.dtype)
         # group (token, slot) pairs by expert so each expert runs one matmul over its tokens
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=len(self)).tolist()
-        out = torch.zeros_like(x)
+        # each pair's expert output lands in its own row: no scatter-add (torch's index_add_
+        # is slow on CPU under load), and the sum over slots has a fixed order per token
+        outputs = x.new_empty(tokens * top_k, x.shape[1])
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             pairs = order[start : start + count]
             start += count
-            tokens = pairs // top_k
-            y = self[expert](x[tokens]) * flat_weights[pairs, None]
-            out.index_add_(0, tokens, y)
-        return out
+            outputs[pairs] = self[expert](x[pairs // top_k])
+        weights = expert_weights.to(x.dtype).unsqueeze(-1)
+        return (outputs.view(tokens, top_k, -1) * weights).sum(dim=1)

@@ -17,6 +17,7 @@ from hetero.errors import (
     PromptTooLongError,
     UnsupportedModelError,
 )
+from hetero.loading.gguf_checkpoint import GGUFCheckpoint
 from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
 from hetero.loading.weights import load_weights
 from hetero.models import family_for
@@ -56,26 +57,33 @@ class Model:
         threads: int | None = None,
         progress: bool = True,
     ) -> Model:
-        """Open a Hugging Face model directory (weights memory-mapped, read lazily)."""
+        """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
+        lazily). GGUF's quantised weights are dequantised to the model dtype at load."""
         model_dir = Path(path).expanduser()
-        if not model_dir.is_dir():
+        gguf = model_dir.suffix == ".gguf" or model_dir.is_file()
+        if not gguf and not model_dir.is_dir():
             raise ModelFormatError(f"model directory {model_dir} does not exist")
         if threads is not None:
             if threads < 1:
                 raise InvalidRequestError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
-        raw = read_config_json(model_dir)
+        if gguf:
+            checkpoint = GGUFCheckpoint(model_dir)
+            raw, tokenizer = checkpoint.config, checkpoint.tokenizer
+        else:
+            raw = read_config_json(model_dir)
         family = family_for(raw)
         config = family.parse_config(raw)
         torch_dtype = resolve_dtype(dtype, raw)
-        checkpoint = SafetensorsCheckpoint(model_dir)
-        tokenizer = Tokenizer.from_dir(model_dir)
+        if not gguf:
+            checkpoint = SafetensorsCheckpoint(model_dir)
+            tokenizer = Tokenizer.from_dir(model_dir)
         with torch.device("meta"):
             net = family.build(config)
         load_weights(
             net,
             checkpoint,
-            family.checkpoint_name,
+            checkpoint.checkpoint_name if gguf else family.checkpoint_name,
             torch_dtype,
             config.tie_word_embeddings,
             fp8_block=fp8_block_size(raw),

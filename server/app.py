@@ -1,0 +1,137 @@
+"""The FastAPI app: OpenAI and Ollama endpoints, the web chat page, /health and /metrics.
+Every refusal is an error object with the right 4xx status, never a traceback."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from importlib.resources import files
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hetero.errors import HeteroError
+from hetero.runtime.engine import QueueFullError
+from server import ollama_api, openai_api
+from server.metrics import render_metrics
+from server.state import ServerState
+from server.validation import RequestError
+
+OPEN_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="hetero", docs_url=None, redoc_url=None, openapi_url=None)
+    page = files("server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    def refuse(request: Request, err: RequestError) -> JSONResponse:
+        if request.url.path.startswith("/api/"):
+            return ollama_api.ollama_error(err)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError):
+        return refuse(request, err)
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, err: QueueFullError):
+        return refuse(request, RequestError(str(err), status=429, kind="rate_limit_error"))
+
+    @app.exception_handler(HeteroError)
+    async def hetero_error(request: Request, err: HeteroError):
+        return refuse(request, RequestError(str(err)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return refuse(request, RequestError(str(err.detail), status=err.status_code))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > state.max_body_bytes):
+            return refuse(
+                request, RequestError(f"request body over {state.max_body_bytes} bytes", status=413)
+            )
+        if state.api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
+                return refuse(
+                    request,
+                    RequestError(
+                        "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                        status=401,
+                        code="invalid_api_key",
+                    ),
+                )
+        return await call_next(request)
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > state.max_body_bytes:
+            raise RequestError(f"request body over {state.max_body_bytes} bytes", status=413)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(f"the body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await openai_api.chat_completions(state, await json_body(request), request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await openai_api.completions(state, await json_body(request), request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.served_name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "hetero",
+                    "max_model_len": state.context_length,
+                }
+            ],
+        }
+
+    @app.post("/api/chat")
+    async def api_chat(request: Request):
+        return await ollama_api.api_chat(state, await json_body(request), request)
+
+    @app.post("/api/generate")
+    async def api_generate(request: Request):
+        return await ollama_api.api_generate(state, await json_body(request), request)
+
+    @app.get("/api/tags")
+    async def api_tags():
+        return ollama_api.tags(state)
+
+    @app.get("/api/version")
+    async def api_version():
+        return ollama_api.version()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.served_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
+    return app

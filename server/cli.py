@@ -1,0 +1,131 @@
+"""`hetero serve`: load a model, start the engine thread, and serve the app with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+from hetero.errors import HeteroError, InvalidRequestError
+
+DEFAULT_CONTEXT = 8192
+
+
+def add_serve_command(commands) -> None:
+    p = commands.add_parser("serve", help="OpenAI/Ollama-compatible server with a web chat page")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="demo",
+        metavar="MODEL",
+        help='model directory, or "demo" (default)',
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model name clients use")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="sequences in the running batch (default 16)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests waiting beyond those; more are answered 429",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help=f"tokens per sequence (default: the model's, at most {DEFAULT_CONTEXT})",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template to use instead of the model's",
+    )
+    p.add_argument("--plan", default=None, metavar="PLAN.json", help="placement plan to follow")
+    p.add_argument("--vram-budget", default=None, help="GPU memory budget, e.g. 24GiB")
+    p.add_argument("--dram-budget", default=None, help="CPU memory budget, e.g. 64GiB")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(run=run_serve)
+
+
+def log(message: str) -> None:
+    print(f"hetero: {message}", file=sys.stderr, flush=True)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise InvalidRequestError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import hetero
+    from hetero.runtime.engine import Engine
+    from server.app import create_app
+    from server.state import ServerState
+
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        raise InvalidRequestError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    check_port_free(args.host, args.port)
+    model = hetero.load(args.model, dtype=args.dtype, threads=args.threads, progress=True)
+    if args.chat_template:
+        template = Path(args.chat_template)
+        if not template.is_file():
+            raise InvalidRequestError(f"chat template file {template} does not exist")
+        model.tokenizer.chat_templates["default"] = template.read_text(encoding="utf-8")
+    limit = model.config.context_limit
+    context = min(args.context_length or min(limit, DEFAULT_CONTEXT), limit)
+    if context < 2:
+        raise InvalidRequestError("--context-length must be at least 2")
+    kv = model.new_kv_cache(context, args.max_concurrency)
+    engine = Engine(model.net, model.tokenizer, kv, args.max_concurrency, args.max_queue)
+    name = args.served_model_name or ("demo" if args.model == "demo" else model.name)
+    state = ServerState(model, engine, name, context, api_key=args.api_key)
+
+    weights = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    tokens = kv.num_blocks * kv.block_size
+    log(
+        f"model {name}: {model.config.model_type}, {weights / 2**30:.2f} GiB of weights, "
+        f"all on cpu ({str(model.dtype).removeprefix('torch.')})"
+    )
+    for line in plan_lines(args):
+        log(line)
+    log(
+        f"KV cache: {tokens} tokens in {kv.num_blocks} blocks of {kv.block_size} "
+        f"({tokens * kv.bytes_per_token / 2**20:.1f} MiB reserved, committed as used)"
+    )
+    log(
+        f"maximum concurrency at {context} tokens per request: {tokens // context} "
+        f"(running batch {args.max_concurrency}, queue {args.max_queue})"
+    )
+    log(f"serving on http://{args.host}:{args.port} (OpenAI /v1, Ollama /api, web chat /)")
+    engine.start()
+    try:
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def plan_lines(args: argparse.Namespace) -> list[str]:
+    """The placement to log. Without a GPU every tensor group runs on the CPU."""
+    if args.plan or args.vram_budget or args.dram_budget:
+        raise HeteroError(
+            "--plan / --vram-budget / --dram-budget need the placement planner, which this "
+            "build does not have yet; omit them to serve from the CPU"
+        )
+    return ["plan: no GPU budget given; attention, experts and KV cache on the CPU"]

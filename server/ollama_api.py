@@ -1,0 +1,193 @@
+"""Ollama-compatible endpoints (/api/chat, /api/generate streamed as NDJSON or not,
+/api/tags, /api/version), so Ollama clients work unchanged."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hetero import __version__
+from hetero.runtime.engine import GenerationResult
+from server.bridge import EventStream
+from server.completion import Prepared, chat_prompt, prepare, sampling_params
+from server.state import ServerState, collect
+from server.validation import RequestError, field, stop_strings
+
+
+def options_sampling(options: dict[str, Any]):
+    return sampling_params(
+        temperature=field(options, "temperature", float, 0.8, 0.0, 2.0),
+        top_p=field(options, "top_p", float, 0.9, 0.0, 1.0),
+        top_k=field(options, "top_k", int, 40, 0, None),
+        min_p=field(options, "min_p", float, 0.0, 0.0, 1.0),
+        repetition_penalty=field(options, "repeat_penalty", float, 1.0, 0.0, None),
+        presence_penalty=field(options, "presence_penalty", float, 0.0, -2.0, 2.0),
+        frequency_penalty=field(options, "frequency_penalty", float, 0.0, -2.0, 2.0),
+        seed=field(options, "seed", int, None),
+    )
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def final_stats(result: GenerationResult, started_ns: int) -> dict[str, Any]:
+    total = time.perf_counter_ns() - started_ns
+    prompt_ns = (
+        int(1e9 * (result.prompt_tokens - result.cached_prompt_tokens) / result.prefill_tok_s)
+        if result.prefill_tok_s
+        else 0
+    )
+    eval_ns = int(1e9 * len(result.token_ids) / result.decode_tok_s) if result.decode_tok_s else 0
+    return {
+        "done": True,
+        "done_reason": "length" if result.finish_reason == "length" else "stop",
+        "total_duration": total,
+        "load_duration": 0,
+        "prompt_eval_count": result.prompt_tokens,
+        "prompt_eval_duration": prompt_ns,
+        "eval_count": result.completion_tokens,
+        "eval_duration": eval_ns,
+    }
+
+
+def ndjson(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False) + "\n"
+
+
+def prepare_ollama(state: ServerState, body: dict[str, Any], prompt: str | None, chat: bool):
+    state.check_model(field(body, "model", str))
+    options = field(body, "options", dict, {})
+    num_predict = field(options, "num_predict", int, None)
+    max_tokens = None if num_predict is None or num_predict < 0 else max(num_predict, 1)
+    return prepare(
+        state.model,
+        state.context_length,
+        prompt,
+        options_sampling(options),
+        max_tokens,
+        stop_strings(options),
+        None,
+        chat=chat,
+    )
+
+
+async def api_chat(state: ServerState, body: dict[str, Any], http_request) -> Any:
+    template_kwargs = {}
+    if isinstance(body.get("think"), bool):
+        template_kwargs["enable_thinking"] = body["think"]
+    prompt = chat_prompt(state.model, body.get("messages"), template_kwargs)
+    prepared = prepare_ollama(state, body, prompt, chat=True)
+    return await respond(state, body, prepared, http_request, chat=True)
+
+
+async def api_generate(state: ServerState, body: dict[str, Any], http_request) -> Any:
+    prompt = field(body, "prompt", str, "")
+    system = field(body, "system", str, None)
+    if not prompt and not system:  # Ollama answers an empty prompt by loading the model
+        state.check_model(field(body, "model", str))
+        return JSONResponse(
+            {
+                "model": state.served_name,
+                "created_at": now_iso(),
+                "response": "",
+                "done": True,
+                "done_reason": "load",
+            }
+        )
+    chat = not field(body, "raw", bool, False) and state.model.tokenizer.chat_template is not None
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        prompt = chat_prompt(state.model, messages, {})
+    prepared = prepare_ollama(state, body, prompt, chat=chat)
+    return await respond(state, body, prepared, http_request, chat=False)
+
+
+async def respond(state, body, prepared: Prepared, http_request, chat: bool) -> Any:
+    started = time.perf_counter_ns()
+    events = EventStream(state.engine, prepared.request)
+    if field(body, "stream", bool, True):
+        return StreamingResponse(
+            ollama_stream(state, events, prepared, started, chat),
+            media_type="application/x-ndjson",
+        )
+    result = await collect(events, http_request)
+    base = {"model": state.served_name, "created_at": now_iso()}
+    thinking, content = prepared.split(result.text)
+    if chat:
+        message = {"role": "assistant", "content": content}
+        if thinking is not None:
+            message["thinking"] = thinking
+        return JSONResponse({**base, "message": message, **final_stats(result, started)})
+    reply = {"response": content}
+    if thinking is not None:
+        reply["thinking"] = thinking
+    return JSONResponse({**base, **reply, **final_stats(result, started)})
+
+
+async def ollama_stream(
+    state, events, prepared: Prepared, started: int, chat: bool
+) -> AsyncIterator[str]:
+    reasoning = prepared.reasoning_stream()
+    async for event in events:
+        if event.error:
+            yield ndjson({"error": event.error})
+            return
+        thought, text = reasoning.push(event.text) if reasoning else ("", event.text)
+        if event.result is not None and reasoning:
+            tail_thought, tail_text = reasoning.flush()
+            thought, text = thought + tail_thought, text + tail_text
+        base = {"model": state.served_name, "created_at": now_iso()}
+        if chat:
+            message = {"role": "assistant", "content": text}
+            if thought:
+                message["thinking"] = thought
+            piece = {"message": message}
+        else:
+            piece = {"response": text}
+            if thought:
+                piece["thinking"] = thought
+        if event.result is None:
+            yield ndjson({**base, **piece, "done": False})
+        else:
+            yield ndjson({**base, **piece, **final_stats(event.result, started)})
+
+
+def tags(state: ServerState) -> dict[str, Any]:
+    model = state.model
+    size = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    family = model.config.model_type
+    billions = sum(p.numel() for p in model.net.parameters()) / 1e9
+    return {
+        "models": [
+            {
+                "name": f"{state.served_name}:latest",
+                "model": f"{state.served_name}:latest",
+                "modified_at": datetime.fromtimestamp(state.started, UTC).isoformat(),
+                "size": size,
+                "digest": f"{abs(hash(str(model.path))):064x}"[-64:],
+                "details": {
+                    "format": "safetensors",
+                    "family": family,
+                    "families": [family],
+                    "parameter_size": f"{billions:.2f}B",
+                    "quantization_level": str(model.dtype).removeprefix("torch."),
+                },
+            }
+        ]
+    }
+
+
+def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+def ollama_error(err: RequestError) -> JSONResponse:
+    return JSONResponse({"error": str(err)}, status_code=err.status)

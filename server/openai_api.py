@@ -1,0 +1,261 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions (streamed as server-sent
+events or not). Parameters follow OpenAI's API; top_k, min_p and repetition_penalty are
+accepted as vLLM accepts them."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hetero.runtime.engine import Event, GenerationResult, TokenLogprob
+from server.bridge import EventStream
+from server.completion import Prepared, chat_prompt, prepare, sampling_params
+from server.state import ServerState, collect
+from server.validation import RequestError, field, stop_strings
+
+
+def common_sampling(body: dict[str, Any]):
+    return sampling_params(
+        temperature=field(body, "temperature", float, 1.0, 0.0, 2.0),
+        top_p=field(body, "top_p", float, 1.0, 0.0, 1.0),
+        top_k=field(body, "top_k", int, 0, 0, None),
+        min_p=field(body, "min_p", float, 0.0, 0.0, 1.0),
+        repetition_penalty=field(body, "repetition_penalty", float, 1.0, 0.0, None),
+        presence_penalty=field(body, "presence_penalty", float, 0.0, -2.0, 2.0),
+        frequency_penalty=field(body, "frequency_penalty", float, 0.0, -2.0, 2.0),
+        seed=field(body, "seed", int, None),
+    )
+
+
+def check_common(state: ServerState, body: dict[str, Any]) -> None:
+    state.check_model(field(body, "model", str, state.served_name))
+    if field(body, "n", int, 1) != 1:
+        raise RequestError("only n=1 is supported", param="n")
+
+
+def usage(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens},
+    }
+
+
+def finish_reason(result: GenerationResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def error_event(event: Event) -> str:
+    return sse({"error": {"message": event.error, "type": "server_error", "code": None}})
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+async def chat_completions(state: ServerState, body: dict[str, Any], http_request) -> Any:
+    check_common(state, body)
+    stream = field(body, "stream", bool, False)
+    include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
+    want_logprobs = field(body, "logprobs", bool, False)
+    top_logprobs = field(body, "top_logprobs", int, 0, 0, 20)
+    max_tokens = field(body, "max_completion_tokens", int, None, 1, None)
+    if max_tokens is None:
+        max_tokens = field(body, "max_tokens", int, None, 1, None)
+    template_kwargs = field(body, "chat_template_kwargs", dict, {})
+    prompt = chat_prompt(state.model, body.get("messages"), template_kwargs)
+    prepared = prepare(
+        state.model,
+        state.context_length,
+        prompt,
+        common_sampling(body),
+        max_tokens,
+        stop_strings(body),
+        top_logprobs if want_logprobs else None,
+        chat=True,
+    )
+    events = EventStream(state.engine, prepared.request)
+    meta = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": state.served_name,
+    }
+    if stream:
+        return StreamingResponse(
+            chat_stream(state, events, prepared, meta, include_usage, want_logprobs),
+            media_type="text/event-stream",
+        )
+    result = await collect(events, http_request)
+    reasoning, content = prepared.split(result.text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": message,
+        "finish_reason": finish_reason(result),
+        "logprobs": chat_logprobs(state, result.logprobs) if want_logprobs else None,
+    }
+    return JSONResponse(
+        {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(result)}
+    )
+
+
+async def chat_stream(
+    state: ServerState,
+    events: EventStream,
+    prepared: Prepared,
+    meta: dict[str, Any],
+    include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], reason: str | None = None, logprobs=None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+        data = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+        if include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    reasoning = prepared.reasoning_stream()
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in events:
+        if event.error:
+            yield error_event(event)
+            break
+        thought, text = reasoning.push(event.text) if reasoning else ("", event.text)
+        if event.result is not None and reasoning:
+            tail_thought, tail_text = reasoning.flush()
+            thought, text = thought + tail_thought, text + tail_text
+        delta = {}
+        if thought:
+            delta["reasoning_content"] = thought
+        if text:
+            delta["content"] = text
+        logprobs = (
+            chat_logprobs(state, event.logprobs) if want_logprobs and event.logprobs else None
+        )
+        if delta or logprobs:
+            yield chunk(delta, logprobs=logprobs)
+        if event.result is not None:
+            yield chunk({}, finish_reason(event.result))
+            if include_usage:
+                yield sse(
+                    {
+                        **meta,
+                        "object": "chat.completion.chunk",
+                        "choices": [],
+                        "usage": usage(event.result),
+                    }
+                )
+    yield "data: [DONE]\n\n"
+
+
+def chat_logprobs(state: ServerState, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = state.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for lp in logprobs
+        ]
+    }
+
+
+# ---- completions -----------------------------------------------------------------------------
+
+
+async def completions(state: ServerState, body: dict[str, Any], http_request) -> Any:
+    check_common(state, body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    valid_ids = isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    )
+    if not isinstance(prompt, str) and not valid_ids:
+        raise RequestError("'prompt' must be a string or a list of token ids", param="prompt")
+    if field(body, "echo", bool, False):
+        raise RequestError("echo is not supported", param="echo")
+    stream = field(body, "stream", bool, False)
+    include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
+    logprobs = field(body, "logprobs", int, None, 0, 20)
+    prepared = prepare(
+        state.model,
+        state.context_length,
+        prompt,
+        common_sampling(body),
+        field(body, "max_tokens", int, 16, 1, None),
+        stop_strings(body),
+        logprobs,
+        chat=False,
+    )
+    events = EventStream(state.engine, prepared.request)
+    meta = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": state.served_name,
+    }
+    if stream:
+        return StreamingResponse(
+            completion_stream(state, events, meta, include_usage, logprobs is not None),
+            media_type="text/event-stream",
+        )
+    result = await collect(events, http_request)
+    choice = {
+        "index": 0,
+        "text": result.text,
+        "finish_reason": finish_reason(result),
+        "logprobs": completion_logprobs(state, result.logprobs) if logprobs is not None else None,
+    }
+    return JSONResponse({**meta, "choices": [choice], "usage": usage(result)})
+
+
+async def completion_stream(
+    state: ServerState,
+    events: EventStream,
+    meta: dict[str, Any],
+    include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[str]:
+    async for event in events:
+        if event.error:
+            yield error_event(event)
+            break
+        reason = finish_reason(event.result) if event.result is not None else None
+        if event.text or reason or event.logprobs:
+            logprobs = (
+                completion_logprobs(state, event.logprobs)
+                if want_logprobs and event.logprobs
+                else None
+            )
+            choice = {"index": 0, "text": event.text, "finish_reason": reason, "logprobs": logprobs}
+            yield sse({**meta, "choices": [choice]})
+        if event.result is not None and include_usage:
+            yield sse({**meta, "choices": [], "usage": usage(event.result)})
+    yield "data: [DONE]\n\n"
+
+
+def completion_logprobs(state: ServerState, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    tokens = [state.token_text(lp.token_id) for lp in logprobs]
+    offsets, position = [], 0
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{state.token_text(t): v for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }

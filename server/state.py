@@ -1,0 +1,67 @@
+"""The server's shared state: the model, its engine, and the settings requests are checked
+against."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from hetero.runtime.engine import Engine, GenerationResult
+from hetero.runtime.model import Model
+from server.bridge import EventStream
+from server.validation import RequestError
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServerState:
+    model: Model
+    engine: Engine
+    served_name: str
+    context_length: int
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    started: float = field(default_factory=time.time)
+
+    def check_model(self, name: str) -> None:
+        # Ollama clients add a ":latest" tag to bare names
+        if name not in (self.served_name, f"{self.served_name}:latest"):
+            raise RequestError(
+                f"the model '{name}' does not exist; this server serves '{self.served_name}'",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def token_text(self, token_id: int) -> str:
+        return _token_text(self.model.tokenizer, token_id)
+
+
+@lru_cache(maxsize=65536)
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+async def collect(events: EventStream, http_request) -> GenerationResult:
+    """Wait for a non-streamed request's result; a client that disconnects cancels it."""
+    task = asyncio.current_task()
+
+    async def watch() -> None:
+        while not await http_request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for event in events:
+            if event.error:
+                raise RequestError(event.error, status=500, kind="server_error")
+            if event.result is not None:
+                return event.result
+    finally:
+        watcher.cancel()
+        events.close()
+    raise RequestError("the request ended without a result", status=500, kind="server_error")
