@@ -1,0 +1,79 @@
+"""The web chat page in a real headless Chromium: type a message, see the streamed reply,
+stop a long one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from server_fixtures import running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "Chromium is needed for the web page test: apt-get install chromium"
+    with (
+        running_server(tmp_path_factory.mktemp("cache"), "--served-model-name", "webdemo") as url,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def test_page_shows_the_model_and_streams_a_reply(page):
+    page.wait_for_function("document.getElementById('model').textContent.includes('webdemo')")
+    page.fill("#input", "Hello there")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.user >> text=Hello there")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+    reply = page.inner_text(".msg.assistant .content")
+    assert reply.strip()
+    assert "tok/s" in page.inner_text(".msg.assistant .stats")
+    assert "tok/s" in page.inner_text("#speed")
+
+
+def test_stop_button_ends_a_long_reply(page):
+    page.click("#clear")
+    page.evaluate(
+        """() => { const f = window.fetch; window.fetch = (u, o) => {
+            if (o && o.body) { const b = JSON.parse(o.body); b.max_tokens = 3000;
+                               o = { ...o, body: JSON.stringify(b) }; }
+            return f(u, o); }; }"""
+    )
+    page.fill("#input", "Write a lot")
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant .content').textContent.length > 0",
+        timeout=60_000,
+    )
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=10_000)
+    assert page.inner_text(".msg.assistant .stats") == "stopped"
+    assert page.is_enabled("#send")
+
+
+def test_markdown_is_rendered_and_html_escaped(page):
+    html = page.evaluate(
+        "renderMarkdown('# Title\\n**bold** and `code`\\n- a\\n- b\\n```py\\nx = 1 < 2\\n```\\n<b>raw</b>')"
+    )
+    assert "<h3>Title</h3>" in html and "<strong>bold</strong>" in html
+    assert "<code>code</code>" in html and "<li>a</li>" in html
+    assert '<pre><code data-lang="py">x = 1 &lt; 2\n</code></pre>' in html
+    assert "&lt;b&gt;raw&lt;/b&gt;" in html
