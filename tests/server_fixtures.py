@@ -20,11 +20,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(cache: Path, *args: str):
+def running_server(cache: Path, *args: str, model: str = "demo"):
     port = free_port()
     env = dict(os.environ, HETERO_CACHE=str(cache))
     process = subprocess.Popen(
-        [sys.executable, "-m", "hetero", "serve", "demo", "--port", str(port), *args],
+        [sys.executable, "-m", "hetero", "serve", model, "--port", str(port), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

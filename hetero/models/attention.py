@@ -53,7 +53,5 @@ class SelfAttention(nn.Module):
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         history = batch.cached(self.layer_idx, k=k, v=v)
-        out = batch.attention(
-            q, [h["k"] for h in history], [h["v"] for h in history], self.head_dim**-0.5
-        )
+        out = batch.attention(q, history["k"], history["v"], self.head_dim**-0.5)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))

@@ -202,20 +202,20 @@ class LatentAttention(nn.Module):
         q_rope = self.rotary.apply(q_rope, cos, sin)
         k_rope = self.rotary.apply(k_rope[:, None, :], cos, sin)[:, 0]  # [tokens, rope_dim]
         history = batch.cached(self.layer_idx, latent=latent, k_rope=k_rope)
-        keys, values = zip(*(self.expand(h["latent"], h["k_rope"]) for h in history), strict=True)
+        keys, values = self.expand(history["latent"], history["k_rope"])
         q = torch.cat((q_nope, q_rope), dim=-1)  # [tokens, heads, qk_dim]
-        out = batch.attention(q, list(keys), list(values), self.scale)
+        out = batch.attention(q, keys, values, self.scale)
         return self.o_proj(out.reshape(t, self.heads * self.v_dim))
 
     def expand(
         self, latent: torch.Tensor, k_rope: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """latent: [n, kv_lora_rank], k_rope: [n, rope_dim] -> keys [n, heads, qk_dim],
-        values [n, heads, v_dim]."""
-        n = latent.shape[0]
-        kv = self.kv_b_proj(latent).view(n, self.heads, -1)
+        """latent: [seqs, n, kv_lora_rank], k_rope: [seqs, n, rope_dim] -> keys
+        [seqs, n, heads, qk_dim], values [seqs, n, heads, v_dim]."""
+        seqs, n = latent.shape[:2]
+        kv = self.kv_b_proj(latent).view(seqs, n, self.heads, -1)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k_rope = k_rope[:, None, :].expand(n, self.heads, self.rope_dim)
+        k_rope = k_rope[:, :, None, :].expand(seqs, n, self.heads, self.rope_dim)
         return torch.cat((k_nope, k_rope), dim=-1), v
 
 

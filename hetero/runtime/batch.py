@@ -1,8 +1,10 @@
 """A forward batch: tokens of one or more sequences laid out flat as [tokens, ...], their
 positions, and the attention interface every model calls (cache write/read + causal attention).
 
-Without a KV cache (`ForwardBatch.fresh`) each sequence attends only to its own tokens: that is
-the path `Model.logits` and training take, and autograd runs through it."""
+Histories come back padded, [sequences, longest, ...], so that a step of many decoding
+sequences runs one batched attention per layer. Without a KV cache (`ForwardBatch.fresh`) each
+sequence attends only to its own tokens: that is the path `Model.logits` and training take,
+and autograd runs through it."""
 
 from __future__ import annotations
 
@@ -28,6 +30,32 @@ class ForwardBatch:
         self.positions = torch.cat(
             [torch.arange(s.past_len, s.past_len + s.new_len, device=device) for s in slices]
         )
+        lengths = [s.past_len + s.new_len for s in slices]
+        longest = max(lengths)
+        self.lengths = torch.tensor(lengths, device=device)
+        # valid[s, i]: position i holds a token of sequence s
+        self.valid = torch.arange(longest, device=device)[None, :] < self.lengths[:, None]
+        starts = torch.tensor([0, *torch.tensor([s.new_len for s in slices]).cumsum(0)[:-1]])
+        self.token_starts = starts.tolist()
+        if kv is None:
+            if any(s.past_len for s in slices):
+                raise ValueError("a batch with past tokens needs a KV cache")
+            # history row (s, i) is token starts[s] + i of this batch
+            index = starts[:, None] + torch.arange(longest)[None, :]
+            self.history_index = torch.where(self.valid, index, 0).to(device)
+        else:
+            self.write_slots = torch.cat(
+                [kv.slots(s.seq_id, s.past_len, s.new_len) for s in slices]
+            )
+            read = [
+                kv.slots(s.seq_id, 0, longest)
+                if n == longest
+                else torch.cat(
+                    (kv.slots(s.seq_id, 0, n), torch.zeros(longest - n, dtype=torch.long))
+                )
+                for s, n in zip(slices, lengths, strict=True)
+            ]
+            self.read_slots = torch.stack(read)
 
     @classmethod
     def fresh(cls, num_tokens: int, device="cpu") -> ForwardBatch:
@@ -37,44 +65,56 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return self.positions.shape[0]
 
-    def cached(self, layer: int, **new: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Store this step's per-token entries (each [tokens, ...]) and return, per sequence,
-        the whole history of each entry, this step included."""
-        out = []
-        offset = 0
-        for s in self.slices:
-            chunk = {name: t[offset : offset + s.new_len] for name, t in new.items()}
-            offset += s.new_len
-            if self.kv is None:
-                out.append(chunk)
-                continue
-            self.kv.write(layer, s.seq_id, s.past_len, chunk)
-            out.append(self.kv.read(layer, s.seq_id, s.past_len + s.new_len))
-        return out
+    def cached(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store this step's per-token entries (each [tokens, ...]) and return every sequence's
+        whole history of each entry, this step included: [sequences, longest, ...], zero past
+        each sequence's end."""
+        if self.kv is None:
+            history = {name: t[self.history_index] for name, t in new.items()}
+        else:
+            self.kv.write(layer, self.write_slots, new)
+            history = self.kv.gather(layer, self.read_slots)
+        pad = ~self.valid
+        return {
+            name: t.masked_fill(pad.view(*pad.shape, *([1] * (t.dim() - 2))), 0)
+            for name, t in history.items()
+        }
 
     def attention(
-        self,
-        q: torch.Tensor,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        scale: float,
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """Causal attention per sequence.
-        q: [tokens, q_heads, d]; keys[i]: [len_i, kv_heads, d]; values[i]: [len_i, kv_heads, dv]
-        -> [tokens, q_heads, dv]"""
-        outs = []
-        offset = 0
-        for s, k, v in zip(self.slices, keys, values, strict=True):
-            qs = q[offset : offset + s.new_len].transpose(0, 1)  # [heads, n, d]
-            offset += s.new_len
-            groups = qs.shape[0] // k.shape[1]
-            ks = k.transpose(0, 1).repeat_interleave(groups, dim=0).to(qs.dtype)
-            vs = v.transpose(0, 1).repeat_interleave(groups, dim=0).to(qs.dtype)
-            mask = None
-            if s.new_len > 1:
-                # query j sits at absolute position past_len + j and sees keys 0..past_len + j
-                q_pos = torch.arange(s.past_len, s.past_len + s.new_len, device=q.device)
-                mask = q_pos[:, None] >= torch.arange(k.shape[0], device=q.device)[None, :]
+        """Causal attention of each sequence's new tokens over its history.
+        q: [tokens, q_heads, d]; keys: [sequences, longest, kv_heads, d];
+        values: [sequences, longest, kv_heads, dv] -> [tokens, q_heads, dv]"""
+        out = q.new_empty(q.shape[0], q.shape[1], values.shape[-1])
+        groups = q.shape[1] // keys.shape[2]
+        decoding = [i for i, s in enumerate(self.slices) if s.new_len == 1]
+        if decoding:
+            # one query per sequence: a single batched call; padding is masked off
+            rows = torch.tensor([self.token_starts[i] for i in decoding])
+            index = torch.tensor(decoding)
+            qs = q[rows][:, :, None, :]  # [n, heads, 1, d]
+            ks = heads_first(keys[index], groups, q.dtype)
+            vs = heads_first(values[index], groups, q.dtype)
+            mask = self.valid[index][:, None, None, :]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-            outs.append(o.transpose(0, 1))
-        return torch.cat(outs, dim=0)
+            out[rows] = o[:, :, 0, :]
+        for i, s in enumerate(self.slices):
+            if s.new_len == 1:
+                continue
+            start, length = self.token_starts[i], s.past_len + s.new_len
+            qs = q[start : start + s.new_len].transpose(0, 1)  # [heads, n, d]
+            ks = heads_first(keys[i, :length], groups, q.dtype)
+            vs = heads_first(values[i, :length], groups, q.dtype)
+            # query j sits at absolute position past_len + j and sees keys 0..past_len + j
+            q_pos = torch.arange(s.past_len, length, device=q.device)
+            mask = q_pos[:, None] >= torch.arange(length, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            out[start : start + s.new_len] = o.transpose(0, 1)
+        return out
+
+
+def heads_first(t: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """[..., length, kv_heads, d] -> [..., q_heads, length, d], each kv head shared by
+    `groups` query heads."""
+    return t.transpose(-3, -2).repeat_interleave(groups, dim=-3).to(dtype)

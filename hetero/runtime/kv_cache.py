@@ -156,14 +156,14 @@ class PagedKVCache:
         table = torch.tensor(self._sequences[seq].table, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def write(self, layer: int, seq: int, start: int, entries: dict[str, torch.Tensor]) -> None:
-        slots = self.slots(seq, start, next(iter(entries.values())).shape[0])
+    def write(self, layer: int, slots: torch.Tensor, entries: dict[str, torch.Tensor]) -> None:
+        """Store per-token entries ([tokens, ...] each) at flat storage rows `slots` [tokens]."""
         for name, value in entries.items():
             store = self.storage[layer][name]
             store[slots.to(store.device)] = value.to(store.dtype)
 
-    def read(self, layer: int, seq: int, length: int) -> dict[str, torch.Tensor]:
-        slots = self.slots(seq, 0, length)
+    def gather(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Entries at flat storage rows `slots` (any shape, e.g. [sequences, length])."""
         return {name: store[slots.to(store.device)] for name, store in self.storage[layer].items()}
 
 
