@@ -77,3 +77,30 @@ def test_markdown_is_rendered_and_html_escaped(page):
     assert "<code>code</code>" in html and "<li>a</li>" in html
     assert '<pre><code data-lang="py">x = 1 &lt; 2\n</code></pre>' in html
     assert "&lt;b&gt;raw&lt;/b&gt;" in html
+
+
+def test_reasoning_is_shown_folded(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    template = tmp_path_factory.mktemp("t") / "think.jinja"
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    args = ("--chat-template", str(template))
+    with (
+        running_server(tmp_path_factory.mktemp("cache"), *args) as url,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent.includes('demo')")
+        page.fill("#input", "Think first")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+        details = page.query_selector(".msg.assistant details.reasoning")
+        assert details.is_visible()
+        assert details.get_attribute("open") is None  # folded
+        assert page.eval_on_selector(".msg.assistant .thought", "e => e.textContent.length") > 0
+        browser.close()
