@@ -22,19 +22,24 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def browser():
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "Chromium is needed for the web page test: apt-get install chromium"
-    with (
-        running_server(tmp_path_factory.mktemp("cache"), "--served-model-name", "webdemo") as url,
-        sync_playwright() as p,
-    ):
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    with running_server(cache, "--served-model-name", "webdemo") as url:
         page = browser.new_page()
         page.goto(url)
         yield page
-        browser.close()
+        page.close()
 
 
 def test_page_shows_the_model_and_streams_a_reply(page):
@@ -70,29 +75,22 @@ def test_stop_button_ends_a_long_reply(page):
 
 
 def test_markdown_is_rendered_and_html_escaped(page):
-    html = page.evaluate(
-        "renderMarkdown('# Title\\n**bold** and `code`\\n- a\\n- b\\n```py\\nx = 1 < 2\\n```\\n<b>raw</b>')"
-    )
+    text = "# Title\n**bold** and `code`\n- a\n- b\n```py\nx = 1 < 2\n```\n<b>raw</b>"
+    html = page.evaluate("text => renderMarkdown(text)", text)
     assert "<h3>Title</h3>" in html and "<strong>bold</strong>" in html
     assert "<code>code</code>" in html and "<li>a</li>" in html
     assert '<pre><code data-lang="py">x = 1 &lt; 2\n</code></pre>' in html
     assert "&lt;b&gt;raw&lt;/b&gt;" in html
 
 
-def test_reasoning_is_shown_folded(tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
+def test_reasoning_is_shown_folded(browser, tmp_path_factory):
     template = tmp_path_factory.mktemp("t") / "think.jinja"
     template.write_text(
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
     )
     args = ("--chat-template", str(template))
-    with (
-        running_server(tmp_path_factory.mktemp("cache"), *args) as url,
-        sync_playwright() as p,
-    ):
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+    with running_server(tmp_path_factory.mktemp("cache"), *args) as url:
         page = browser.new_page()
         page.goto(url)
         page.wait_for_function("document.getElementById('model').textContent.includes('demo')")
@@ -103,4 +101,4 @@ def test_reasoning_is_shown_folded(tmp_path_factory):
         assert details.is_visible()
         assert details.get_attribute("open") is None  # folded
         assert page.eval_on_selector(".msg.assistant .thought", "e => e.textContent.length") > 0
-        browser.close()
+        page.close()
