@@ -43,7 +43,9 @@ def page(browser, tmp_path_factory):
 
 
 def test_page_shows_the_model_and_streams_a_reply(page):
-    page.wait_for_function("document.getElementById('model').textContent.includes('webdemo')")
+    page.wait_for_function(
+        "document.getElementById('model').textContent.includes('webdemo')", timeout=60_000
+    )
     page.fill("#input", "Hello there")
     page.press("#input", "Enter")
     page.wait_for_selector(".msg.user >> text=Hello there")
@@ -69,7 +71,7 @@ def test_stop_button_ends_a_long_reply(page):
         timeout=60_000,
     )
     page.click("#stop")
-    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=10_000)
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=30_000)
     assert page.inner_text(".msg.assistant .stats") == "stopped"
     assert page.is_enabled("#send")
 
