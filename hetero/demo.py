@@ -66,16 +66,25 @@ def write_demo(out_dir: str | Path) -> Path:
         json.dumps({"eos_token_id": eos_ids, "temperature": 0.7, "top_p": 0.9}, indent=2) + "\n"
     )
     net = qwen_moe.build(qwen_moe.parse_config(raw))
-    generator = torch.Generator().manual_seed(DEMO_SEED)
+    tensors = random_weights(net, DEMO_SEED)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def random_weights(
+    net: torch.nn.Module, seed: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Seeded random weights for a Qwen-MoE module tree, by checkpoint name: norms at one,
+    matrices scaled by fan-in so activations keep their size through the layers."""
+    generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, param in net.named_parameters():
         if name.endswith("norm.weight"):
             value = torch.ones(param.shape)
-        else:  # fan-in scaled, so activations keep their size through the layers
+        else:
             value = torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5
-        tensors[file_name(name, qwen_moe.checkpoint_name)] = value
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+        tensors[file_name(name, qwen_moe.checkpoint_name)] = value.to(dtype)
+    return tensors
 
 
 def demo_cache_dir() -> Path:
