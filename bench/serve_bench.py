@@ -34,6 +34,8 @@ async def one_stream(http: httpx.AsyncClient, prompt: str, tokens: int) -> dict:
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        # a chunk per token even where a random model's token decodes to no text
+        "logprobs": True,
     }
     start = time.perf_counter()
     arrivals, usage = [], None
@@ -45,7 +47,7 @@ async def one_stream(http: httpx.AsyncClient, prompt: str, tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            if chunk["choices"] and chunk["choices"][0].get("logprobs"):
                 arrivals.append(time.perf_counter())
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     return {"ttft": arrivals[0] - start, "gaps": gaps, "tokens": usage["completion_tokens"]}
@@ -85,9 +87,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per reply")
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     extra = ["--max-concurrency", str(max(levels)), "--context-length", "1024"]
+    extra += ["--dtype", args.dtype]
     if args.threads:
         extra += ["--threads", str(args.threads)]
     cache = Path(os.environ.get("HETERO_CACHE") or tempfile.mkdtemp())
@@ -97,7 +101,7 @@ def main() -> None:
         rows = [asyncio.run(level(url, n, args.tokens)) for n in levels]
     base = rows[0]["tok_s"]
     cpu = platform.processor() or platform.machine()
-    print(f"# hetero serve: {args.model}, {args.tokens} tokens per reply, greedy\n")
+    print(f"# hetero serve: {args.model}, {args.tokens} tokens per reply, greedy, logprobs on\n")
     print(
         f"Machine: {cpu}, {psutil.cpu_count(logical=False)} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch threads "
