@@ -6,8 +6,13 @@ import argparse
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hetero.errors import HeteroError, InvalidRequestError
+from hetero.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from hetero.runtime.model import Model
+    from placement import Plan
 
 DEFAULT_CONTEXT = 8192
 
@@ -91,6 +96,10 @@ def run_serve(args: argparse.Namespace) -> int:
     context = min(args.context_length or min(limit, DEFAULT_CONTEXT), limit)
     if context < 2:
         raise InvalidRequestError("--context-length must be at least 2")
+    plan = serve_plan(args, model, context)
+    if args.plan:  # a saved plan decides the cache: its tokens per sequence and sequences
+        context = min(plan.kv_cache.tokens, limit)
+        args.max_concurrency = plan.kv_cache.sequences
     kv = model.new_kv_cache(context, args.max_concurrency)
     engine = Engine(model.net, model.tokenizer, kv, args.max_concurrency, args.max_queue)
     name = args.served_model_name or ("demo" if args.model == "demo" else model.name)
@@ -102,8 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
         f"model {name}: {model.config.model_type}, {weights / 2**30:.2f} GiB of weights, "
         f"all on cpu ({str(model.dtype).removeprefix('torch.')})"
     )
-    for line in plan_lines(args):
-        log(line)
+    log_plan(plan)
     log(
         f"KV cache: {tokens} tokens in {kv.num_blocks} blocks of {kv.block_size} "
         f"({tokens * kv.bytes_per_token / 2**20:.1f} MiB reserved, committed as used)"
@@ -121,11 +129,33 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_lines(args: argparse.Namespace) -> list[str]:
-    """The placement to log. Without a GPU every tensor group runs on the CPU."""
-    if args.plan or args.vram_budget or args.dram_budget:
-        raise HeteroError(
-            "--plan / --vram-budget / --dram-budget need the placement planner, which this "
-            "build does not have yet; omit them to serve from the CPU"
-        )
-    return ["plan: no GPU budget given; attention, experts and KV cache on the CPU"]
+def serve_plan(args: argparse.Namespace, model: Model, context: int) -> Plan:
+    """The placement plan to follow: `--plan FILE`, or one made now for the budgets given
+    (defaults: this machine's free VRAM and available DRAM). It sizes the KV cache."""
+    from placement import load_plan
+    from placement.budgets import Workload, machine_memory, resolve_budgets
+    from placement.hardware import load_hardware
+    from placement.inventory import open_model
+    from placement.policy import make_plan
+
+    if args.plan:
+        return load_plan(args.plan)
+    budgets = resolve_budgets(args.vram_budget, args.dram_budget, None, machine_memory())
+    workload = Workload(context, args.max_concurrency, 512, "bf16")
+    source = "demo" if args.model == "demo" else str(model.path)
+    return make_plan(
+        open_model(source, None), budgets, workload, load_hardware(None), [], None, None
+    )
+
+
+def log_plan(plan: Plan) -> None:
+    from placement.report import summary_lines
+
+    totals = ", ".join(f"{device} {size / 2**30:.2f} GiB" for device, size in plan.totals.items())
+    log(f"plan: {totals}")
+    for line in summary_lines(plan):
+        log(f"plan: {line}")
+    if plan.totals.get("gpu"):
+        log("plan: this build runs every group on the CPU; the GPU placement is not executed yet")
+    for warning in plan.warnings:
+        log(f"warning: {warning}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -57,9 +60,7 @@ def client(url):
 
 
 @pytest.fixture(scope="module")
-def model(cache, monkeypatch_module=None):
-    import os
-
+def model(cache):
     os.environ["HETERO_CACHE"] = str(cache)
     try:
         return hetero.load(ensure_demo(), progress=False)
@@ -428,3 +429,44 @@ def test_reasoning_is_returned_apart_from_the_answer(small_server):
         if c.choices
     )
     assert thought == message.model_extra["reasoning_content"]
+
+
+def test_serve_follows_a_saved_plan(tmp_path, cache):
+    plan = tmp_path / "plan.json"
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hetero",
+            "plan",
+            "demo",
+            "--context",
+            "512",
+            "--concurrency",
+            "3",
+            "--save",
+            str(plan),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HETERO_CACHE": str(cache)},
+    )
+    assert made.returncode == 0, made.stderr
+    with running_server(cache, "--plan", str(plan)) as url:
+        reply = httpx.get(url + "/v1/models").json()
+        assert reply["data"][0]["max_model_len"] == 512
+        assert metric(url, "hetero_kv_blocks_free") == 3 * 512 // 16
+
+
+def test_serve_refuses_a_bad_plan_in_one_line(tmp_path, cache):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"version": 99}')
+    result = subprocess.run(
+        [sys.executable, "-m", "hetero", "serve", "--plan", str(bad)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HETERO_CACHE": str(cache)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("hetero: error:") and "version" in result.stderr
+    assert "Traceback" not in result.stderr

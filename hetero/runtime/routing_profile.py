@@ -34,6 +34,15 @@ class RoutingProfile:
         tokens = max(self.tokens[layer], 1)
         return [c / tokens for c in self.counts[layer]]
 
+    def hottest_share(self, fraction: float) -> float:
+        """Share of all activations taken by the most used `fraction` of each layer's experts."""
+        hot = total = 0
+        for counts in self.counts.values():
+            ranked = sorted(counts, reverse=True)
+            hot += sum(ranked[: max(1, round(len(ranked) * fraction))])
+            total += sum(ranked)
+        return hot / total if total else 0.0
+
     def to_json(self) -> str:
         layers = {
             str(layer): {"tokens": self.tokens[layer], "counts": self.counts[layer]}
@@ -94,6 +103,19 @@ def num_experts_of(backend: nn.Module) -> int:
     return int(getattr(backend, "num_experts", 0) or len(backend))
 
 
+@dataclass
+class ProfileRecorder:
+    model: str
+    layers: dict[int, RecordingExperts]
+
+    def profile(self) -> RoutingProfile:
+        return RoutingProfile(
+            model=self.model,
+            tokens={i: r.tokens for i, r in self.layers.items()},
+            counts={i: r.counts.tolist() for i, r in self.layers.items()},
+        )
+
+
 @contextmanager
 def record_routing(net: nn.Module, model_name: str) -> Iterator[ProfileRecorder]:
     """Wrap the expert backend of every MoE layer of `net` (a CausalLM) for the duration of
@@ -109,16 +131,3 @@ def record_routing(net: nn.Module, model_name: str) -> Iterator[ProfileRecorder]
     finally:
         for i, recorder in wrapped.items():
             net.layers[i].mlp.experts = recorder.inner
-
-
-@dataclass
-class ProfileRecorder:
-    model: str
-    layers: dict[int, RecordingExperts]
-
-    def profile(self) -> RoutingProfile:
-        return RoutingProfile(
-            model=self.model,
-            tokens={i: r.tokens for i, r in self.layers.items()},
-            counts={i: r.counts.tolist() for i, r in self.layers.items()},
-        )
