@@ -26,6 +26,7 @@ from hetero.errors import ModelFormatError, UnsupportedModelError
 from hetero.loading.gguf_config import hf_config_from_gguf
 from hetero.loading.gguf_names import from_gguf, rope_permutation
 from hetero.loading.gguf_tokenizer import tokenizer_from_gguf
+from hetero.loading.mapped_files import MappedFiles
 from hetero.loading.weights import file_name
 from hetero.tokenizer import Tokenizer
 
@@ -158,7 +159,7 @@ class GGUFCheckpoint:
         self.tokenizer: Tokenizer = tokenizer_from_gguf(self.metadata, str(path))
         self.config["torch_dtype"] = self._float_dtype()
         self.entries: dict[str, GGUFEntry] = self._entries()
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files = MappedFiles()
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -208,16 +209,11 @@ class GGUFCheckpoint:
         been copied elsewhere (dequantised tensors release their source themselves)."""
         entry = self.entries[name]
         raw = self.raw[entry.source]
-        buf = self._maps.get(raw.file)
-        end = entry.nbytes if end is None else end
-        if buf is None or end <= begin or raw.ggml_type not in TORCH_FLOATS or entry.rope_heads:
+        if raw.ggml_type not in TORCH_FLOATS or entry.rope_heads:
             return
         start = raw.start + (entry.expert or 0) * entry.nbytes
-        page = mmap.PAGESIZE
-        first = -(-(start + begin) // page) * page
-        last = (start + end) // page * page
-        if last > first:
-            buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+        end = entry.nbytes if end is None else end
+        self._files.release(raw.file, start + begin, start + end)
 
     def _blocks(self, source: str, expert: int | None) -> np.ndarray:
         raw = self.raw[source]
@@ -242,21 +238,11 @@ class GGUFCheckpoint:
 
     def _release_source(self, entry: GGUFEntry) -> None:
         raw = self.raw[entry.source]
-        buf = self._maps.get(raw.file)
-        if buf is None:
-            return
         start = raw.start + (entry.expert or 0) * entry.nbytes
-        page = mmap.PAGESIZE
-        first, last = -(-start // page) * page, (start + entry.nbytes) // page * page
-        if last > first:
-            buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+        self._files.release(raw.file, start, start + entry.nbytes)
 
     def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as f:
-                # ACCESS_COPY: writable for torch.frombuffer, never written back to the file
-                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._maps[file]
+        return self._files.map(file)
 
     # ---- naming ----------------------------------------------------------------------------
 

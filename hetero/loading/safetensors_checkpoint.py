@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from hetero.errors import ModelFormatError
+from hetero.loading.mapped_files import MappedFiles
 
 # safetensors dtype tags -> torch dtypes
 DTYPES = {
@@ -47,7 +48,7 @@ class SafetensorsCheckpoint:
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self.entries: dict[str, TensorEntry] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files = MappedFiles()
         for file in checkpoint_files(model_dir):
             self.entries.update(read_header(file))
 
@@ -68,27 +69,13 @@ class SafetensorsCheckpoint:
 
     def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Drop this process's pages of bytes [begin, end) of a tensor once they have been
-        copied elsewhere, so peak RSS stays near what is materialised."""
+        copied elsewhere."""
         entry = self.entries[name]
-        buf = self._maps.get(entry.file)
         end = entry.nbytes if end is None else end
-        if buf is None or end <= begin:
-            return
-        page = mmap.PAGESIZE
-        # only whole pages inside the range: a neighbour's bytes may still be in use
-        first = -(-(entry.start + begin) // page) * page
-        last = (entry.start + end) // page * page
-        if end == entry.nbytes:
-            last = min(len(buf), -(-(entry.start + end) // page) * page)
-        if last > first:
-            buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+        self._files.release(entry.file, entry.start + begin, entry.start + end)
 
     def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as f:
-                # ACCESS_COPY: writable for torch.frombuffer, never written back to the file.
-                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._maps[file]
+        return self._files.map(file)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
