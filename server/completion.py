@@ -11,7 +11,7 @@ from hetero.reasoning import ReasoningStream, prompt_opens_reasoning, split_reas
 from hetero.runtime.engine import Request
 from hetero.runtime.model import Model
 from hetero.runtime.sampling import SamplingParams
-from server.validation import RequestError
+from server.validation import RequestError, field
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,22 @@ def prepare(
     return Prepared(request, thinks, opens)
 
 
-def sampling_params(**values: Any) -> SamplingParams:
+def read_sampling(
+    body: dict[str, Any], temperature: float, top_p: float, top_k: int, repetition_key: str
+) -> SamplingParams:
+    """Sampling values of an OpenAI body or Ollama options; the defaults and the name of the
+    repetition penalty are what differ between the two APIs."""
+    values = dict(
+        temperature=field(body, "temperature", float, temperature, 0.0, 2.0),
+        top_p=field(body, "top_p", float, top_p, 0.0, 1.0),
+        top_k=field(body, "top_k", int, top_k, 0, None),
+        min_p=field(body, "min_p", float, 0.0, 0.0, 1.0),
+        repetition_penalty=field(body, repetition_key, float, 1.0, 0.0, None),
+        presence_penalty=field(body, "presence_penalty", float, 0.0, -2.0, 2.0),
+        frequency_penalty=field(body, "frequency_penalty", float, 0.0, -2.0, 2.0),
+        seed=field(body, "seed", int, None),
+    )
     try:
-        return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        return SamplingParams(**values)
     except HeteroError as err:
         raise RequestError(str(err)) from None

@@ -14,22 +14,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hetero import __version__
 from hetero.runtime.engine import GenerationResult
 from server.bridge import EventStream
-from server.completion import Prepared, chat_prompt, prepare, sampling_params
+from server.completion import Prepared, chat_prompt, prepare, read_sampling
 from server.state import ServerState, collect
 from server.validation import RequestError, field, stop_strings
-
-
-def options_sampling(options: dict[str, Any]):
-    return sampling_params(
-        temperature=field(options, "temperature", float, 0.8, 0.0, 2.0),
-        top_p=field(options, "top_p", float, 0.9, 0.0, 1.0),
-        top_k=field(options, "top_k", int, 40, 0, None),
-        min_p=field(options, "min_p", float, 0.0, 0.0, 1.0),
-        repetition_penalty=field(options, "repeat_penalty", float, 1.0, 0.0, None),
-        presence_penalty=field(options, "presence_penalty", float, 0.0, -2.0, 2.0),
-        frequency_penalty=field(options, "frequency_penalty", float, 0.0, -2.0, 2.0),
-        seed=field(options, "seed", int, None),
-    )
 
 
 def now_iso() -> str:
@@ -69,7 +56,7 @@ def prepare_ollama(state: ServerState, body: dict[str, Any], prompt: str | None,
         state.model,
         state.context_length,
         prompt,
-        options_sampling(options),
+        read_sampling(options, 0.8, 0.9, 40, "repeat_penalty"),
         max_tokens,
         stop_strings(options),
         None,

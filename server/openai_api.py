@@ -14,22 +14,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from hetero.runtime.engine import Event, GenerationResult, TokenLogprob
 from server.bridge import EventStream
-from server.completion import Prepared, chat_prompt, prepare, sampling_params
+from server.completion import Prepared, chat_prompt, prepare, read_sampling
 from server.state import ServerState, collect
 from server.validation import RequestError, field, stop_strings
-
-
-def common_sampling(body: dict[str, Any]):
-    return sampling_params(
-        temperature=field(body, "temperature", float, 1.0, 0.0, 2.0),
-        top_p=field(body, "top_p", float, 1.0, 0.0, 1.0),
-        top_k=field(body, "top_k", int, 0, 0, None),
-        min_p=field(body, "min_p", float, 0.0, 0.0, 1.0),
-        repetition_penalty=field(body, "repetition_penalty", float, 1.0, 0.0, None),
-        presence_penalty=field(body, "presence_penalty", float, 0.0, -2.0, 2.0),
-        frequency_penalty=field(body, "frequency_penalty", float, 0.0, -2.0, 2.0),
-        seed=field(body, "seed", int, None),
-    )
 
 
 def check_common(state: ServerState, body: dict[str, Any]) -> None:
@@ -77,7 +64,7 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
         state.model,
         state.context_length,
         prompt,
-        common_sampling(body),
+        read_sampling(body, 1.0, 1.0, 0, "repetition_penalty"),
         max_tokens,
         stop_strings(body),
         top_logprobs if want_logprobs else None,
@@ -194,7 +181,7 @@ async def completions(state: ServerState, body: dict[str, Any], http_request) ->
         state.model,
         state.context_length,
         prompt,
-        common_sampling(body),
+        read_sampling(body, 1.0, 1.0, 0, "repetition_penalty"),
         field(body, "max_tokens", int, 16, 1, None),
         stop_strings(body),
         logprobs,
