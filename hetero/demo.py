@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hetero.cache import cache_root
 from hetero.demo_tokenizer import write_demo_tokenizer
 from hetero.loading.weights import file_name
 from hetero.models import qwen_moe
@@ -88,8 +88,7 @@ def random_weights(
 
 
 def demo_cache_dir() -> Path:
-    root = os.environ.get("HETERO_CACHE") or Path.home() / ".cache" / "hetero"
-    return Path(root) / f"demo-v{DEMO_VERSION}"
+    return cache_root() / f"demo-v{DEMO_VERSION}"
 
 
 def ensure_demo() -> Path:

@@ -10,6 +10,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetero.cache import cache_root
 from placement.errors import PlacementError
 
 PROBE_FILE = "probe.json"
@@ -54,10 +55,6 @@ DEFAULT_RATES = dict(
 )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HETERO_CACHE") or Path.home() / ".cache" / "hetero")
-
-
 def host_id() -> str:
     """Host name, CPU model and core count: a probe is valid for this machine only."""
     cpu = platform.processor() or platform.machine()
@@ -98,7 +95,7 @@ def load_hardware(path: str | Path | None = None) -> Hardware:
     else the defaults."""
     if path is not None:
         return read_hardware(Path(path))
-    cached = cache_dir() / PROBE_FILE
+    cached = cache_root() / PROBE_FILE
     if cached.is_file():
         try:
             hardware = read_hardware(cached)
@@ -110,7 +107,7 @@ def load_hardware(path: str | Path | None = None) -> Hardware:
 
 
 def save_hardware(hardware: Hardware) -> Path:
-    path = cache_dir() / PROBE_FILE
+    path = cache_root() / PROBE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(hardware.to_json() + "\n")
     return path
