@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from hetero import __version__
+from hetero.bench_command import add_bench_command
 from hetero.errors import HeteroError
 from placement.cli import add_placement_commands
 from server.cli import add_serve_command
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=run_chat)
 
     add_serve_command(commands)
+    add_bench_command(commands, add_model_options)
     add_placement_commands(commands)
 
     quant = commands.add_parser("quantize", help="write MODEL as a GGUF file (llama.cpp's mixes)")

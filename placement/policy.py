@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hetero.runtime.model import KV_BLOCK_TOKENS  # the KV cache allocates whole blocks
 from hetero.runtime.routing_profile import RoutingProfile
-from placement.budgets import KV_BYTES, Budgets, Workload, check_workload
+from placement.budgets import (
+    KV_BYTES,
+    Budgets,
+    Workload,
+    check_workload,
+    machine_memory,
+    resolve_budgets,
+)
 from placement.cost_model import LayerAttention, PlacedGroup, Prediction, predict
 from placement.errors import PlacementError
-from placement.hardware import Hardware
-from placement.inventory import ModelInventory, TensorGroup
+from placement.hardware import Hardware, load_hardware
+from placement.inventory import ModelInventory, TensorGroup, open_model
 from placement.plan import (
     PLAN_VERSION,
     ExpertPlacement,
@@ -23,6 +31,7 @@ from placement.plan import (
     KVCachePlacement,
     ModelSummary,
     Plan,
+    load_plan,
 )
 from placement.rules import Rule, first_match
 from placement.sizes import MIB, gib
@@ -369,4 +378,25 @@ def _predict(
         workload.concurrency,
         workload.prefill_chunk,
         hardware,
+    )
+
+
+def plan_for_model(
+    model_arg: str,
+    model_path: Path,
+    plan_file: str | None,
+    vram_budget: str | None,
+    dram_budget: str | None,
+    context: int,
+    concurrency: int,
+) -> Plan:
+    """The plan a run follows: a saved one (`--plan FILE`), or one made now for the budgets
+    given (defaults: this machine's free VRAM and available DRAM)."""
+    if plan_file:
+        return load_plan(plan_file)
+    budgets = resolve_budgets(vram_budget, dram_budget, None, machine_memory())
+    workload = Workload(context, concurrency, 512, "bf16")
+    source = "demo" if model_arg == "demo" else str(model_path)
+    return make_plan(
+        open_model(source, None), budgets, workload, load_hardware(None), [], None, None
     )

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from hetero.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from hetero.runtime.model import Model
     from placement import Plan
 
 DEFAULT_CONTEXT = 8192
@@ -80,6 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import hetero
     from hetero.runtime.engine import Engine
+    from placement.policy import plan_for_model
     from server.app import create_app
     from server.state import ServerState
 
@@ -96,7 +96,15 @@ def run_serve(args: argparse.Namespace) -> int:
     context = min(args.context_length or min(limit, DEFAULT_CONTEXT), limit)
     if context < 2:
         raise InvalidRequestError("--context-length must be at least 2")
-    plan = serve_plan(args, model, context)
+    plan = plan_for_model(
+        args.model,
+        model.path,
+        args.plan,
+        args.vram_budget,
+        args.dram_budget,
+        context,
+        args.max_concurrency,
+    )
     if args.plan:  # a saved plan decides the cache: its tokens per sequence and sequences
         context = min(plan.kv_cache.tokens, limit)
         args.max_concurrency = plan.kv_cache.sequences
@@ -127,25 +135,6 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
-
-
-def serve_plan(args: argparse.Namespace, model: Model, context: int) -> Plan:
-    """The placement plan to follow: `--plan FILE`, or one made now for the budgets given
-    (defaults: this machine's free VRAM and available DRAM). It sizes the KV cache."""
-    from placement import load_plan
-    from placement.budgets import Workload, machine_memory, resolve_budgets
-    from placement.hardware import load_hardware
-    from placement.inventory import open_model
-    from placement.policy import make_plan
-
-    if args.plan:
-        return load_plan(args.plan)
-    budgets = resolve_budgets(args.vram_budget, args.dram_budget, None, machine_memory())
-    workload = Workload(context, args.max_concurrency, 512, "bf16")
-    source = "demo" if args.model == "demo" else str(model.path)
-    return make_plan(
-        open_model(source, None), budgets, workload, load_hardware(None), [], None, None
-    )
 
 
 def log_plan(plan: Plan) -> None:

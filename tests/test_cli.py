@@ -114,3 +114,31 @@ def test_invalid_sampling_values_are_one_line_exit_2(tmp_path, flag):
     assert_one_line_error(
         hetero("generate", "demo", "--prompt", "x", *flag, env_cache=tmp_path), "must be"
     )
+
+
+def test_bench_measures_against_a_saved_plan(tmp_path):
+    plan = tmp_path / "plan.json"
+    made = hetero("plan", "demo", "--save", str(plan), env_cache=tmp_path)
+    assert made.returncode == 0, made.stderr
+    result = hetero(
+        "bench",
+        "demo",
+        "--plan",
+        str(plan),
+        "--prompt-tokens",
+        "64",
+        "--new-tokens",
+        "8",
+        env_cache=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
+    assert float(rows["prefill"][1]) > 0 and float(rows["decode"][1]) > 0
+    assert "plan bound" in result.stdout
+
+
+def test_bench_refuses_a_missing_plan_in_one_line(tmp_path):
+    assert_one_line_error(
+        hetero("bench", "demo", "--plan", str(tmp_path / "none.json"), env_cache=tmp_path),
+        "does not exist",
+    )

@@ -141,9 +141,11 @@ class Model:
         stop: list[str] | str | None = None,
         on_text: Callable[[str], None] | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         """Complete `prompt` (text or token ids). `on_text` streams each new piece of text;
-        `logprobs=n` records each token's log-probability and the top n alternatives."""
+        `logprobs=n` records each token's log-probability and the top n alternatives;
+        `ignore_eos` generates max_new_tokens whatever the model says (benchmarks)."""
         sampling = SamplingParams(
             temperature=temperature,
             top_p=top_p,
@@ -164,7 +166,7 @@ class Model:
             max_new_tokens=min(max_new_tokens, room),
             sampling=sampling,
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-            eos_token_ids=frozenset(self.eos_token_ids),
+            eos_token_ids=frozenset() if ignore_eos else frozenset(self.eos_token_ids),
             logprobs=logprobs,
         )
         kv = self.new_kv_cache(len(prompt_ids) + request.max_new_tokens)
