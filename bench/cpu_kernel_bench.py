@@ -1,0 +1,165 @@
+"""Decode GEMV kernels against this machine's DRAM read bandwidth.
+
+Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0 and Q4_K
+GEMV path over several distinct weight matrices much larger than cache, and prints GB/s of
+weights read as a fraction of that ceiling.
+Run: .venv/bin/python bench/cpu_kernel_bench.py [--threads N] [--dram-gib 1.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from cpu_kernels.q4_k_gemv import GEMV_Q4_K, Q4KMatrix, q4_k_activations
+from cpu_kernels.q8_0_gemv import (
+    GROUPED_GEMV_Q8_0,
+    Q8Matrix,
+    available_kernel_paths,
+    host_kernel_path,
+    quantize_q8_activations,
+)
+from hetero.runtime.cpu_experts import NumbaExperts
+
+# Qwen3-30B-A3B expert shapes: gate+up [2 * 768, 2048], down [2048, 768]; GB/s count the
+# repacked bytes each kernel reads (Q4_K: nibbles + float32 scale and min per 32 values)
+SHAPES = ((1536, 2048), (2048, 768))
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _sum(a):
+    total = np.float32(0.0)
+    for i in prange(a.shape[0]):
+        total += a[i]
+    return total
+
+
+def best_seconds(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def dram_read_gb_s(gib: float) -> float:
+    a = np.ones(int(gib * 2**30) // 4, np.float32)
+    _sum(a)
+    return a.nbytes / best_seconds(lambda: _sum(a), 5) / 1e9
+
+
+def random_q8(rows: int, cols: int, rng: np.random.Generator) -> Q8Matrix:
+    values = rng.integers(-127, 128, (1, rows, cols), dtype=np.int8)
+    return Q8Matrix(values, rng.random((1, rows, cols // 32), dtype=np.float32) * 0.01)
+
+
+def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> Q4KMatrix:
+    nibbles = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
+    scales = rng.random((2, rows, cols // 32), dtype=np.float32) * 0.01
+    return Q4KMatrix(nibbles, scales[0], scales[1])
+
+
+def q8_0_runner(path: str, ws: list[Q8Matrix], x: np.ndarray):
+    x_q, x_scales = quantize_q8_activations(x)
+    experts = np.zeros(x.shape[0], np.int64)
+    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
+    kernel = GROUPED_GEMV_Q8_0[path]
+
+    def run():
+        for w in ws:
+            kernel(w.values, w.scales, x_q, x_scales, experts, out)
+
+    return run
+
+
+def q4_k_runner(path: str, ws: list[Q4KMatrix], x: np.ndarray):
+    activations = q4_k_activations(x)
+    out = np.empty((x.shape[0], ws[0].shape[0]), np.float32)
+    kernel = GEMV_Q4_K[path]
+
+    def run():
+        for w in ws:
+            kernel(w.nibbles, w.scales, w.mins, *activations, out)
+
+    return run
+
+
+KERNELS = {"q8_0": (random_q8, q8_0_runner), "q4_k": (random_q4_k, q4_k_runner)}
+
+
+def gemv_gb_s(kernel: str, path: str, shape: tuple[int, int], matrices: int, tokens: int):
+    rng = np.random.default_rng(0)
+    make, runner = KERNELS[kernel]
+    ws = [make(*shape, rng) for _ in range(matrices)]
+    run = runner(path, ws, rng.standard_normal((tokens, shape[1]), np.float32))
+    run()
+    return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
+
+
+def experts_step_gb_s(experts: int = 64, top_k: int = 8, hidden: int = 2048, size: int = 768):
+    """One decode token through `NumbaExperts` (Qwen3-30B-A3B geometry): GB/s of the selected
+    experts' weights, Python overhead included."""
+    rng = np.random.default_rng(0)
+    gate_up = Q8Matrix(
+        rng.integers(-127, 128, (experts, 2 * size, hidden), dtype=np.int8),
+        rng.random((experts, 2 * size, hidden // 32), dtype=np.float32) * 0.01,
+    )
+    down = Q8Matrix(
+        rng.integers(-127, 128, (experts, hidden, size), dtype=np.int8),
+        rng.random((experts, hidden, size // 32), dtype=np.float32) * 0.01,
+    )
+    layer = NumbaExperts(gate_up, down)
+    x = torch.randn(1, hidden)
+    weights = torch.softmax(torch.randn(1, top_k), dim=-1)
+
+    def step():
+        layer(x, torch.randperm(experts)[:top_k].reshape(1, top_k), weights)
+
+    step()
+    return top_k * (gate_up.nbytes + down.nbytes) / experts / best_seconds(step, 50) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--dram-gib", type=float, default=1.5)
+    parser.add_argument("--matrices", type=int, default=64, help="distinct weights per shape")
+    args = parser.parse_args()
+    numba.set_num_threads(args.threads)
+    print(f"threads {args.threads}, host path {host_kernel_path()}, load {os.getloadavg()}")
+    ceiling = dram_read_gb_s(args.dram_gib)
+    print(f"DRAM read (prange float32 sum, {args.dram_gib} GiB): {ceiling:.1f} GB/s")
+    rows = []
+    for kernel in KERNELS:
+        for path in available_kernel_paths():
+            for shape in SHAPES:
+                for tokens in (1, 4):
+                    gb_s = gemv_gb_s(kernel, path, shape, args.matrices, tokens)
+                    rows.append((kernel, path, shape, tokens, gb_s))
+    experts_gb_s = experts_step_gb_s()
+    # other processes on a shared machine disturb single runs: the ceiling is the best of a
+    # measurement before and after the kernels
+    ceiling = max(ceiling, dram_read_gb_s(args.dram_gib))
+    print(f"DRAM read, best before/after: {ceiling:.1f} GB/s; load now {os.getloadavg()}")
+    print("| kernel | path | shape | tokens | GB/s of weights | fraction of DRAM |")
+    print("|---|---|---|---|---|---|")
+    for kernel, path, shape, tokens, gb_s in rows:
+        print(
+            f"| {kernel} gemv | {path} | {shape[0]}x{shape[1]} | {tokens} | "
+            f"{gb_s:.1f} | {gb_s / ceiling:.2f} |"
+        )
+    print(
+        f"| NumbaExperts q8_0, 1 token, top-8 of 64 | {host_kernel_path()} | 2048/768 | 1 | "
+        f"{experts_gb_s:.1f} | {experts_gb_s / ceiling:.2f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
