@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
 
 from cpu_kernels.q4_k_gemv import GEMV_Q4_K, Q4KMatrix, q4_k_activations
 from cpu_kernels.q8_0_gemv import (
@@ -26,33 +24,11 @@ from cpu_kernels.q8_0_gemv import (
     quantize_q8_activations,
 )
 from hetero.runtime.cpu_experts import NumbaExperts
+from placement.probe import best_seconds, measure_dram_read_gbs
 
 # Qwen3-30B-A3B expert shapes: gate+up [2 * 768, 2048], down [2048, 768]; GB/s count the
 # repacked bytes each kernel reads (Q4_K: nibbles + float32 scale and min per 32 values)
 SHAPES = ((1536, 2048), (2048, 768))
-
-
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _sum(a):
-    total = np.float32(0.0)
-    for i in prange(a.shape[0]):
-        total += a[i]
-    return total
-
-
-def best_seconds(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def dram_read_gb_s(gib: float) -> float:
-    a = np.ones(int(gib * 2**30) // 4, np.float32)
-    _sum(a)
-    return a.nbytes / best_seconds(lambda: _sum(a), 5) / 1e9
 
 
 def random_q8(rows: int, cols: int, rng: np.random.Generator) -> Q8Matrix:
@@ -99,7 +75,6 @@ def gemv_gb_s(kernel: str, path: str, shape: tuple[int, int], matrices: int, tok
     make, runner = KERNELS[kernel]
     ws = [make(*shape, rng) for _ in range(matrices)]
     run = runner(path, ws, rng.standard_normal((tokens, shape[1]), np.float32))
-    run()
     return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
 
 
@@ -122,7 +97,6 @@ def experts_step_gb_s(experts: int = 64, top_k: int = 8, hidden: int = 2048, siz
     def step():
         layer(x, torch.randperm(experts)[:top_k].reshape(1, top_k), weights)
 
-    step()
     return top_k * (gate_up.nbytes + down.nbytes) / experts / best_seconds(step, 50) / 1e9
 
 
@@ -134,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
     print(f"threads {args.threads}, host path {host_kernel_path()}, load {os.getloadavg()}")
-    ceiling = dram_read_gb_s(args.dram_gib)
+    ceiling = measure_dram_read_gbs(int(args.dram_gib * 2**30))
     print(f"DRAM read (prange float32 sum, {args.dram_gib} GiB): {ceiling:.1f} GB/s")
     rows = []
     for kernel in KERNELS:
@@ -146,7 +120,7 @@ def main() -> None:
     experts_gb_s = experts_step_gb_s()
     # other processes on a shared machine disturb single runs: the ceiling is the best of a
     # measurement before and after the kernels
-    ceiling = max(ceiling, dram_read_gb_s(args.dram_gib))
+    ceiling = max(ceiling, measure_dram_read_gbs(int(args.dram_gib * 2**30)))
     print(f"DRAM read, best before/after: {ceiling:.1f} GB/s; load now {os.getloadavg()}")
     print("| kernel | path | shape | tokens | GB/s of weights | fraction of DRAM |")
     print("|---|---|---|---|---|---|")
