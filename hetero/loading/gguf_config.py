@@ -1,16 +1,23 @@
-"""Model configuration in GGUF metadata (`{arch}.block_count`, `.attention.head_count`, ...):
-read into the Hugging Face config.json dict that the family `parse_config`s take, and written
-from hetero's typed configs in the keys llama.cpp reads."""
+"""Model configuration in GGUF metadata (`{arch}.block_count`, `.attention.head_count`, ...)
+and the `rope_freqs` tensor: read into the Hugging Face config.json dict that the family
+`parse_config`s take, and written from hetero's typed configs in the keys llama.cpp reads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from gguf import ExpertGatingFuncType, Keys
 
-from hetero.config import TransformerConfig
+from cpu_kernels.gguf_quants import dequantize
+from hetero.config import RopeConfig, TransformerConfig
 from hetero.errors import ModelFormatError, UnsupportedModelError
+from hetero.models.rope import llama3_frequency_factors
+
+if TYPE_CHECKING:
+    from hetero.loading.gguf_checkpoint import RawTensor
 
 # GGUF architecture -> hetero model types it can hold (llama also holds Mixtral)
 ARCHITECTURES: dict[str, tuple[str, ...]] = {
@@ -25,6 +32,10 @@ ARCH_OF_MODEL_TYPE = {kind: arch for arch, kinds in ARCHITECTURES.items() for ki
 
 # DeepSeek stores yarn's mscale_all_dim as 0.1 * mscale_all_dim (llama.cpp's yarn_log_multiplier)
 YARN_LOG_MULTIPLIER_PER_MSCALE = 0.1
+ROPE_FREQS = "rope_freqs.weight"
+# llama3 scaling's original context when the file does not say (Llama 3.1's, and what
+# llama.cpp's converter assumes)
+LLAMA3_ORIGINAL_CONTEXT = 8192
 
 
 class MetadataReader:
@@ -57,24 +68,19 @@ class MetadataReader:
 
 def hf_config_from_gguf(
     metadata: dict[str, Any],
-    tensor_names: Iterable[str],
+    tensors: Mapping[str, RawTensor],
     vocab_size: int,
     source: str,
 ) -> dict[str, Any]:
-    """The config.json dict of a GGUF model. `tensor_names` settles what metadata leaves open:
-    biases, tied embeddings, and which layers are dense."""
+    """The config.json dict of a GGUF model. The tensor directory settles what metadata leaves
+    open: biases, tied embeddings, which layers are dense, and llama3 rope scaling."""
     arch = metadata.get(Keys.General.ARCHITECTURE)
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"{source} is a {arch!r} model; hetero reads the GGUF architectures "
             f"{', '.join(ARCHITECTURES)}"
         )
-    names = set(tensor_names)
-    if "rope_freqs.weight" in names:
-        raise UnsupportedModelError(
-            f"{source} has per-dimension rope factors (rope_freqs, Llama 3.1-style scaling), "
-            "which hetero does not read from GGUF yet; use the Hugging Face checkpoint"
-        )
+    names = set(tensors)
     m = MetadataReader(metadata, arch, source)
     layers = int(m.require(Keys.LLM.BLOCK_COUNT))
     heads = int(m.uniform(Keys.Attention.HEAD_COUNT))
@@ -93,7 +99,19 @@ def hf_config_from_gguf(
     }
     if key_length := m.get(Keys.Attention.KEY_LENGTH):
         cfg["head_dim"] = int(key_length)
-    if rope_scaling := _rope_scaling(m):
+    rope_scaling = _rope_scaling(m)
+    if ROPE_FREQS in tensors:
+        if rope_scaling:
+            raise UnsupportedModelError(
+                f"{source} has both {rope_scaling['rope_type']} rope scaling and per-dimension "
+                "rope factors (rope_freqs); hetero applies one or the other"
+            )
+        rope_dim = (
+            m.get(Keys.Rope.DIMENSION_COUNT) or cfg.get("head_dim") or cfg["hidden_size"] // heads
+        )
+        factors = _tensor_values(tensors[ROPE_FREQS])
+        rope_scaling = _llama3_scaling(factors, int(rope_dim), cfg["rope_theta"], m)
+    if rope_scaling:
         cfg["rope_scaling"] = rope_scaling
     dense_layers = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names]
     experts = int(m.get(Keys.LLM.EXPERT_COUNT) or 0)
@@ -150,6 +168,67 @@ def _rope_scaling(m: MetadataReader) -> dict[str, Any] | None:
         mscale = float(log_mul) / YARN_LOG_MULTIPLIER_PER_MSCALE
         scaling.update(mscale=mscale, mscale_all_dim=mscale)
     return scaling
+
+
+def _tensor_values(raw: RawTensor) -> np.ndarray:
+    data = np.fromfile(raw.file, dtype=np.uint8, count=raw.nbytes, offset=raw.start)
+    return dequantize(data.reshape(-1, raw.row_bytes), raw.ggml_type).reshape(raw.shape)
+
+
+def _llama3_scaling(
+    factors: np.ndarray, dim: int, theta: float, m: MetadataReader
+) -> dict[str, Any] | None:
+    """The llama3 `rope_scaling` whose per-dimension divisors are `rope_freqs` [dim/2], as
+    llama.cpp's converter writes them for Llama 3.1+: 1 for short wavelengths, `factor` for
+    long ones, a blend between. Checked to reproduce every divisor, else refused."""
+    if factors.shape != (dim // 2,):
+        raise ModelFormatError(
+            f"{m.source}: {ROPE_FREQS} has shape {list(factors.shape)}, but the rope dimension "
+            f"{dim} needs [{dim // 2}]; the file is inconsistent, convert the model again"
+        )
+    if np.all(factors == 1.0):
+        return None
+    factor = float(factors.max())
+    # The original context only fixes a unit: the divisors depend on original / low_freq_factor
+    # and original / high_freq_factor. x = original / wavelength falls with the dimension; the
+    # blend weight is linear in x, 0 at x = low_freq_factor and 1 at x = high_freq_factor.
+    original = int(m.get(Keys.Rope.SCALING_ORIG_CTX_LEN) or LLAMA3_ORIGINAL_CONTEXT)
+    x = original / (2 * math.pi) * theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    kept, scaled = np.isclose(factors, 1.0, rtol=1e-6), np.isclose(factors, factor, rtol=1e-6)
+    blended = ~kept & ~scaled
+    rising = np.all(np.diff(factors) >= 0) and np.all(np.diff(factors[blended]) > 0)
+    if factors[0] < 1 or not rising:
+        raise _not_llama3(m.source)
+    x_blend = x[blended]
+    weight = (1 / factors[blended] - 1 / factor) / (1 - 1 / factor)
+    above = x[kept].min() if kept.any() else 2 * x[0]
+    below = x[scaled].max()
+    if len(x_blend) >= 2:
+        width = (x_blend[0] - x_blend[-1]) / (weight[0] - weight[-1])
+        low = x_blend[0] - weight[0] * width
+    elif len(x_blend) == 1:  # a line through the one blended point, crossing 0 and 1 in the gaps
+        run = min(x_blend[0] - below, (above - x_blend[0]) * weight[0] / (1 - weight[0])) / 2
+        low, width = x_blend[0] - run, run / weight[0]
+    else:
+        low, width = below + (above - below) / 3, (above - below) / 3
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": float(low),
+        "high_freq_factor": float(low + width),
+        "original_max_position_embeddings": original,
+    }
+    rope = RopeConfig.from_hf({"rope_theta": theta, "rope_scaling": scaling})
+    if not np.allclose(llama3_frequency_factors(dim, rope).numpy(), factors, rtol=1e-4, atol=0):
+        raise _not_llama3(m.source)
+    return scaling
+
+
+def _not_llama3(source: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{source}: its {ROPE_FREQS} factors do not follow llama3 rope scaling (1, then a rising "
+        "blend, then one factor, across the dimensions), the only kind hetero reproduces"
+    )
 
 
 def _deepseek_config(
@@ -237,10 +316,13 @@ def _put_rope_scaling(c: TransformerConfig, put: Callable[[str, Any], None]) -> 
     if rope.type == "default":
         return
     if rope.type == "llama3":
-        raise UnsupportedModelError(
-            "llama3 rope scaling is stored in GGUF as a rope_freqs tensor, which hetero does "
-            "not write yet"
+        # rope_freqs carries the scaling, and no scaling keys (llama.cpp would apply a factor
+        # on top); the original context, which llama.cpp reads for yarn only, tells a reader
+        put(
+            Keys.Rope.SCALING_ORIG_CTX_LEN,
+            rope.original_max_position_embeddings or LLAMA3_ORIGINAL_CONTEXT,
         )
+        return
     put(Keys.Rope.SCALING_TYPE, rope.type)
     put(Keys.Rope.SCALING_FACTOR, rope.factor)
     if rope.type != "yarn":

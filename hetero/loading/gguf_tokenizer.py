@@ -1,6 +1,7 @@
 """The tokenizer in GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`): rebuilt as a
-`tokenizers` byte-level BPE (llama.cpp's "gpt2" model) for reading, and extracted from a
-tokenizer.json-backed `Tokenizer` for writing."""
+`tokenizers` BPE for reading (llama.cpp's "gpt2" byte-level model, or its "llama" SentencePiece
+model with merges ranked by score), and extracted from a tokenizer.json-backed `Tokenizer` for
+writing (byte-level only)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "default": PreTokenizer((_GPT2,)),
 }
 
+SPACE_PIECE = "\u2581"  # SentencePiece's "▁", which stands for a space in its pieces
+
 # tokens llama.cpp treats as end of generation whatever eos_token_id says (llama-vocab.cpp)
 END_OF_GENERATION_TOKENS = (
     "<|eot_id|>",
@@ -83,7 +86,8 @@ ROLE_IDS = {
 
 
 def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
-    """The `Tokenizer` a GGUF file describes: encodes as the tokenizer.json it was made from."""
+    """The `Tokenizer` a GGUF file describes: encodes as the tokenizer it was made from, and
+    as llama.cpp does."""
     model = metadata.get(Keys.Tokenizer.MODEL)
     tokens = metadata.get(Keys.Tokenizer.LIST)
     if model is None or tokens is None:
@@ -95,17 +99,19 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
         backend = BackendTokenizer.from_str(hf_json)
     elif model == "gpt2":
         backend = _byte_level_bpe(metadata, tokens, source)
+    elif model == "llama":
+        backend = _sentencepiece_bpe(metadata, tokens, source)
     else:
         raise UnsupportedModelError(
-            f"{source} has a {model!r} tokenizer; hetero reads GGUF byte-level BPE ('gpt2') "
-            "tokenizers only so far"
+            f"{source} has a {model!r} tokenizer; hetero reads the GGUF tokenizers 'gpt2' "
+            "(byte-level BPE) and 'llama' (SentencePiece BPE)"
         )
     special = {
         role: tokens[token_id]
         for role, key in ROLE_IDS.items()
         if (token_id := metadata.get(key)) is not None and 0 <= token_id < len(tokens)
     }
-    types = metadata.get(Keys.Tokenizer.TOKEN_TYPE) or [TokenType.NORMAL] * len(tokens)
+    types = _token_types(metadata, tokens)
     eos_ids = {
         int(metadata[key])
         for key in (Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID, Keys.Tokenizer.EOM_ID)
@@ -127,13 +133,9 @@ def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str], source: str) ->
             f"{', '.join(sorted(PRE_TOKENIZERS))}"
         )
     pre = PRE_TOKENIZERS[pre_name]
-    types = metadata.get(Keys.Tokenizer.TOKEN_TYPE) or [TokenType.NORMAL] * len(tokens)
     merges = [tuple(merge.split(" ", 1)) for merge in metadata.get(Keys.Tokenizer.MERGES) or []]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ModelFormatError(f"{source}: tokenizer.ggml.tokens has duplicate tokens")
     backend = BackendTokenizer(
-        models.BPE(vocab, merges, ignore_merges=pre.ignore_merges, fuse_unk=False)
+        models.BPE(_vocab(tokens, source), merges, ignore_merges=pre.ignore_merges, fuse_unk=False)
     )
     if pre.nfc:
         backend.normalizer = normalizers.NFC()
@@ -142,12 +144,90 @@ def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str], source: str) ->
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     backend.decoder = decoders.ByteLevel()
-    # added tokens are matched in the raw text before BPE: control ones skipped by decode
+    _add_tokens(backend, tokens, _token_types(metadata, tokens))
+    add_bos = bool(metadata.get(Keys.Tokenizer.ADD_BOS))
+    post = _post_processor(metadata, tokens, add_bos)
+    backend.post_processor = post or processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
+def _sentencepiece_bpe(
+    metadata: dict[str, Any], tokens: list[str], source: str
+) -> BackendTokenizer:
+    """llama.cpp's "llama" vocabulary (SentencePiece BPE: Llama 2, Mistral, Mixtral). Spaces are
+    "▁", and one is prefixed to the text and to each run after a special token, as llama.cpp
+    and the models' own tokenizer.json do; characters outside the vocabulary fall back to the
+    <0xXX> byte tokens."""
+    scores = metadata.get(Keys.Tokenizer.SCORES)
+    if scores is None or len(scores) != len(tokens):
+        raise ModelFormatError(
+            f"{source}: its 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.scores, one "
+            "per token, to rank merges; the file is incomplete, convert the model again"
+        )
+    types = _token_types(metadata, tokens)
+    unk_id = metadata.get(Keys.Tokenizer.UNK_ID)
+    backend = BackendTokenizer(
+        models.BPE(
+            _vocab(tokens, source),
+            _merges_by_score(tokens, scores, types),
+            unk_token=tokens[unk_id] if unk_id is not None else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    space_prefix = bool(metadata.get(Keys.Tokenizer.ADD_PREFIX, True))
+    spaces = normalizers.Replace(" ", SPACE_PIECE)
+    steps = [decoders.Replace(SPACE_PIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if space_prefix:
+        spaces = normalizers.Sequence([normalizers.Prepend(SPACE_PIECE), spaces])
+        steps.append(decoders.Strip(" ", 1, 0))
+    backend.normalizer = spaces
+    backend.decoder = decoders.Sequence(steps)
+    _add_tokens(backend, tokens, types)
+    # llama.cpp adds BOS to SentencePiece text unless the file says not to
+    add_bos = bool(metadata.get(Keys.Tokenizer.ADD_BOS, True))
+    if post := _post_processor(metadata, tokens, add_bos):
+        backend.post_processor = post
+    return backend
+
+
+def _merges_by_score(
+    tokens: list[str], scores: list[float], types: list[int]
+) -> list[tuple[str, str]]:
+    """SentencePiece BPE joins the adjacent pair whose joined piece scores highest. As ranked
+    merges: every split of a normal token into two normal tokens, the best-scoring token's
+    first (ties by id)."""
+    normal = {token for token, kind in zip(tokens, types, strict=True) if kind == TokenType.NORMAL}
+    ranked = sorted(
+        (-score, i, token[:cut], token[cut:])
+        for i, (token, score) in enumerate(zip(tokens, scores, strict=True))
+        if token in normal
+        for cut in range(1, len(token))
+        if token[:cut] in normal and token[cut:] in normal
+    )
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _token_types(metadata: dict[str, Any], tokens: list[str]) -> list[int]:
+    return metadata.get(Keys.Tokenizer.TOKEN_TYPE) or [TokenType.NORMAL] * len(tokens)
+
+
+def _vocab(tokens: list[str], source: str) -> dict[str, int]:
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ModelFormatError(f"{source}: tokenizer.ggml.tokens has duplicate tokens")
+    return vocab
+
+
+def _add_tokens(backend: BackendTokenizer, tokens: list[str], types: list[int]) -> None:
+    # Matched in the raw text before the model sees it, as llama.cpp partitions text: control
+    # and unknown tokens are special (skipped by decode), user-defined ones are not.
+    special = (TokenType.CONTROL, TokenType.UNKNOWN)
     backend.add_special_tokens(
         [
             AddedToken(tokens[i], normalized=False, special=True)
             for i, kind in enumerate(types)
-            if kind == TokenType.CONTROL
+            if kind in special
         ]
     )
     backend.add_tokens(
@@ -157,16 +237,16 @@ def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str], source: str) ->
             if kind == TokenType.USER_DEFINED
         ]
     )
-    backend.post_processor = _post_processor(metadata, tokens)
-    return backend
 
 
-def _post_processor(metadata: dict[str, Any], tokens: list[str]) -> Any:
+def _post_processor(
+    metadata: dict[str, Any], tokens: list[str], add_bos: bool
+) -> processors.TemplateProcessing | None:
     bos, eos = metadata.get(Keys.Tokenizer.BOS_ID), metadata.get(Keys.Tokenizer.EOS_ID)
-    add_bos = bool(metadata.get(Keys.Tokenizer.ADD_BOS)) and bos is not None
+    add_bos = add_bos and bos is not None
     add_eos = bool(metadata.get(Keys.Tokenizer.ADD_EOS)) and eos is not None
     if not (add_bos or add_eos):
-        return processors.ByteLevel(trim_offsets=False)
+        return None
     head = [f"{tokens[bos]}:0"] if add_bos else []
     tail = [f"{tokens[eos]}:0"] if add_eos else []
     used = {tokens[i]: i for i in ((bos,) if add_bos else ()) + ((eos,) if add_eos else ())}

@@ -1,7 +1,8 @@
 """Write a loaded model as a GGUF file that llama.cpp and hetero read: llama.cpp's tensor names
-and layouts (stacked experts, permuted llama q/k, DeepSeek's k_b / v_b), its metadata keys and
-tokenizer, and its type mix for the chosen file type. Tensors are converted one at a time and
-streamed to disk, so memory stays near one tensor beyond the (memory-mapped) source model."""
+and layouts (stacked experts, permuted llama q/k, DeepSeek's k_b / v_b, llama3 rope scaling as
+rope_freqs), its metadata keys and tokenizer, and its type mix for the chosen file type.
+Tensors are converted one at a time and streamed to disk, so memory stays near one tensor beyond
+the (memory-mapped) source model."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from gguf import GGML_QUANT_VERSION, GGUFWriter, Keys
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import FORMATS
 from hetero.errors import InvalidRequestError, UnsupportedModelError
-from hetero.loading.gguf_config import gguf_metadata
+from hetero.loading.gguf_config import ROPE_FREQS, gguf_metadata
 from hetero.loading.gguf_names import rope_interleave, to_gguf
 from hetero.loading.gguf_tokenizer import gguf_tokenizer_metadata
 from hetero.loading.quant_mix import FILE_TYPES, tensor_types
+from hetero.models.rope import llama3_frequency_factors
 
 
 @dataclass
@@ -41,6 +43,10 @@ def write_gguf(model: Any, out: Path, file_type: str, split_max_bytes: int = 0) 
     config = model.config
     arch, metadata = gguf_metadata(config)
     plan = plan_tensors(model.net, config, arch)
+    if config.rope.type == "llama3":  # as llama.cpp's converter: per-dimension divisors
+        rope_dim = metadata[Keys.Rope.DIMENSION_COUNT.format(arch=arch)]
+        factors = llama3_frequency_factors(rope_dim, config.rope).float().numpy()
+        plan = {ROPE_FREQS: PlannedTensor(factors.shape, lambda: factors), **plan}
     experts = metadata.get(Keys.LLM.EXPERT_COUNT.format(arch=arch), 0)
     shapes = {name: t.shape for name, t in plan.items()}
     types = tensor_types(shapes, file_type, experts, config.num_hidden_layers)

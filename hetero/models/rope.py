@@ -45,6 +45,13 @@ def llama3_frequencies(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor
     return torch.where(medium, blended, scaled)
 
 
+def llama3_frequency_factors(dim: int, rope: RopeConfig) -> torch.Tensor:
+    """llama3 scaling as llama.cpp's converter stores it (the GGUF tensor `rope_freqs`): the
+    number each default inverse frequency [dim/2] is divided by, in float64."""
+    inv_freq = 1.0 / rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return inv_freq / llama3_frequencies(inv_freq, rope)
+
+
 def yarn_frequencies(
     pos_freqs: torch.Tensor, dim: int, rope: RopeConfig
 ) -> tuple[torch.Tensor, float]:
