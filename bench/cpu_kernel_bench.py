@@ -1,25 +1,36 @@
 """Decode GEMV kernels against this machine's DRAM read bandwidth.
 
-Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0 and Q4_K
-GEMV path over several distinct weight matrices much larger than cache, and prints GB/s of
-weights read as a fraction of that ceiling.
-Run: .venv/bin/python bench/cpu_kernel_bench.py [--threads N] [--dram-gib 1.5]
+Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0, Q4_K and
+Q6_K GEMV path over several distinct weight matrices much larger than cache (1 and 4 tokens on one
+matrix), then the grouped Q8_0 and Q4_K GEMVs on 1 and 16 decode tokens routed to top-8 of 64
+experts, and prints GB/s of weights read as a fraction of that ceiling.
+Run: .venv/bin/python bench/cpu_kernel_bench.py [--threads N] [--dram-gib 1.5] [--kernels q6_k]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import time
 
 import numba
 import numpy as np
 import torch
 
-from cpu_kernels.q4_k_gemv import GEMV_Q4_K, Q4KMatrix, q4_k_activations
+from cpu_kernels.q4_k_gemv import (
+    GROUPED_GEMV_Q4_K,
+    Q4KMatrix,
+    grouped_q4_k_gemv,
+    q4_k_activations,
+)
+from cpu_kernels.q6_k_gemv import GROUPED_GEMV_Q6_K, Q6KMatrix, q6_k_activations
 from cpu_kernels.q8_0_gemv import (
     GROUPED_GEMV_Q8_0,
     Q8Matrix,
     available_kernel_paths,
+    group_pairs_by_expert,
+    grouped_q8_0_gemv,
     host_kernel_path,
     quantize_q8_activations,
 )
@@ -27,7 +38,10 @@ from hetero.runtime.cpu_experts import NumbaExperts
 from placement.probe import best_seconds, measure_dram_read_gbs
 
 # Qwen3-30B-A3B expert shapes: gate+up [2 * 768, 2048], down [2048, 768]; GB/s count the
-# repacked bytes each kernel reads (Q4_K: nibbles + float32 scale and min per 32 values)
+# repacked bytes each kernel reads (Q8_0: int8 + float32 scale per 32 values, 36 bytes against
+# GGUF's 34; Q4_K: nibbles + 6-bit scale and min in a byte each per 32 + float32 d and dmin per
+# 256 values, 152 bytes per 256 against GGUF's 144; Q6_K: 6-bit codes + int8 scale per 16 +
+# float32 d per 256 values, 212 bytes per 256 against GGUF's 210)
 SHAPES = ((1536, 2048), (2048, 768))
 
 
@@ -37,37 +51,64 @@ def random_q8(rows: int, cols: int, rng: np.random.Generator) -> Q8Matrix:
 
 
 def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> Q4KMatrix:
-    nibbles = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
-    scales = rng.random((2, rows, cols // 32), dtype=np.float32) * 0.01
-    return Q4KMatrix(nibbles, scales[0], scales[1])
+    scales_mins = rng.integers(0, 64, (2, 1, rows, cols // 32), dtype=np.uint8)
+    d_dmin = rng.random((2, 1, rows, cols // 256), dtype=np.float32) * 0.01
+    nibbles = rng.integers(0, 256, (1, rows, cols // 2), dtype=np.uint8)
+    return Q4KMatrix(nibbles, *scales_mins, *d_dmin)
+
+
+def random_q6_k(rows: int, cols: int, rng: np.random.Generator) -> Q6KMatrix:
+    return Q6KMatrix(
+        rng.integers(0, 256, (1, rows, cols * 3 // 4), dtype=np.uint8),
+        rng.integers(-128, 128, (1, rows, cols // 16), dtype=np.int8),
+        rng.random((1, rows, cols // 256), dtype=np.float32) * 0.01,
+    )
 
 
 def q8_0_runner(path: str, ws: list[Q8Matrix], x: np.ndarray):
-    x_q, x_scales = quantize_q8_activations(x)
-    experts = np.zeros(x.shape[0], np.int64)
+    activations = quantize_q8_activations(x)
+    groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
     out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
     kernel = GROUPED_GEMV_Q8_0[path]
 
     def run():
         for w in ws:
-            kernel(w.values, w.scales, x_q, x_scales, experts, out)
+            kernel(w.values, w.scales, *activations, *groups, out)
 
     return run
 
 
 def q4_k_runner(path: str, ws: list[Q4KMatrix], x: np.ndarray):
     activations = q4_k_activations(x)
-    out = np.empty((x.shape[0], ws[0].shape[0]), np.float32)
-    kernel = GEMV_Q4_K[path]
+    groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
+    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
+    kernel = GROUPED_GEMV_Q4_K[path]
 
     def run():
         for w in ws:
-            kernel(w.nibbles, w.scales, w.mins, *activations, out)
+            kernel(*w.arrays, *activations, *groups, out)
 
     return run
 
 
-KERNELS = {"q8_0": (random_q8, q8_0_runner), "q4_k": (random_q4_k, q4_k_runner)}
+def q6_k_runner(path: str, ws: list[Q6KMatrix], x: np.ndarray):
+    activations = q6_k_activations(x)
+    groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
+    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
+    kernel = GROUPED_GEMV_Q6_K[path]
+
+    def run():
+        for w in ws:
+            kernel(*w.arrays, *activations, *groups, out)
+
+    return run
+
+
+KERNELS = {
+    "q8_0": (random_q8, q8_0_runner),
+    "q4_k": (random_q4_k, q4_k_runner),
+    "q6_k": (random_q6_k, q6_k_runner),
+}
 
 
 def gemv_gb_s(kernel: str, path: str, shape: tuple[int, int], matrices: int, tokens: int):
@@ -76,6 +117,38 @@ def gemv_gb_s(kernel: str, path: str, shape: tuple[int, int], matrices: int, tok
     ws = [make(*shape, rng) for _ in range(matrices)]
     run = runner(path, ws, rng.standard_normal((tokens, shape[1]), np.float32))
     return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
+
+
+ROUTED = {"q8_0": grouped_q8_0_gemv, "q4_k": grouped_q4_k_gemv}
+
+
+def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: int = 8):
+    """`tokens` decode tokens, each routed to top_k of `experts` at random, through one grouped
+    GEMV of the gate+up shape (activation quantisation and pair grouping included): GB/s of the
+    distinct experts' weights read, best of 24 calls with fresh routings, each after a 64 MiB
+    read that evicts the last call's weights from the 32 MiB L3."""
+    rng = np.random.default_rng(0)
+    rows, cols = SHAPES[0]
+    flat = KERNELS[kernel][0](experts * rows, cols, rng)
+    w = dataclasses.replace(
+        flat,
+        **{
+            f.name: getattr(flat, f.name).reshape(experts, rows, -1)
+            for f in dataclasses.fields(flat)
+        },
+    )
+    x = rng.standard_normal((tokens * top_k, cols), np.float32)
+    evict = np.ones(2**24, np.float32)
+    ROUTED[kernel](w, x, np.zeros(len(x), np.int64), path)  # compile
+    best = 0.0
+    for _ in range(24):
+        pair_expert = np.concatenate([rng.permutation(experts)[:top_k] for _ in range(tokens)])
+        evict.sum()
+        start = time.perf_counter()
+        ROUTED[kernel](w, x, pair_expert, path)
+        seconds = time.perf_counter() - start
+        best = max(best, len(np.unique(pair_expert)) * w.nbytes / experts / seconds / 1e9)
+    return best
 
 
 def experts_step_gb_s(experts: int = 64, top_k: int = 8, hidden: int = 2048, size: int = 768):
@@ -105,18 +178,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dram-gib", type=float, default=1.5)
     parser.add_argument("--matrices", type=int, default=64, help="distinct weights per shape")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
     print(f"threads {args.threads}, host path {host_kernel_path()}, load {os.getloadavg()}")
     ceiling = measure_dram_read_gbs(int(args.dram_gib * 2**30))
     print(f"DRAM read (prange float32 sum, {args.dram_gib} GiB): {ceiling:.1f} GB/s")
     rows = []
-    for kernel in KERNELS:
+    for kernel in args.kernels:
         for path in available_kernel_paths():
             for shape in SHAPES:
                 for tokens in (1, 4):
                     gb_s = gemv_gb_s(kernel, path, shape, args.matrices, tokens)
-                    rows.append((kernel, path, shape, tokens, gb_s))
+                    rows.append((f"{kernel} gemv", path, shape, tokens, gb_s))
+    for kernel in (k for k in args.kernels if k in ROUTED):
+        for tokens in (1, 16):
+            gb_s = routed_gb_s(kernel, host_kernel_path(), tokens)
+            label = f"{kernel} grouped, top-8 of 64 experts"
+            rows.append((label, host_kernel_path(), SHAPES[0], tokens, gb_s))
     experts_gb_s = experts_step_gb_s()
     # other processes on a shared machine disturb single runs: the ceiling is the best of a
     # measurement before and after the kernels
@@ -124,9 +203,9 @@ def main() -> None:
     print(f"DRAM read, best before/after: {ceiling:.1f} GB/s; load now {os.getloadavg()}")
     print("| kernel | path | shape | tokens | GB/s of weights | fraction of DRAM |")
     print("|---|---|---|---|---|---|")
-    for kernel, path, shape, tokens, gb_s in rows:
+    for label, path, shape, tokens, gb_s in rows:
         print(
-            f"| {kernel} gemv | {path} | {shape[0]}x{shape[1]} | {tokens} | "
+            f"| {label} | {path} | {shape[0]}x{shape[1]} | {tokens} | "
             f"{gb_s:.1f} | {gb_s / ceiling:.2f} |"
         )
     print(

@@ -1,14 +1,17 @@
-"""Q4_K decode GEMV: y[t, r] = sum_k W[r, k] * x[t, k] on 4-bit weights and int8 activations.
+"""Q4_K decode GEMV: y[p, r] = sum_k W[e_p, r, k] * x[p, k] on 4-bit weights and int8 activations.
 
 GGUF Q4_K: 256-value super-blocks of 8 sub-blocks of 32, value = d * scale_j * q - dmin * min_j.
-`Q4KMatrix` keeps the packed nibbles as stored and unpacks each sub-block's scale and min into
-float32 at load time. The nibbles are unsigned, so they feed `pmaddubsw`'s unsigned operand
-directly; the min term needs only each activation block's sum.
+`Q4KMatrix` keeps the packed nibbles as stored and unpacks the 6-bit scales and mins to a byte
+each (d and dmin to float32): 152 bytes per super-block against GGUF's 144. The nibbles are
+unsigned, so they feed `pmaddubsw`'s unsigned operand directly, and `pmaddwd` multiplies by the
+sub-block's scale; the min term needs only each activation block's sum. Pairs that share an
+expert run in tiles of up to TOKEN_TILE, as in q8_0_gemv.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -18,166 +21,279 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from cpu_kernels.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
-from cpu_kernels.q8_0_gemv import QK8_0, host_kernel_path, quantize_q8_activations, vector_ptr
+from cpu_kernels.q8_0_gemv import (
+    F32X8,
+    I8X32,
+    QK8_0,
+    ROW_CHUNK,
+    Avx2Ir,
+    check_pairs,
+    element_ptr,
+    expert_slice,
+    host_kernel_path,
+    lane_mask,
+    quantize_q8_activations,
+    store_tile,
+    tile_type,
+    vector_ptr,
+)
+
+SUBS = QK_K // QK8_0  # sub-blocks of 32 per super-block
 
 
 @dataclass(frozen=True)
 class Q4KMatrix:
-    """Q4_K weights [rows, cols]: nibbles as stored (a 32-byte run holds sub-block 2i in its low
-    nibbles and 2i+1 in its high ones) and per-sub-block scale and min."""
+    """Q4_K weights [..., rows, cols] (one matrix, or one per expert): nibbles as stored (a
+    32-byte run holds sub-block 2i in its low nibbles and 2i+1 in its high ones), the 6-bit
+    sub-block scales and mins unpacked, and each super-block's d and dmin."""
 
-    nibbles: np.ndarray  # uint8 [rows, cols / 2]
-    scales: np.ndarray  # float32 [rows, cols / 32], d * scale_j
-    mins: np.ndarray  # float32 [rows, cols / 32], dmin * min_j
+    nibbles: np.ndarray  # uint8 [..., rows, cols / 2]
+    scales: np.ndarray  # uint8 [..., rows, cols / 32], 0..63
+    mins: np.ndarray  # uint8 [..., rows, cols / 32], 0..63
+    d: np.ndarray  # float32 [..., rows, cols / 256]
+    dmin: np.ndarray  # float32 [..., rows, cols / 256]
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.nibbles.shape[0], self.nibbles.shape[1] * 2
+    def shape(self) -> tuple[int, ...]:
+        return (*self.nibbles.shape[:-1], self.nibbles.shape[-1] * 2)
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The kernels' weight arguments, in their order."""
+        return self.nibbles, self.scales, self.mins, self.d, self.dmin
 
     @property
     def nbytes(self) -> int:
-        return self.nibbles.nbytes + self.scales.nbytes + self.mins.nbytes
+        return sum(a.nbytes for a in self.arrays)
 
     @classmethod
     def from_blocks(cls, blocks: np.ndarray) -> Q4KMatrix:
-        """blocks: uint8 [rows, cols / 256 * 144], GGUF Q4_K as stored (a raw tensor)."""
-        rows = blocks.shape[0]
-        fmt = FORMATS[T.Q4_K]
+        """blocks: uint8 [..., rows, cols / 256 * 144], GGUF Q4_K as stored (a raw tensor)."""
+        lead, fmt = blocks.shape[:-1], FORMATS[T.Q4_K]
         f = split_fields(np.ascontiguousarray(blocks).reshape(-1, fmt.type_size), fmt)
         sc, mn = k_scales_mins(f["scales"])
-        d = f["d"].copy().view(np.float16).astype(np.float32)
-        dmin = f["dmin"].copy().view(np.float16).astype(np.float32)
+
+        def per_row(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(a.reshape(*lead, -1))
+
         return cls(
-            np.ascontiguousarray(f["qs"].reshape(rows, -1)),
-            np.ascontiguousarray((d * sc.astype(np.float32)).reshape(rows, -1)),
-            np.ascontiguousarray((dmin * mn.astype(np.float32)).reshape(rows, -1)),
+            per_row(f["qs"]),
+            per_row(sc),
+            per_row(mn),
+            per_row(f["d"].copy().view(np.float16).astype(np.float32)),
+            per_row(f["dmin"].copy().view(np.float16).astype(np.float32)),
         )
+
+    def dequantize(self, index: int | None = None) -> np.ndarray:
+        """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); bit for bit
+        `gguf.quants.dequantize` of the source blocks (the same float32 operations)."""
+        nibbles, sc, mn, d, dmin = (expert_slice(a, index) for a in self.arrays)
+        rows, subs = sc.shape
+        runs = nibbles.reshape(rows, -1, 1, QK8_0)
+        q = np.concatenate([runs & np.uint8(0x0F), runs >> np.uint8(4)], axis=2)
+        per_super = (rows, -1, SUBS)
+        scale = (d[..., None] * sc.reshape(per_super).astype(np.float32)).reshape(rows, subs)
+        offset = (dmin[..., None] * mn.reshape(per_super).astype(np.float32)).reshape(rows, subs)
+        q = q.reshape(rows, subs, QK8_0).astype(np.float32)
+        return (scale[..., None] * q - offset[..., None]).reshape(rows, -1)
 
 
 @intrinsic
-def _q4k_row_dot_avx2(typingctx, q, q_off, sc, mn, s_off, x, x_off, dx, xsum, xs_off, chunks):
-    """sum over `chunks` 64-value runs of the scaled nibble . x dot products, minus the mins
-    times the activation block sums; float32."""
-    sig = types.float32(q, q_off, sc, mn, s_off, x, x_off, dx, xsum, xs_off, types.intp)
+def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
+    """(W[row] . x[p] for p in pairs): weights = Q4KMatrix.arrays and acts = q4_k_activations,
+    flat, `superblocks` 256-value super-blocks per row; pairs: a tuple of 1 to TOKEN_TILE
+    activation rows -> a tuple of float32.
+
+    Each 32-byte nibble run is loaded and split once for the whole tile. Per sub-block and
+    pair: pmaddubsw(nibbles, x) pairs (at most 2 * 15 * 127, no saturation), pmaddwd by the
+    6-bit scale, times the activation scale; per super-block: times d, minus dmin * mins *
+    activation block sums."""
+    tile = tile_type(pairs)
+    if tile is None:
+        return None
+    sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
 
     def codegen(context, builder, signature, args):
-        qa, qo, sca, mna, so, xa, xo, dxa, xsa, xso, nchunks = args
-        i8x32 = ir.VectorType(ir.IntType(8), 32)
-        i16x16 = ir.VectorType(ir.IntType(16), 16)
-        i32x8 = ir.VectorType(ir.IntType(32), 8)
-        f32x8 = ir.VectorType(ir.FloatType(), 8)
-        maddubs = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i16x16, [i8x32, i8x32]), "llvm.x86.avx2.pmadd.ub.sw"
-        )
-        maddwd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i32x8, [i16x16, i16x16]), "llvm.x86.avx2.pmadd.wd"
-        )
-        a = signature.args
-        q_ptr = vector_ptr(builder, context, a[0], qa, qo, 32)
-        x_ptr = vector_ptr(builder, context, a[5], xa, xo, 32)
-
-        def data(i, arr):
-            return context.make_array(a[i])(context, builder, arr).data
-
-        sc_d, mn_d, dx_d, xs_d = data(2, sca), data(3, mna), data(7, dxa), data(8, xsa)
-        ones16 = ir.Constant(i16x16, [1] * 16)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(f32x8, None))
-        min_acc = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
-        with cgutils.for_range(builder, nchunks) as loop:
-            c = loop.index
-            packed = builder.load(builder.gep(q_ptr, [c]), align=1)
-            halves = (
-                builder.and_(packed, ir.Constant(i8x32, [0x0F] * 32)),
-                builder.lshr(packed, ir.Constant(i8x32, [4] * 32)),
+        (q_t, sc_t, mn_t, d_t, dmin_t), (x_t, dx_t, xs_t) = signature.args[:2]
+        q, sc, mn, d, dmin = cgutils.unpack_tuple(builder, args[0])
+        x, dx, xs = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        avx2 = Avx2Ir(builder)
+        i8x8 = ir.VectorType(ir.IntType(8), SUBS)
+        subs = builder.mul(nsuper, nsuper.type(SUBS))
+        k = builder.mul(nsuper, nsuper.type(QK_K))
+        row_bytes = builder.mul(nsuper, nsuper.type(QK_K // 2))
+        q_ptr = vector_ptr(builder, context, q_t, q, builder.mul(row, row_bytes), 32)
+        sc_ptr, mn_ptr = (
+            builder.bitcast(
+                element_ptr(builder, context, t, a, builder.mul(row, subs)), i8x8.as_pointer()
             )
-            for half, nib in enumerate(halves):
-                sub = builder.add(builder.mul(c, c.type(2)), c.type(half))
-                xv = builder.load(builder.gep(x_ptr, [sub]), align=1)
-                quads = builder.call(maddwd, [builder.call(maddubs, [nib, xv]), ones16])
-                s_idx, x_idx = builder.add(so, sub), builder.add(xso, sub)
-                scale = builder.fmul(
-                    builder.load(builder.gep(sc_d, [s_idx])),
-                    builder.load(builder.gep(dx_d, [x_idx])),
+            for t, a in ((sc_t, sc), (mn_t, mn))
+        )
+        d_ptr = element_ptr(builder, context, d_t, d, builder.mul(row, nsuper))
+        dmin_ptr = element_ptr(builder, context, dmin_t, dmin, builder.mul(row, nsuper))
+        tokens = [
+            (
+                vector_ptr(builder, context, x_t, x, builder.mul(p, k), 32),
+                element_ptr(builder, context, dx_t, dx, builder.mul(p, subs)),
+                builder.bitcast(
+                    element_ptr(builder, context, xs_t, xs, builder.mul(p, subs)),
+                    F32X8.as_pointer(),
+                ),
+                cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
+            )
+            for p in pair_ids
+        ]
+        with cgutils.for_range(builder, nsuper) as loop:
+            s = loop.index
+            # the 8 scale bytes in both 128-bit halves, for vpshufb to widen one at a time
+            sc = builder.load(builder.gep(sc_ptr, [s]), align=1)
+            sc_table = builder.shuffle_vector(sc, sc, lane_mask(list(range(SUBS)) * 4))
+            mins = builder.uitofp(builder.load(builder.gep(mn_ptr, [s]), align=1), F32X8)
+            neg_dmin = builder.fneg(builder.load(builder.gep(dmin_ptr, [s])))
+            min_terms = builder.fmul(mins, avx2.splat(neg_dmin))
+            # a small tile alternates sub-blocks between two sums per pair: one FMA chain
+            # would wait out the FMA latency every sub-block
+            chains = 2 if tile <= 2 else 1
+            sub_sums = [[ir.Constant(F32X8, None)] * chains for _ in range(tile)]
+            for run in range(SUBS // 2):
+                packed_idx = builder.add(builder.mul(s, s.type(SUBS // 2)), s.type(run))
+                packed = builder.load(builder.gep(q_ptr, [packed_idx]), align=1)
+                halves = (
+                    builder.and_(packed, ir.Constant(I8X32, [0x0F] * 32)),
+                    builder.lshr(packed, ir.Constant(I8X32, [4] * 32)),
                 )
-                splat = builder.insert_element(ir.Constant(f32x8, None), scale, ir.IntType(32)(0))
-                splat = builder.shuffle_vector(splat, splat, ir.Constant(i32x8, None))
-                term = builder.fmul(builder.sitofp(quads, f32x8), splat)
-                builder.store(builder.fadd(builder.load(acc), term), acc)
-                offset = builder.fmul(
-                    builder.load(builder.gep(mn_d, [s_idx])),
-                    builder.load(builder.gep(xs_d, [x_idx])),
-                )
-                builder.store(builder.fadd(builder.load(min_acc), offset), min_acc)
-        total = builder.load(acc)
-        result = builder.extract_element(total, ir.IntType(32)(0))
-        for lane in range(1, 8):
-            result = builder.fadd(result, builder.extract_element(total, ir.IntType(32)(lane)))
-        return builder.fsub(result, builder.load(min_acc))
+                for half, nibbles in enumerate(halves):
+                    j = 2 * run + half
+                    scale = avx2.widen_byte(sc_table, j)
+                    sub = builder.add(builder.mul(s, s.type(SUBS)), s.type(j))
+                    for t, (x_ptr, dx_ptr, _, _) in enumerate(tokens):
+                        xv = builder.load(builder.gep(x_ptr, [sub]), align=1)
+                        dot = builder.sitofp(avx2.int_dot(nibbles, xv, scale), F32X8)
+                        x_scale = avx2.splat(builder.load(builder.gep(dx_ptr, [sub])))
+                        sums = sub_sums[t]
+                        sums[j % chains] = avx2.fma(dot, x_scale, sums[j % chains])
+            d_splat = avx2.splat(builder.load(builder.gep(d_ptr, [s])))
+            for (_, _, xs_ptr, acc), sums in zip(tokens, sub_sums, strict=True):
+                total = avx2.fma(reduce(builder.fadd, sums), d_splat, builder.load(acc))
+                block_sums = builder.load(builder.gep(xs_ptr, [s]), align=4)
+                builder.store(avx2.fma(min_terms, block_sums, total), acc)
+        sums = [avx2.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
+        return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen
 
 
 @njit(nogil=True, cache=True)
-def _q4k_row_dot_plain(q, q_off, sc, mn, s_off, x, x_off, dx, xsum, xs_off, chunks):
-    """`_q4k_row_dot_avx2` in plain Numba."""
+def _q4k_row_dot_plain(q, sc, mn, d, dmin, row, x, dx, xsum, pair, superblocks):
+    """One pair's row dot in plain Numba, the same sums as `_q4k_tile_dot_avx2`."""
     acc = np.float32(0.0)
-    for c in range(chunks):
-        for half in range(2):
-            sub = 2 * c + half
+    for s in range(superblocks):
+        scaled, offset = np.float32(0.0), np.float32(0.0)
+        for j in range(SUBS):
+            run, half = j // 2, j % 2
+            w_sub = (row * superblocks + s) * SUBS + j
+            x_sub = (pair * superblocks + s) * SUBS + j
             # unsigned indices spare Numba's negative-index wraparound, as in q8_0_gemv
-            q_base, x_base = np.uint64(q_off + c * QK8_0), np.uint64(x_off + sub * QK8_0)
+            q_base = np.uint64((row * superblocks + s) * QK_K // 2 + run * QK8_0)
+            x_base = np.uint64(x_sub * QK8_0)
             dot = 0
-            for j in range(QK8_0):
-                jj = np.uint64(j)
-                nib = (np.int32(q[q_base + jj]) >> (4 * half)) & 15
-                dot += nib * np.int32(x[x_base + jj])
-            acc += np.float32(dot) * sc[s_off + sub] * dx[xs_off + sub]
-            acc -= mn[s_off + sub] * xsum[xs_off + sub]
+            for i in range(QK8_0):
+                ii = np.uint64(i)
+                nib = (np.int32(q[q_base + ii]) >> (4 * half)) & 15
+                dot += nib * np.int32(x[x_base + ii])
+            scaled += np.float32(dot * np.int32(sc[w_sub])) * dx[x_sub]
+            offset += np.float32(mn[w_sub]) * xsum[x_sub]
+        acc += d[row * superblocks + s] * scaled - dmin[row * superblocks + s] * offset
     return acc
 
 
+@njit(inline="always")
+def _q4k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, col):
+    """out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4."""
+    i = first
+    while end - i >= 4:
+        tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
+        store_tile(out, tile, col, _q4k_tile_dot_avx2(weights, acts, row, tile, superblocks))
+        i += 4
+    if end - i == 3:
+        tile3 = (order[i], order[i + 1], order[i + 2])
+        store_tile(out, tile3, col, _q4k_tile_dot_avx2(weights, acts, row, tile3, superblocks))
+    elif end - i == 2:
+        tile2 = (order[i], order[i + 1])
+        store_tile(out, tile2, col, _q4k_tile_dot_avx2(weights, acts, row, tile2, superblocks))
+    elif end - i == 1:
+        tile1 = (order[i],)
+        store_tile(out, tile1, col, _q4k_tile_dot_avx2(weights, acts, row, tile1, superblocks))
+
+
+# Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
+# group_start[g + 1]] of expert e = group_expert[g]; weights as Q4KMatrix.arrays with a leading
+# experts dim, x_q int8 [pairs, k]. Chunks of rows and two kernels as in q8_0_gemv.
 @njit(parallel=True, nogil=True, cache=True)
-def gemv_q4_k_avx2(nibbles, scales, mins, x_q, x_scales, x_sums, out):
-    """out[t, r] = W[r] . x[t]; nibbles uint8 [rows, k / 2], x_q int8 [tokens, k]."""
-    rows, half_k = nibbles.shape
-    k, subs = 2 * half_k, x_scales.shape[1]
-    q, sc, mn = nibbles.reshape(-1), scales.reshape(-1), mins.reshape(-1)
-    x, dx, xs = x_q.reshape(-1), x_scales.reshape(-1), x_sums.reshape(-1)
-    for r in prange(rows):
-        for t in range(x_q.shape[0]):
-            out[t, r] = _q4k_row_dot_avx2(
-                q, r * half_k, sc, mn, r * subs, x, t * k, dx, xs, t * subs, subs // 2
-            )
+def grouped_gemv_q4_k_avx2(
+    nibbles, scales, mins, d, dmin, x_q, x_scales, x_sums, order, group_start, group_expert, out
+):
+    """Tiles of up to 4 pairs of one expert through `_q4k_tile_dot_avx2`."""
+    rows, superblocks = d.shape[1], d.shape[2]
+    weights = (
+        nibbles.reshape(-1),
+        scales.reshape(-1),
+        mins.reshape(-1),
+        d.reshape(-1),
+        dmin.reshape(-1),
+    )
+    acts = (x_q.reshape(-1), x_scales.reshape(-1), x_sums.reshape(-1))
+    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        for g in range(len(group_expert)):
+            first, end = group_start[g], group_start[g + 1]
+            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+                row = group_expert[g] * rows + r
+                _q4k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, r)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemv_q4_k_plain(nibbles, scales, mins, x_q, x_scales, x_sums, out):
-    """`gemv_q4_k_avx2` through `_q4k_row_dot_plain`."""
-    rows, half_k = nibbles.shape
-    k, subs = 2 * half_k, x_scales.shape[1]
+def grouped_gemv_q4_k_plain(
+    nibbles, scales, mins, d, dmin, x_q, x_scales, x_sums, order, group_start, group_expert, out
+):
+    """One `_q4k_row_dot_plain` per pair."""
+    rows, superblocks = d.shape[1], d.shape[2]
     q, sc, mn = nibbles.reshape(-1), scales.reshape(-1), mins.reshape(-1)
+    d_flat, dmin_flat = d.reshape(-1), dmin.reshape(-1)
     x, dx, xs = x_q.reshape(-1), x_scales.reshape(-1), x_sums.reshape(-1)
-    for r in prange(rows):
-        for t in range(x_q.shape[0]):
-            out[t, r] = _q4k_row_dot_plain(
-                q, r * half_k, sc, mn, r * subs, x, t * k, dx, xs, t * subs, subs // 2
-            )
+    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        for g in range(len(group_expert)):
+            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+                row = group_expert[g] * rows + r
+                for p in order[group_start[g] : group_start[g + 1]]:
+                    out[p, r] = _q4k_row_dot_plain(
+                        q, sc, mn, d_flat, dmin_flat, row, x, dx, xs, p, superblocks
+                    )
 
 
-GEMV_Q4_K = {"avx2": gemv_q4_k_avx2, "plain": gemv_q4_k_plain}
+GROUPED_GEMV_Q4_K = {"avx2": grouped_gemv_q4_k_avx2, "plain": grouped_gemv_q4_k_plain}
 
 
 def q4_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x: float32 [tokens, k] -> int8 values, float32 block scales and block sums (value units)."""
     x_q, x_scales = quantize_q8_activations(x)
-    blocks = x_q.reshape(x_q.shape[0], -1, QK8_0).sum(axis=-1, dtype=np.int32)
+    blocks = x_q.reshape(*x_scales.shape, QK8_0).sum(axis=-1, dtype=np.int32)
     return x_q, x_scales, (blocks * x_scales).astype(np.float32)
+
+
+def grouped_q4_k_gemv(
+    w: Q4KMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
+) -> np.ndarray:
+    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
+    -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
+    groups = check_pairs(w.shape, x, pair_expert)
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    kernel = GROUPED_GEMV_Q4_K[path or host_kernel_path()]
+    kernel(*w.arrays, *q4_k_activations(x), *groups, out)
+    return out
 
 
 def q4_k_gemv(w: Q4KMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
     """w: [rows, cols]; x: float32 [tokens, cols] -> float32 [tokens, rows] = x @ W.T."""
-    if x.ndim != 2 or x.shape[1] != w.shape[1] or x.shape[1] % QK_K:
-        raise ValueError(f"x has shape {x.shape}; expected [tokens, {w.shape[1]}]")
-    out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    GEMV_Q4_K[path or host_kernel_path()](w.nibbles, w.scales, w.mins, *q4_k_activations(x), out)
-    return out
+    stacked = Q4KMatrix(*(a[None] for a in w.arrays))
+    return grouped_q4_k_gemv(stacked, x, np.zeros(x.shape[0], np.int64), path)

@@ -1,16 +1,18 @@
-"""Q8_0 decode GEMV: y[t, r] = sum_k W[r, k] * x[t, k] on int8 weights and int8 activations.
+"""Q8_0 decode GEMV: y[p, r] = sum_k W[e_p, r, k] * x[p, k] on int8 weights and int8 activations.
 
-Weights are repacked once into `Q8Matrix` (int8 values [rows, k] plus float32 scales
-[rows, k / 32]); activations are quantised to int8 per 32-block. The hot loop is an integer dot
-product emitted through an LLVM x86 intrinsic (AVX2 `pmaddubsw` + `pmaddwd`), because plain
-Numba code never produces those instructions (see shared/notes/cpu-kernels.md). A plain-Numba
-path computes the same thing everywhere and is what the tests compare the intrinsic path with.
+Weights are repacked once into `Q8Matrix` (int8 values plus float32 scales); activations are
+quantised to int8 per 32-block. The AVX2 kernel's inner loop is an integer dot product emitted
+through LLVM x86 intrinsics (`pmaddubsw` + `pmaddwd`), because plain Numba code never produces
+those instructions (see shared/notes/cpu-kernels.md). Pairs that share an expert are grouped so
+that each 32-byte weight vector is loaded once for a tile of up to TOKEN_TILE of them. A
+plain-Numba path computes the same thing everywhere and is what the tests compare it with.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import reduce
 
 import llvmlite.binding as llvm_binding
 import numpy as np
@@ -25,6 +27,12 @@ from cpu_kernels.gguf_quants import FORMATS, split_fields
 QK8_0 = 32  # GGUF Q8_0: 32 int8 values and one float16 scale per block
 KERNEL_PATHS = ("avx2", "plain")
 PATH_ENV = "HETERO_CPU_KERNEL_PATH"  # force a path, e.g. "plain" on a machine with AVX2
+# Pairs of one expert that share a pass over a weight row: per pair the tile keeps an
+# accumulator and a block's temporaries in registers, and AVX2 has 16 of them.
+TOKEN_TILE = 4
+# Rows of one expert a thread runs before the next expert: one long sequential read at a time
+# keeps the hardware prefetchers on it (a row of each of 50 experts in turn defeats them).
+ROW_CHUNK = 64
 
 
 def available_kernel_paths() -> tuple[str, ...]:
@@ -72,6 +80,31 @@ class Q8Matrix:
         scales = f["d"].copy().view(np.float16).astype(np.float32).reshape(*lead, -1)
         return cls(np.ascontiguousarray(values), np.ascontiguousarray(scales))
 
+    def dequantize(self, index: int | None = None) -> np.ndarray:
+        """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); bit for bit
+        `gguf.quants.dequantize` of the source blocks (the same float32 products)."""
+        values, scales = expert_slice(self.values, index), expert_slice(self.scales, index)
+        rows, cols = values.shape
+        dense = values.reshape(rows, -1, QK8_0).astype(np.float32) * scales[..., None]
+        return dense.reshape(rows, cols)
+
+
+def expert_slice(array: np.ndarray, index: int | None) -> np.ndarray:
+    """One expert's [rows, ...] slice of a [experts, rows, ...] array, or a 2-D one as it is."""
+    if index is None and array.ndim != 2:
+        raise ValueError(f"a matrix of {len(array)} experts needs an expert index")
+    if index is not None and array.ndim != 3:
+        raise ValueError("a single [rows, cols] matrix takes no expert index")
+    return array if index is None else array[index]
+
+
+# LLVM IR for the AVX2 intrinsics' codegen.
+I8X32 = ir.VectorType(ir.IntType(8), 32)
+I16X16 = ir.VectorType(ir.IntType(16), 16)
+I32X8 = ir.VectorType(ir.IntType(32), 8)
+F32X8 = ir.VectorType(ir.FloatType(), 8)
+ONES_I16X16 = ir.Constant(I16X16, [1] * 16)
+
 
 def vector_ptr(builder, context, arr_type, arr, offset, lanes: int):
     """LLVM IR: a <lanes x i8>* to element `offset` of a Numba byte array (for vector loads)."""
@@ -80,59 +113,164 @@ def vector_ptr(builder, context, arr_type, arr, offset, lanes: int):
     return builder.bitcast(ptr, ir.VectorType(ir.IntType(8), lanes).as_pointer())
 
 
-@intrinsic
-def _q8_row_dot_avx2(typingctx, w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, blocks):
-    """sum over `blocks` 32-blocks of (w . x as int32) * scale_w[b] * scale_x[b], float32.
+def element_ptr(builder, context, arr_type, arr, offset):
+    """LLVM IR: a pointer to element `offset` of a Numba array."""
+    return builder.gep(context.make_array(arr_type)(context, builder, arr).data, [offset])
 
-    The sign trick of llama.cpp: pmaddubsw wants an unsigned operand, so it gets |w| and x
-    carries w's sign; |w| <= 127 keeps the int16 pair sums below saturation."""
-    sig = types.float32(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, types.intp)
+
+def lane_mask(indices) -> ir.Constant:
+    """A shufflevector mask: the source lanes of each result lane."""
+    indices = list(indices)
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(indices)), indices)
+
+
+class Avx2Ir:
+    """The AVX2 instructions the tile kernels are made of, as LLVM IR calls."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        self.builder = builder
+
+        def function(name, ret, *args):
+            return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+        self._maddubs = function("llvm.x86.avx2.pmadd.ub.sw", I16X16, I8X32, I8X32)
+        self._maddwd = function("llvm.x86.avx2.pmadd.wd", I32X8, I16X16, I16X16)
+        self._psign = function("llvm.x86.avx2.psign.b", I8X32, I8X32, I8X32)
+        self._pshufb = function("llvm.x86.avx2.pshuf.b", I8X32, I8X32, I8X32)
+        self._fma = function("llvm.fma.v8f32", F32X8, F32X8, F32X8, F32X8)
+
+    def int_dot(self, unsigned, signed, pair_weights=ONES_I16X16):
+        """i32x8: lane i = sum over bytes 4i..4i+3 of unsigned * signed, each adjacent pair's
+        int16 sum times pair_weights (vpmaddubsw + vpmaddwd). The pair sums (two products)
+        saturate at +-32767."""
+        pairs = self.builder.call(self._maddubs, [unsigned, signed])
+        return self.builder.call(self._maddwd, [pairs, pair_weights])
+
+    def sign(self, values, signs):
+        """values negated where signs < 0 and zeroed where signs == 0 (vpsignb)."""
+        return self.builder.call(self._psign, [values, signs])
+
+    def widen_byte(self, table, index: int):
+        """i16x16 of byte `index` of each 128-bit half of `table` (i8x32), zero-extended: one
+        vpshufb with a constant mask (bit 7 set in a mask byte zeroes the result byte)."""
+        mask = ir.Constant(I8X32, [index, -128] * 16)
+        return self.builder.bitcast(self.builder.call(self._pshufb, [table, mask]), I16X16)
+
+    def fma(self, a, b, c):
+        return self.builder.call(self._fma, [a, b, c])
+
+    def splat(self, scalar, vector_type=F32X8):
+        lane0 = self.builder.insert_element(
+            ir.Constant(vector_type, None), scalar, ir.IntType(32)(0)
+        )
+        return self.builder.shuffle_vector(lane0, lane0, lane_mask([0] * vector_type.count))
+
+    def horizontal_sum(self, vector):
+        """The float sum of a vector's lanes, by halving (3 shuffles and adds for 8 lanes)."""
+        b = self.builder
+        while vector.type.count > 1:
+            half = vector.type.count // 2
+            low = b.shuffle_vector(vector, vector, lane_mask(range(half)))
+            high = b.shuffle_vector(vector, vector, lane_mask(range(half, 2 * half)))
+            vector = b.fadd(low, high)
+        return b.extract_element(vector, ir.IntType(32)(0))
+
+
+def tile_type(pairs) -> int | None:
+    """The tile size of a tuple of 1 to TOKEN_TILE integer pair indices, else None."""
+    if isinstance(pairs, types.UniTuple) and isinstance(pairs.dtype, types.Integer):
+        return pairs.count if 1 <= pairs.count <= TOKEN_TILE else None
+    return None
+
+
+@intrinsic
+def _q8_tile_dot_avx2(typingctx, weights, acts, row, pairs, blocks):
+    """(W[row] . x[p] for p in pairs): weights = (int8 values, float32 scales), acts = (int8
+    values, float32 scales), flat arrays of `blocks` 32-blocks per row; pairs: a tuple of 1 to
+    TOKEN_TILE activation rows -> a tuple of float32.
+
+    Each weight vector is loaded, and made absolute, once for the whole tile. The sign trick of
+    llama.cpp: pmaddubsw wants an unsigned operand, so it gets |w| and x carries w's sign;
+    |w| <= 128 and |x| <= 127 keep its int16 pair sums below saturation."""
+    tile = tile_type(pairs)
+    if tile is None:
+        return None
+    sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
 
     def codegen(context, builder, signature, args):
-        wa, wo, xa, xo, swa, swo, sxa, sxo, nblocks = args
-        i8x32 = ir.VectorType(ir.IntType(8), 32)
-        i16x16 = ir.VectorType(ir.IntType(16), 16)
-        i32x8 = ir.VectorType(ir.IntType(32), 8)
-        f32x8 = ir.VectorType(ir.FloatType(), 8)
-        module = builder.module
-        maddubs = cgutils.get_or_insert_function(
-            module, ir.FunctionType(i16x16, [i8x32, i8x32]), "llvm.x86.avx2.pmadd.ub.sw"
-        )
-        maddwd = cgutils.get_or_insert_function(
-            module, ir.FunctionType(i32x8, [i16x16, i16x16]), "llvm.x86.avx2.pmadd.wd"
-        )
-        sig_args = signature.args
-        w_ptr = vector_ptr(builder, context, sig_args[0], wa, wo, 32)
-        x_ptr = vector_ptr(builder, context, sig_args[2], xa, xo, 32)
-        sw_data = context.make_array(sig_args[4])(context, builder, swa).data
-        sx_data = context.make_array(sig_args[6])(context, builder, sxa).data
-        zero8 = ir.Constant(i8x32, None)
-        ones16 = ir.Constant(i16x16, [1] * 16)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(f32x8, None))
-        with cgutils.for_range(builder, nblocks) as loop:
-            b = loop.index
-            wv = builder.load(builder.gep(w_ptr, [b]), align=1)
-            xv = builder.load(builder.gep(x_ptr, [b]), align=1)
-            negative = builder.icmp_signed("<", wv, zero8)
-            w_abs = builder.select(negative, builder.sub(zero8, wv), wv)
-            x_signed = builder.select(negative, builder.sub(zero8, xv), xv)
-            pairs = builder.call(maddubs, [w_abs, x_signed])
-            quads = builder.call(maddwd, [pairs, ones16])
-            scale = builder.fmul(
-                builder.load(builder.gep(sw_data, [builder.add(swo, b)])),
-                builder.load(builder.gep(sx_data, [builder.add(sxo, b)])),
+        (w_type, sw_type), (x_type, sx_type) = signature.args[0], signature.args[1]
+        w, sw = cgutils.unpack_tuple(builder, args[0])
+        x, sx = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, nblocks = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        avx2 = Avx2Ir(builder)
+        k = builder.mul(nblocks, nblocks.type(QK8_0))
+        w_ptr = vector_ptr(builder, context, w_type, w, builder.mul(row, k), 32)
+        sw_ptr = element_ptr(builder, context, sw_type, sw, builder.mul(row, nblocks))
+        # a small tile alternates blocks between two accumulators per pair: one FMA chain
+        # would wait out the FMA latency (4 cycles on Zen 3) every block
+        chains = 2 if tile <= 2 else 1
+        tokens = [
+            (
+                vector_ptr(builder, context, x_type, x, builder.mul(p, k), 32),
+                element_ptr(builder, context, sx_type, sx, builder.mul(p, nblocks)),
+                [
+                    cgutils.alloca_once_value(builder, ir.Constant(F32X8, None))
+                    for _ in range(chains)
+                ],
             )
-            splat = builder.insert_element(ir.Constant(f32x8, None), scale, ir.IntType(32)(0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(i32x8, None))
-            term = builder.fmul(builder.sitofp(quads, f32x8), splat)
-            builder.store(builder.fadd(builder.load(acc), term), acc)
-        total = builder.load(acc)
-        result = builder.extract_element(total, ir.IntType(32)(0))
-        for lane in range(1, 8):
-            result = builder.fadd(result, builder.extract_element(total, ir.IntType(32)(lane)))
-        return result
+            for p in pair_ids
+        ]
+
+        def block(b, chain: int):
+            wv = builder.load(builder.gep(w_ptr, [b]), align=1)
+            w_abs = avx2.sign(wv, wv)
+            w_scale = avx2.splat(builder.load(builder.gep(sw_ptr, [b])))
+            for x_ptr, sx_ptr, accs in tokens:
+                xv = builder.load(builder.gep(x_ptr, [b]), align=1)
+                dot = builder.sitofp(avx2.int_dot(w_abs, avx2.sign(xv, wv)), F32X8)
+                x_scale = avx2.splat(builder.load(builder.gep(sx_ptr, [b])))
+                scaled = builder.fmul(dot, w_scale)
+                builder.store(avx2.fma(scaled, x_scale, builder.load(accs[chain])), accs[chain])
+
+        step = nblocks.type(chains)
+        with cgutils.for_range(builder, builder.udiv(nblocks, step)) as loop:
+            first = builder.mul(loop.index, step)
+            for chain in range(chains):
+                block(builder.add(first, step.type(chain)), chain)
+        left = builder.urem(nblocks, step)
+        with builder.if_then(builder.icmp_unsigned("!=", left, left.type(0))):
+            block(builder.sub(nblocks, left), 0)
+        totals = [reduce(builder.fadd, map(builder.load, accs)) for _, _, accs in tokens]
+        sums = [avx2.horizontal_sum(total) for total in totals]
+        return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen
+
+
+@njit(inline="always")
+def store_tile(out, pairs, col, values):
+    """out[pairs[j], col] = values[j] for a tile's pairs."""
+    for j in range(len(pairs)):
+        out[pairs[j], col] = values[j]
+
+
+@njit(nogil=True, cache=True)
+def group_pairs_by_expert(pair_expert, experts):
+    """Counting sort of the pairs by expert -> (order: pair indices, each expert's together in
+    pair order; group_start: int64 [groups + 1] into order; group_expert: int64 [groups])."""
+    counts = np.zeros(experts, np.int64)
+    for e in pair_expert:
+        counts[e] += 1
+    group_expert = np.flatnonzero(counts)
+    group_start = np.zeros(len(group_expert) + 1, np.int64)
+    group_start[1:] = np.cumsum(counts[group_expert])
+    next_slot = np.zeros(experts, np.int64)
+    next_slot[group_expert] = group_start[:-1]
+    order = np.empty(len(pair_expert), np.int64)
+    for p in range(len(pair_expert)):
+        order[next_slot[pair_expert[p]]] = p
+        next_slot[pair_expert[p]] += 1
+    return order, group_start, group_expert.astype(np.int64)
 
 
 @njit(nogil=True, cache=True)
@@ -153,7 +291,7 @@ def quantize_activations_q8(x, x_q, x_scales):
 
 @njit(nogil=True, cache=True)
 def _q8_row_dot_plain(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, blocks):
-    """`_q8_row_dot_avx2` in plain Numba: per-block int32 dot products, float scales after."""
+    """One pair's row dot in plain Numba: per-block int32 dot products, float scales after."""
     acc = np.float32(0.0)
     for b in range(blocks):
         # unsigned indices spare Numba's negative-index wraparound (which defeats vector loads)
@@ -166,36 +304,72 @@ def _q8_row_dot_plain(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, bloc
     return acc
 
 
-# The two kernels differ only in the row dot they call: a dispatcher passed as an argument
-# would defeat Numba's on-disk cache, and the AVX2 one must not be compiled on other CPUs.
+@njit(inline="always")
+def _q8_pairs_avx2(weights, acts, row, order, first, end, blocks, out, col):
+    """out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4."""
+    i = first
+    while end - i >= 4:
+        tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
+        store_tile(out, tile, col, _q8_tile_dot_avx2(weights, acts, row, tile, blocks))
+        i += 4
+    if end - i == 3:
+        tile3 = (order[i], order[i + 1], order[i + 2])
+        store_tile(out, tile3, col, _q8_tile_dot_avx2(weights, acts, row, tile3, blocks))
+    elif end - i == 2:
+        tile2 = (order[i], order[i + 1])
+        store_tile(out, tile2, col, _q8_tile_dot_avx2(weights, acts, row, tile2, blocks))
+    elif end - i == 1:
+        tile1 = (order[i],)
+        store_tile(out, tile1, col, _q8_tile_dot_avx2(weights, acts, row, tile1, blocks))
+
+
+# Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
+# group_start[g + 1]] of expert e = group_expert[g]; w_values int8 [experts, rows, k], x_q int8
+# [pairs, k]. Each thread takes chunks of ROW_CHUNK rows and runs them expert after expert. The
+# kernels differ in how they run a row's pairs: a dispatcher passed as an argument would defeat
+# Numba's on-disk cache, and the AVX2 one must not be compiled on other CPUs.
 @njit(parallel=True, nogil=True, cache=True)
-def grouped_gemv_q8_0_avx2(w_values, w_scales, x_q, x_scales, pair_expert, out):
-    """out[p, r] = W[pair_expert[p], r] . x[p]; w_values int8 [experts, rows, k], x_q [pairs, k]."""
+def grouped_gemv_q8_0_avx2(
+    w_values, w_scales, x_q, x_scales, order, group_start, group_expert, out
+):
+    """Tiles of up to 4 pairs of one expert through `_q8_tile_dot_avx2`."""
+    _, rows, k = w_values.shape
+    blocks = k // QK8_0
+    weights = (w_values.reshape(-1), w_scales.reshape(-1))
+    acts = (x_q.reshape(-1), x_scales.reshape(-1))
+    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        for g in range(len(group_expert)):
+            first, end = group_start[g], group_start[g + 1]
+            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+                row = group_expert[g] * rows + r
+                _q8_pairs_avx2(weights, acts, row, order, first, end, blocks, out, r)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def grouped_gemv_q8_0_plain(
+    w_values, w_scales, x_q, x_scales, order, group_start, group_expert, out
+):
+    """One `_q8_row_dot_plain` per pair."""
     _, rows, k = w_values.shape
     blocks = k // QK8_0
     w_flat, sw_flat = w_values.reshape(-1), w_scales.reshape(-1)
     x_flat, sx_flat = x_q.reshape(-1), x_scales.reshape(-1)
-    for r in prange(rows):
-        for p in range(x_q.shape[0]):
-            row = pair_expert[p] * rows + r
-            out[p, r] = _q8_row_dot_avx2(
-                w_flat, row * k, x_flat, p * k, sw_flat, row * blocks, sx_flat, p * blocks, blocks
-            )
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def grouped_gemv_q8_0_plain(w_values, w_scales, x_q, x_scales, pair_expert, out):
-    """`grouped_gemv_q8_0_avx2` through `_q8_row_dot_plain`."""
-    _, rows, k = w_values.shape
-    blocks = k // QK8_0
-    w_flat, sw_flat = w_values.reshape(-1), w_scales.reshape(-1)
-    x_flat, sx_flat = x_q.reshape(-1), x_scales.reshape(-1)
-    for r in prange(rows):
-        for p in range(x_q.shape[0]):
-            row = pair_expert[p] * rows + r
-            out[p, r] = _q8_row_dot_plain(
-                w_flat, row * k, x_flat, p * k, sw_flat, row * blocks, sx_flat, p * blocks, blocks
-            )
+    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+        for g in range(len(group_expert)):
+            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+                row = group_expert[g] * rows + r
+                for p in order[group_start[g] : group_start[g + 1]]:
+                    out[p, r] = _q8_row_dot_plain(
+                        w_flat,
+                        row * k,
+                        x_flat,
+                        p * k,
+                        sw_flat,
+                        row * blocks,
+                        sx_flat,
+                        p * blocks,
+                        blocks,
+                    )
 
 
 GROUPED_GEMV_Q8_0 = {"avx2": grouped_gemv_q8_0_avx2, "plain": grouped_gemv_q8_0_plain}
@@ -221,12 +395,35 @@ def activation_error_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return step @ np.abs(w).T + 1e-5 * np.abs(x) @ np.abs(w).T
 
 
-def grouped_q8_0_gemv(
-    w: Q8Matrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
+def gemv_error_bound(
+    w: np.ndarray, x: np.ndarray, magnitude: np.ndarray | None = None
 ) -> np.ndarray:
-    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
-    -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
-    experts, rows, cols = w.shape
+    """The most the GEMV kernels can differ from x @ w.T for weights w [rows, cols] exact in
+    float32 (the dequantised blocks): [tokens, rows].
+
+    - int8 activations: x' = q * d with d = amax / 127 of the block; the float32 rounding of
+      x * (1 / d) before rint moves q by at most 127 * 2u past half a step (u = 2^-24), so
+      |x - x'| <= amax / 254 * (1 + 2^-14) per value.
+    - float32 arithmetic on exact integer block dots: each term t (a weight times x') passes
+      through at most blocks + 16 roundings (scale products, one lane's running sum over the
+      row's blocks, the 3 steps of the lane reduction; Q4_K's per-super-block steps fit in
+      that too), so the sum moves by at most (blocks + 16) * u * sum |t|, with |t| <=
+      magnitude * |x'| and magnitude = |w| unless the kernel adds larger partial terms (Q4_K's
+      d * scale * q and dmin * min, whose magnitudes are at most |w| + 2 dmin * min)."""
+    magnitude = np.abs(w) if magnitude is None else magnitude
+    block_max = np.abs(x).reshape(x.shape[0], -1, QK8_0).max(axis=-1)
+    step = np.repeat(block_max / 254 * (1 + 2.0**-14), QK8_0, axis=-1)
+    blocks = x.shape[1] // QK8_0
+    rounding = (blocks + 16) * 2.0**-24 * (np.abs(x) + step) @ magnitude.T
+    return step @ np.abs(w).T + rounding
+
+
+def check_pairs(shape: tuple[int, ...], x: np.ndarray, pair_expert: np.ndarray):
+    """Shapes of a grouped GEMV's operands (w: [experts, rows, cols]) -> the pair grouping of
+    `group_pairs_by_expert`."""
+    if len(shape) != 3:
+        raise ValueError(f"weights of shape {shape}: a grouped GEMV takes [experts, rows, cols]")
+    experts, _, cols = shape
     if x.ndim != 2 or x.shape[1] != cols or pair_expert.shape != (x.shape[0],):
         raise ValueError(
             f"x has shape {x.shape} and pair_expert {pair_expert.shape}; expected "
@@ -234,10 +431,18 @@ def grouped_q8_0_gemv(
         )
     if len(pair_expert) and not 0 <= pair_expert.min() <= pair_expert.max() < experts:
         raise ValueError(f"pair_expert holds ids outside 0..{experts - 1}")
+    return group_pairs_by_expert(pair_expert.astype(np.int64), experts)
+
+
+def grouped_q8_0_gemv(
+    w: Q8Matrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
+) -> np.ndarray:
+    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
+    -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
+    groups = check_pairs(w.shape, x, pair_expert)
     x_q, x_scales = quantize_q8_activations(x)
-    out = np.empty((x.shape[0], rows), np.float32)
-    kernel = GROUPED_GEMV_Q8_0[path or host_kernel_path()]
-    kernel(w.values, w.scales, x_q, x_scales, pair_expert.astype(np.int64), out)
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    GROUPED_GEMV_Q8_0[path or host_kernel_path()](w.values, w.scales, x_q, x_scales, *groups, out)
     return out
 
 

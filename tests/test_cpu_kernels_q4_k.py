@@ -1,35 +1,110 @@
 """Q4_K GEMV kernels against a float64 reference on the dequantised weights.
 
-Error budget: weights are exact (the reference dequantises the same blocks); the kernel also
-rounds activations to int8 per 32-block (the min term uses the rounded block sums too), which
-moves each output by at most `activation_error_bound`."""
+Error budget (`gemv_error_bound`): weights are exact (the reference dequantises the same blocks;
+d * scale and dmin * min are exact in float32) and the integer sub-block dots are exact; the
+kernel rounds activations to int8 per 32-block (the min term uses the rounded block sums too)
+and sums the scale and min terms apart in float32, so the rounding budget is taken on their
+magnitudes, |w| + 2 dmin * min per value."""
 
+import gguf.quants
 import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import dequantize
-from cpu_kernels.q4_k_gemv import Q4KMatrix, gemv_q4_k_avx2, q4_k_gemv
-from cpu_kernels.q8_0_gemv import activation_error_bound, available_kernel_paths
+from cpu_kernels.q4_k_gemv import (
+    Q4KMatrix,
+    _q4k_tile_dot_avx2,
+    grouped_q4_k_gemv,
+    q4_k_gemv,
+)
+from cpu_kernels.q8_0_gemv import available_kernel_paths, gemv_error_bound
 
-SHAPES = [(1, 256, 1), (37, 512, 1), (130, 768, 3), (64, 2048, 5)]  # rows, cols, tokens
+TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]  # a single tile of 1 to 4, then tiles of 4 plus a tail
+
+
+def random_q4_k(rng: np.random.Generator, shape: tuple[int, ...]) -> Q4KMatrix:
+    # an offset makes the mins matter
+    return Q4KMatrix.from_blocks(quantize(rng.standard_normal(shape, np.float32) + 0.5, T.Q4_K))
+
+
+def assert_matches_reference(got: np.ndarray, w: Q4KMatrix, x: np.ndarray, expert=None):
+    # got: [tokens, rows] from the kernel for x: [tokens, cols] and one matrix of w
+    dense = w.dequantize(expert).astype(np.float64)
+    mins = w.mins if expert is None else w.mins[expert]
+    dmin = w.dmin if expert is None else w.dmin[expert]
+    offsets = dmin[..., None] * mins.reshape(*dmin.shape, -1).astype(np.float64)
+    magnitude = np.abs(dense) + 2 * np.repeat(offsets.reshape(len(dense), -1), 32, axis=-1)
+    want = x.astype(np.float64) @ dense.T
+    assert got.shape == want.shape
+    assert (np.abs(got - want) <= gemv_error_bound(dense, x, magnitude)).all()
+
+
+def test_q4_k_dequantize_matches_gguf_bit_for_bit():
+    rng = np.random.default_rng()
+    blocks = quantize(rng.standard_normal((3, 7, 512), np.float32) + 0.5, T.Q4_K)
+    w = Q4KMatrix.from_blocks(blocks)
+    assert w.shape == (3, 7, 512)
+    for expert in range(3):
+        want = gguf.quants.dequantize(blocks[expert], T.Q4_K)
+        np.testing.assert_array_equal(w.dequantize(expert).view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(Q4KMatrix.from_blocks(blocks[1]).dequantize(), w.dequantize(1))
+
+
+def test_q4_k_dequantize_needs_an_index_for_experts_only():
+    blocks = quantize(np.ones((2, 4, 256), np.float32), T.Q4_K)
+    with pytest.raises(ValueError, match="expert index"):
+        Q4KMatrix.from_blocks(blocks).dequantize()
+    with pytest.raises(ValueError, match="expert index"):
+        Q4KMatrix.from_blocks(blocks[0]).dequantize(0)
+
+
+def test_q4_k_matrix_reads_152_bytes_per_256_values():
+    # GGUF's 144: scales and mins widened from 6 bits to a byte, d and dmin to float32
+    w = Q4KMatrix.from_blocks(quantize(np.ones((4, 1024), np.float32), T.Q4_K))
+    assert w.nbytes == 4 * 1024 // 256 * 152
 
 
 @pytest.mark.parametrize("path", available_kernel_paths())
-@pytest.mark.parametrize("rows,cols,tokens", SHAPES)
-def test_q4_k_gemv_matches_reference(path, rows, cols, tokens):
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("rows,cols", [(1, 256), (37, 512), (130, 768), (64, 2048)])
+def test_q4_k_gemv_matches_reference(path, tokens, rows, cols):
     rng = np.random.default_rng()
-    # an offset makes the mins matter
-    weights = rng.standard_normal((rows, cols), dtype=np.float32) + 0.5
-    blocks = quantize(weights, T.Q4_K)
+    w = random_q4_k(rng, (rows, cols))
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
-    dense = dequantize(blocks, T.Q4_K).astype(np.float64)
-    want = x.astype(np.float64) @ dense.T
-    got = q4_k_gemv(Q4KMatrix.from_blocks(blocks), x, path)
-    assert got.shape == (tokens, rows)
-    assert (np.abs(got - want) <= activation_error_bound(dense, x)).all()
+    assert_matches_reference(q4_k_gemv(w, x, path), w, x)
+
+
+@pytest.mark.parametrize("path", available_kernel_paths())
+def test_q4_k_gemv_does_not_saturate_at_extreme_codes(path):
+    # nibbles 0 or 15, scales and mins 63, activations all +-amax (int8 +-127): pmaddubsw's
+    # pair sums reach 2 * 15 * 127, pmaddwd's products 63 times that
+    rng = np.random.default_rng()
+    rows, cols = 16, 512
+    blocks = np.zeros((rows, cols // 256, 144), np.uint8)
+    blocks[..., :4] = np.full((rows, 2, 2), 0.01, np.float16).view(np.uint8)
+    blocks[..., 4:16] = 0xFF  # every 6-bit scale and min 63
+    blocks[..., 16:] = rng.choice(np.array([0x00, 0xFF, 0x0F, 0xF0], np.uint8), (rows, 2, 128))
+    w = Q4KMatrix.from_blocks(blocks.reshape(rows, -1))
+    assert (w.scales == 63).all() and (w.mins == 63).all()
+    x = rng.choice(np.array([-2.0, 2.0], np.float32), (5, cols))
+    assert_matches_reference(q4_k_gemv(w, x, path), w, x)
+
+
+def test_q4_k_gemv_paths_agree_on_integer_sums():
+    rng = np.random.default_rng()
+    w = random_q4_k(rng, (50, 1280))
+    x = rng.standard_normal((6, 1280), dtype=np.float32)
+    results = [q4_k_gemv(w, x, path) for path in available_kernel_paths()]
+    for got in results[1:]:
+        np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
+
+
+def test_q4_k_gemv_handles_zero_activations():
+    w = Q4KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q4_K))
+    for path in available_kernel_paths():
+        assert not q4_k_gemv(w, np.zeros((3, 256), np.float32), path).any()
 
 
 def test_q4_k_gemv_rejects_mismatched_width():
@@ -38,13 +113,55 @@ def test_q4_k_gemv_rejects_mismatched_width():
         q4_k_gemv(w, np.ones((1, 512), np.float32))
 
 
-@pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
-def test_q4_k_avx2_kernel_uses_integer_dot_product_instructions():
+PAIR_EXPERTS = {
+    "one expert": [2] * 9,  # tiles of 4, 4 and 1
+    "distinct experts": [4, 0, 3, 1, 2],
+    "mixed": [2, 0, 2, 2, 1, 2, 0, 2, 2, 4, 0],  # 6 pairs of expert 2: a tile of 4 and one of 2
+}
+
+
+@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("pair_expert", PAIR_EXPERTS.values(), ids=PAIR_EXPERTS.keys())
+def test_grouped_q4_k_gemv_matches_reference_per_expert(path, pair_expert):
+    rng = np.random.default_rng()
+    w = random_q4_k(rng, (5, 33, 768))
+    x = rng.standard_normal((len(pair_expert), 768), dtype=np.float32)
+    got = grouped_q4_k_gemv(w, x, np.array(pair_expert), path)
+    for p, expert in enumerate(pair_expert):
+        assert_matches_reference(got[p : p + 1], w, x[p : p + 1], expert)
+
+
+def test_grouped_q4_k_gemv_with_no_pairs():
+    w = Q4KMatrix.from_blocks(quantize(np.ones((3, 4, 256), np.float32), T.Q4_K))
+    got = grouped_q4_k_gemv(w, np.zeros((0, 256), np.float32), np.zeros(0, np.int64))
+    assert got.shape == (0, 4)
+
+
+def test_grouped_q4_k_gemv_needs_experts_dim():
     w = Q4KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q4_K))
-    q4_k_gemv(w, np.ones((1, 256), np.float32), "avx2")
-    # a fresh compile: functions loaded from Numba's cache keep no assembly
-    signature = gemv_q4_k_avx2.signatures[0]
-    fresh = numba.njit(parallel=True)(gemv_q4_k_avx2.py_func)
-    fresh.compile(signature)
-    asm = fresh.inspect_asm(signature)
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+    with pytest.raises(ValueError, match=r"\[experts, rows, cols\]"):
+        grouped_q4_k_gemv(w, np.ones((1, 256), np.float32), np.zeros(1, np.int64))
+
+
+def tile_of_4_asm() -> str:
+    """Machine code of `_q4k_tile_dot_avx2` on a tile of 4 pairs (a fresh compile: functions
+    loaded from Numba's cache keep no assembly)."""
+
+    def tile_of_4(weights, acts, row, pairs, superblocks):
+        return _q4k_tile_dot_avx2(weights, acts, row, pairs, superblocks)
+
+    u8, f32 = np.zeros(8, np.uint8), np.zeros(8, np.float32)
+    args = ((u8, u8, u8, f32, f32), (np.zeros(8, np.int8), f32, f32), 0, (0, 0, 0, 0), 1)
+    sig = tuple(numba.typeof(a) for a in args)
+    fresh = numba.njit(tile_of_4)
+    fresh.compile(sig)
+    return fresh.inspect_asm(sig)
+
+
+@pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
+def test_q4_k_avx2_tile_unpacks_each_nibble_run_once_for_4_pairs():
+    asm = tile_of_4_asm()
+    ops = [line.split()[0] for line in asm.splitlines() if line.strip()]
+    # a 32-byte run of nibbles is split with one shift (its high halves): 2 sub-blocks x 4 pairs
+    assert "vpmaddwd" in ops
+    assert ops.count("vpmaddubsw") == 8 * ops.count("vpsrlw") > 0

@@ -1,48 +1,92 @@
 """Q8_0 GEMV kernels against a float64 reference on the dequantised weights.
 
-Error budget: the weights are exact (the reference dequantises the same blocks); the kernel also
-rounds activations to int8 per 32-block, which moves each output by at most
-`activation_error_bound` (half a step per value, float32 summation slack)."""
+Error budget (`gemv_error_bound`): the weights are exact (the reference dequantises the same
+blocks) and the per-block integer dots are exact; the kernel rounds activations to int8 per
+32-block (half a step per value) and sums in float32 (at most blocks + 16 roundings per term)."""
 
+import gguf.quants
 import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.q8_0_gemv import (
     PATH_ENV,
     Q8Matrix,
-    activation_error_bound,
+    _q8_tile_dot_avx2,
     available_kernel_paths,
-    grouped_gemv_q8_0_avx2,
+    gemv_error_bound,
+    group_pairs_by_expert,
     grouped_q8_0_gemv,
     host_kernel_path,
     q8_0_gemv,
 )
 
+# tokens per call: a single tile of 1 to 4, a full tile plus a tail, two full tiles plus one
+TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]
+
+
+def random_q8_0(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return quantize(rng.standard_normal(shape, dtype=np.float32), T.Q8_0)
+
+
+def assert_matches_reference(got: np.ndarray, dense: np.ndarray, x: np.ndarray):
+    # got: [tokens, rows] from the kernel; dense: float32 [rows, cols]
+    want = x.astype(np.float64) @ dense.astype(np.float64).T
+    assert got.shape == want.shape
+    assert (np.abs(got - want) <= gemv_error_bound(dense.astype(np.float64), x)).all()
+
+
+def test_q8_0_dequantize_matches_gguf_bit_for_bit():
+    rng = np.random.default_rng()
+    blocks = random_q8_0(rng, (3, 7, 96))
+    w = Q8Matrix.from_blocks(blocks)
+    for expert in range(3):
+        want = gguf.quants.dequantize(blocks[expert], T.Q8_0)
+        np.testing.assert_array_equal(w.dequantize(expert).view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(Q8Matrix.from_blocks(blocks[1]).dequantize(), w.dequantize(1))
+
+
+def test_q8_0_dequantize_needs_an_index_for_experts_only():
+    blocks = random_q8_0(np.random.default_rng(), (2, 4, 64))
+    with pytest.raises(ValueError, match="expert index"):
+        Q8Matrix.from_blocks(blocks).dequantize()
+    with pytest.raises(ValueError, match="expert index"):
+        Q8Matrix.from_blocks(blocks[0]).dequantize(0)
+
 
 @pytest.mark.parametrize("path", available_kernel_paths())
-@pytest.mark.parametrize(
-    "rows,cols,tokens", [(1, 32, 1), (37, 96, 1), (130, 256, 3), (64, 2048, 5)]
-)
-def test_q8_0_gemv_matches_reference(path, rows, cols, tokens):
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (130, 256), (64, 2048)])
+def test_q8_0_gemv_matches_reference(path, tokens, rows, cols):
     rng = np.random.default_rng()
-    blocks = quantize(rng.standard_normal((rows, cols), dtype=np.float32), T.Q8_0)
+    w = Q8Matrix.from_blocks(random_q8_0(rng, (rows, cols)))
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
-    dense = dequantize(blocks, T.Q8_0).astype(np.float64)
-    want = x.astype(np.float64) @ dense.T
-    got = q8_0_gemv(Q8Matrix.from_blocks(blocks), x, path)
-    assert got.shape == (tokens, rows)
-    assert (np.abs(got - want) <= activation_error_bound(dense, x)).all()
+    assert_matches_reference(q8_0_gemv(w, x, path), w.dequantize(), x)
+
+
+@pytest.mark.parametrize("path", available_kernel_paths())
+def test_q8_0_gemv_does_not_saturate_at_extreme_values(path):
+    # weights -128 or 127 against activations all +-amax (int8 +-127): pmaddubsw's int16 pair
+    # sums reach 2 * 128 * 127 = 32512, just under saturation
+    rng = np.random.default_rng()
+    rows, cols = 16, 256
+    blocks = np.zeros((rows, cols // 32, 34), np.uint8)
+    blocks[..., :2] = np.full((rows, cols // 32, 1), 0.01, np.float16).view(np.uint8)
+    blocks[..., 2:] = rng.choice(np.array([-128, 127], np.int8), (rows, cols // 32, 32)).view(
+        np.uint8
+    )
+    w = Q8Matrix.from_blocks(blocks.reshape(rows, -1))
+    x = rng.choice(np.array([-2.0, 2.0], np.float32), (5, cols))
+    assert_matches_reference(q8_0_gemv(w, x, path), w.dequantize(), x)
 
 
 def test_q8_0_gemv_paths_agree_on_integer_sums():
     # the int32 block sums are exact on both paths; only float summation order differs
     rng = np.random.default_rng()
-    w = Q8Matrix.from_blocks(quantize(rng.standard_normal((50, 320), dtype=np.float32), T.Q8_0))
-    x = rng.standard_normal((2, 320), dtype=np.float32)
+    w = Q8Matrix.from_blocks(random_q8_0(rng, (50, 320)))
+    x = rng.standard_normal((6, 320), dtype=np.float32)
     results = [q8_0_gemv(w, x, path) for path in available_kernel_paths()]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
@@ -51,7 +95,7 @@ def test_q8_0_gemv_paths_agree_on_integer_sums():
 def test_q8_0_gemv_handles_zero_activations():
     w = Q8Matrix.from_blocks(quantize(np.ones((4, 64), np.float32), T.Q8_0))
     for path in available_kernel_paths():
-        assert not q8_0_gemv(w, np.zeros((1, 64), np.float32), path).any()
+        assert not q8_0_gemv(w, np.zeros((3, 64), np.float32), path).any()
 
 
 def test_q8_0_gemv_rejects_mismatched_width():
@@ -68,18 +112,30 @@ def test_kernel_path_can_be_forced(monkeypatch):
         host_kernel_path()
 
 
+def test_pairs_are_grouped_by_expert_in_pair_order():
+    order, group_start, group_expert = group_pairs_by_expert(np.array([3, 0, 3, 3, 1, 0]), 5)
+    assert group_expert.tolist() == [0, 1, 3]
+    assert group_start.tolist() == [0, 2, 3, 6]
+    assert order.tolist() == [1, 5, 4, 0, 2, 3]
+
+
+PAIR_EXPERTS = {
+    "one expert": [2] * 9,  # tiles of 4, 4 and 1
+    "distinct experts": [4, 0, 3, 1, 2],
+    "mixed": [2, 0, 2, 2, 1, 2, 0, 2, 2, 4, 0],  # 6 pairs of expert 2: a tile of 4 and one of 2
+}
+
+
 @pytest.mark.parametrize("path", available_kernel_paths())
-def test_grouped_q8_0_gemv_matches_reference_per_expert(path):
+@pytest.mark.parametrize("pair_expert", PAIR_EXPERTS.values(), ids=PAIR_EXPERTS.keys())
+def test_grouped_q8_0_gemv_matches_reference_per_expert(path, pair_expert):
     rng = np.random.default_rng()
-    experts, rows, cols, pairs = 5, 33, 160, 7
-    blocks = quantize(rng.standard_normal((experts, rows, cols), dtype=np.float32), T.Q8_0)
-    dense = dequantize(blocks, T.Q8_0).astype(np.float64)
-    x = rng.standard_normal((pairs, cols), dtype=np.float32)
-    pair_expert = rng.integers(0, experts, pairs)
-    got = grouped_q8_0_gemv(Q8Matrix.from_blocks(blocks), x, pair_expert, path)
+    experts, rows, cols = 5, 33, 160
+    w = Q8Matrix.from_blocks(random_q8_0(rng, (experts, rows, cols)))
+    x = rng.standard_normal((len(pair_expert), cols), dtype=np.float32)
+    got = grouped_q8_0_gemv(w, x, np.array(pair_expert), path)
     for p, expert in enumerate(pair_expert):
-        want = x[p : p + 1].astype(np.float64) @ dense[expert].T
-        assert (np.abs(got[p] - want) <= activation_error_bound(dense[expert], x[p : p + 1])).all()
+        assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
 
 
 def test_grouped_q8_0_gemv_with_no_pairs():
@@ -90,13 +146,32 @@ def test_grouped_q8_0_gemv_with_no_pairs():
     assert got.shape == (0, 4)
 
 
+def test_grouped_q8_0_gemv_rejects_unknown_experts():
+    w = Q8Matrix.from_blocks(quantize(np.ones((3, 4, 64), np.float32), T.Q8_0))
+    with pytest.raises(ValueError, match="outside 0..2"):
+        grouped_q8_0_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
+
+
+def tile_of_4_asm() -> str:
+    """Machine code of `_q8_tile_dot_avx2` on a tile of 4 pairs (a fresh compile: functions
+    loaded from Numba's cache keep no assembly)."""
+
+    def tile_of_4(weights, acts, row, pairs, blocks):
+        return _q8_tile_dot_avx2(weights, acts, row, pairs, blocks)
+
+    arrays = (np.zeros(64, np.int8), np.zeros(2, np.float32))
+    sig = tuple(numba.typeof(a) for a in (arrays, arrays, 0, (0, 0, 0, 0), 2))
+    fresh = numba.njit(tile_of_4)
+    fresh.compile(sig)
+    return fresh.inspect_asm(sig)
+
+
 @pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
-def test_q8_0_avx2_kernel_uses_integer_dot_product_instructions():
-    w = Q8Matrix.from_blocks(quantize(np.ones((4, 64), np.float32), T.Q8_0))
-    q8_0_gemv(w, np.ones((1, 64), np.float32), "avx2")
-    # a fresh compile: functions loaded from Numba's cache keep no assembly
-    signature = grouped_gemv_q8_0_avx2.signatures[0]
-    fresh = numba.njit(parallel=True)(grouped_gemv_q8_0_avx2.py_func)
-    fresh.compile(signature)
-    asm = fresh.inspect_asm(signature)
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+def test_q8_0_avx2_tile_loads_each_weight_vector_once_for_4_pairs():
+    asm = tile_of_4_asm()
+    lines = [line.split() for line in asm.splitlines()]
+    maddubs = [op for op in lines if op and op[0] == "vpmaddubsw"]
+    # |w| is vpsignb of a weight vector by itself: once per 32-byte weight vector
+    absolutes = [op for op in lines if op[:1] == ["vpsignb"] and op[1] == op[2]]
+    assert maddubs and "vpmaddwd" in asm
+    assert len(maddubs) == 4 * len(absolutes)

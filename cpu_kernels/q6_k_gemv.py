@@ -1,0 +1,327 @@
+"""Q6_K decode GEMV: y[p, r] = sum_k W[e_p, r, k] * x[p, k] on 6-bit weights and int8 activations.
+
+GGUF Q6_K: 256-value super-blocks of 16 sub-blocks of 16, value = d * scale_j * (q - 32) with
+q = 4 low bits (ql) + 2 high bits (qh). `Q6KMatrix` repacks the 6-bit codes so that three of
+every four 32-value blocks are one mask away from a 32-byte load, and keeps the int8 scales
+(they go into `pmaddwd` as its second operand): 212 bytes per 256 values against GGUF's 210.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from cpu_kernels.gguf_quants import FORMATS, QK_K, split_fields
+from cpu_kernels.q8_0_gemv import (
+    F32X8,
+    I8X32,
+    I16X16,
+    QK8_0,
+    Avx2Ir,
+    check_pairs,
+    element_ptr,
+    expert_slice,
+    host_kernel_path,
+    lane_mask,
+    quantize_q8_activations,
+    store_tile,
+    tile_type,
+    vector_ptr,
+)
+
+BLOCKS, SUBS = QK_K // QK8_0, QK_K // 16  # 32-value blocks and 16-value sub-blocks per super-block
+# A super-block's codes as stored here: per half (128 values, blocks 4h..4h+3), three 32-byte
+# runs; byte l of run i holds code l of block 4h+i in bits 0-5 and bits 2i, 2i+1 of code l of
+# block 4h+3 in bits 6-7.
+CODE_BYTES = QK_K * 3 // 4
+RUN_SHIFTS = np.array([0, 2, 4], np.uint8).reshape(1, 1, 3, 1)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_codes(ql, qh, packed):
+    """GGUF ql: uint8 [n, 128], qh: uint8 [n, 64] -> packed: uint8 [n, 192] (the layout above).
+    In GGUF's half h, with lo, hi, bits = ql[64h + l], ql[64h + 32 + l], qh[32h + l], code l of
+    blocks 0..3 has low 4 bits lo & 15, hi & 15, lo >> 4, hi >> 4 and high 2 bits bits' 0-1, 2-3,
+    4-5, 6-7. Each line below: code i, then code 3's bit pair i moved to bits 6-7."""
+    for n in prange(ql.shape[0]):
+        for h in range(2):
+            for l in range(QK8_0):
+                lo, hi, bits = ql[n, 64 * h + l], ql[n, 64 * h + 32 + l], qh[n, 32 * h + l]
+                out = 96 * h + l
+                packed[n, out] = (lo & 0x0F) | (bits & 0x03) << 4 | (hi & 0x30) << 2
+                packed[n, out + 32] = (hi & 0x0F) | (bits & 0x0C) << 2 | (hi & 0xC0)
+                packed[n, out + 64] = (lo >> 4) | (bits & 0x30) | (bits & 0xC0)
+
+
+def _unpack_codes(packed: np.ndarray) -> np.ndarray:
+    """uint8 [n, 192] (the layout above) -> codes 0..63, uint8 [n, 256] in value order."""
+    runs = packed.reshape(-1, 2, 3, 32)
+    last = (runs >> 6 << RUN_SHIFTS).sum(axis=2, keepdims=True, dtype=np.uint8)
+    return np.concatenate([runs & 0x3F, last], axis=2).reshape(len(runs), QK_K)
+
+
+@dataclass(frozen=True)
+class Q6KMatrix:
+    """Q6_K weights [..., rows, cols] (one matrix, or one per expert): the codes repacked as
+    above, the 16 int8 scales of a super-block reordered even sub-blocks first ([s0, s2, ..,
+    s14, s1, s3, .., s15], so one in-lane shuffle gives a 32-value block's pair), d as float32."""
+
+    codes: np.ndarray  # uint8 [..., rows, cols * 3 / 4]
+    scales: np.ndarray  # int8 [..., rows, cols / 16], reordered as above
+    d: np.ndarray  # float32 [..., rows, cols / 256]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.codes.shape[:-1], self.codes.shape[-1] * 4 // 3)
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The kernels' weight arguments, in their order."""
+        return self.codes, self.scales, self.d
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    @classmethod
+    def from_blocks(cls, blocks: np.ndarray) -> Q6KMatrix:
+        """blocks: uint8 [..., rows, cols / 256 * 210], GGUF Q6_K as stored (a raw tensor)."""
+        lead, fmt = blocks.shape[:-1], FORMATS[T.Q6_K]
+        f = split_fields(np.ascontiguousarray(blocks).reshape(-1, fmt.type_size), fmt)
+        scales = f["scales"].view(np.int8).reshape(-1, SUBS // 2, 2).transpose(0, 2, 1)
+        packed = np.empty((len(f["ql"]), CODE_BYTES), np.uint8)
+        _pack_codes(f["ql"], f["qh"], packed)
+        return cls(
+            packed.reshape(*lead, -1),
+            np.ascontiguousarray(scales.reshape(*lead, -1)),
+            f["d"].copy().view(np.float16).astype(np.float32).reshape(*lead, -1),
+        )
+
+    def dequantize(self, index: int | None = None) -> np.ndarray:
+        """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); bit for bit
+        `gguf.quants.dequantize` of the source blocks: d * scale is exact in float32 (11 + 8
+        significant bits), so d * scale * (q - 32) is rounded once, as there."""
+        packed, scales, d = (expert_slice(a, index) for a in self.arrays)
+        rows = packed.shape[0]
+        codes = _unpack_codes(packed.reshape(-1, CODE_BYTES)).astype(np.int8) - np.int8(32)
+        scales = scales.reshape(-1, 2, SUBS // 2).transpose(0, 2, 1).reshape(-1, SUBS, 1)
+        d_scale = d.reshape(-1, 1, 1) * scales.astype(np.float32)
+        return (d_scale * codes.reshape(-1, SUBS, 16).astype(np.float32)).reshape(rows, -1)
+
+
+@intrinsic
+def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
+    """(W[row] . x[p] for p in pairs): weights = Q6KMatrix.arrays and acts = q6_k_activations,
+    flat, `superblocks` 256-value super-blocks per row; pairs: a tuple of 1 to TOKEN_TILE
+    activation rows -> a tuple of float32.
+
+    Each run of codes is loaded and unpacked once for the whole tile. Per 32-value block and
+    pair: pmaddubsw(q, x) with the unsigned codes (pairs at most 2 * 63 * 128, no saturation),
+    pmaddwd by [s_2b x8, s_2b+1 x8], times the activation scale; per super-block: plus the
+    scales times the pair's offsets (which carry the - 32), times d."""
+    tile = tile_type(pairs)
+    if tile is None:
+        return None
+    sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
+
+    def codegen(context, builder, signature, args):
+        (q_t, sc_t, d_t), (x_t, dx_t, xo_t) = signature.args[:2]
+        q, sc, d = cgutils.unpack_tuple(builder, args[0])
+        x, dx, xo = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        avx2 = Avx2Ir(builder)
+
+        def at(super_block, per):
+            return builder.mul(super_block, super_block.type(per))
+
+        def bytes_of(value):
+            return ir.Constant(I8X32, [value] * 32)
+
+        row_super = builder.mul(row, nsuper)
+        q_ptr = vector_ptr(builder, context, q_t, q, at(row_super, CODE_BYTES), 32)
+        sc_ptr = vector_ptr(builder, context, sc_t, sc, at(row_super, SUBS), SUBS)
+        d_ptr = element_ptr(builder, context, d_t, d, row_super)
+        tokens = []
+        for p in pair_ids:
+            p_super = builder.mul(p, nsuper)
+            offsets = element_ptr(builder, context, xo_t, xo, at(p_super, SUBS))
+            tokens.append(
+                (
+                    vector_ptr(builder, context, x_t, x, at(p_super, QK_K), 32),
+                    element_ptr(builder, context, dx_t, dx, at(p_super, BLOCKS)),
+                    builder.bitcast(offsets, F32X8.as_pointer()),
+                    cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
+                )
+            )
+        with cgutils.for_range(builder, nsuper) as loop:
+            s = loop.index
+            scales = builder.load(builder.gep(sc_ptr, [s]), align=1)
+            scales16 = builder.sext(scales, I16X16)
+            # even sub-blocks' scales, then the odd ones', against the pairs' offsets
+            halves = [
+                builder.sitofp(
+                    builder.shuffle_vector(scales, scales, lane_mask(range(8 * h, 8 * h + 8))),
+                    F32X8,
+                )
+                for h in (0, 1)
+            ]
+            sums = []
+            for _, _, xo_ptr, _ in tokens:
+                total = ir.Constant(F32X8, None)
+                for h, half_scales in enumerate(halves):
+                    offsets_ptr = builder.gep(xo_ptr, [builder.add(at(s, 2), s.type(h))])
+                    total = avx2.fma(half_scales, builder.load(offsets_ptr, align=4), total)
+                sums.append(total)
+            for half in (0, 1):
+                runs = [
+                    builder.load(
+                        builder.gep(q_ptr, [builder.add(at(s, 6), s.type(3 * half + i))]), align=1
+                    )
+                    for i in range(3)
+                ]
+                # block 4h+3 from bits 6-7 of the runs, (run_i & 0xC0) >> (6 - 2i); with the low
+                # 6 bits clear, the 16-bit shift moves no set bit into the next byte
+                spread = [
+                    builder.lshr(builder.and_(r, bytes_of(0xC0)), bytes_of(6 - 2 * i))
+                    for i, r in enumerate(runs)
+                ]
+                last = builder.or_(builder.or_(spread[0], spread[1]), spread[2])
+                for i, codes in enumerate([builder.and_(r, bytes_of(0x3F)) for r in runs] + [last]):
+                    b = 4 * half + i
+                    pair_scales = builder.shuffle_vector(
+                        scales16, scales16, lane_mask([b] * 8 + [8 + b] * 8)
+                    )
+                    block = builder.add(at(s, BLOCKS), s.type(b))
+                    for t, (x_ptr, dx_ptr, _, _) in enumerate(tokens):
+                        xv = builder.load(builder.gep(x_ptr, [block]), align=1)
+                        dot = builder.sitofp(avx2.int_dot(codes, xv, pair_scales), F32X8)
+                        x_scale = avx2.splat(builder.load(builder.gep(dx_ptr, [block])))
+                        sums[t] = avx2.fma(dot, x_scale, sums[t])
+            d_splat = avx2.splat(builder.load(builder.gep(d_ptr, [s])))
+            for (*_, acc), total in zip(tokens, sums, strict=True):
+                builder.store(avx2.fma(total, d_splat, builder.load(acc)), acc)
+        results = [avx2.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
+        return context.make_tuple(builder, signature.return_type, results)
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _q6k_row_dot_plain(codes, sc, d, row, x, dx, x_offsets, pair, superblocks):
+    """One pair's row dot in plain Numba, the same sums as `_q6k_tile_dot_avx2`."""
+    acc = np.float32(0.0)
+    for s in range(superblocks):
+        w_super, x_super = row * superblocks + s, pair * superblocks + s
+        total = np.float32(0.0)
+        for j in range(SUBS):
+            total += np.float32(sc[w_super * SUBS + j]) * x_offsets[x_super * SUBS + j]
+        for b in range(BLOCKS):
+            half, i = b // 4, b % 4
+            # unsigned indices spare Numba's negative-index wraparound, as in q8_0_gemv
+            q_base = np.uint64(w_super * CODE_BYTES + half * 3 * QK8_0)
+            x_base = np.uint64((x_super * BLOCKS + b) * QK8_0)
+            dot = 0
+            for u in range(2):  # the block's two sub-blocks, their scales at b and 8 + b
+                sub_dot = 0
+                for v in range(16):
+                    l = np.uint64(16 * u + v)
+                    if i < 3:
+                        q = np.int32(codes[q_base + np.uint64(i * QK8_0) + l]) & 63
+                    else:
+                        q = np.int32(codes[q_base + l]) >> 6
+                        q |= np.int32(codes[q_base + np.uint64(QK8_0) + l]) >> 6 << 2
+                        q |= np.int32(codes[q_base + np.uint64(2 * QK8_0) + l]) >> 6 << 4
+                    sub_dot += q * np.int32(x[x_base + l])
+                dot += sub_dot * np.int32(sc[w_super * SUBS + b + 8 * u])
+            total += np.float32(dot) * dx[x_super * BLOCKS + b]
+        acc += total * d[w_super]
+    return acc
+
+
+# Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
+# group_start[g + 1]] of expert e = group_expert[g]; weights as Q6KMatrix.arrays with a leading
+# experts dim, x_q int8 [pairs, k]. Two kernels for the reasons given in q8_0_gemv.
+@njit(parallel=True, nogil=True, cache=True)
+def grouped_gemv_q6_k_avx2(
+    codes, scales, d, x_q, x_scales, x_offsets, order, group_start, group_expert, out
+):
+    """Tiles of up to 4 pairs of one expert through `_q6k_tile_dot_avx2`."""
+    rows, superblocks = d.shape[1], d.shape[2]
+    weights = (codes.reshape(-1), scales.reshape(-1), d.reshape(-1))
+    acts = (x_q.reshape(-1), x_scales.reshape(-1), x_offsets.reshape(-1))
+    for r in prange(rows):
+        for g in range(len(group_expert)):
+            row, i, end = group_expert[g] * rows + r, group_start[g], group_start[g + 1]
+            while end - i >= 4:
+                tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
+                store_tile(out, tile, r, _q6k_tile_dot_avx2(weights, acts, row, tile, superblocks))
+                i += 4
+            if end - i == 3:
+                tile3 = (order[i], order[i + 1], order[i + 2])
+                store_tile(
+                    out, tile3, r, _q6k_tile_dot_avx2(weights, acts, row, tile3, superblocks)
+                )
+            elif end - i == 2:
+                tile2 = (order[i], order[i + 1])
+                store_tile(
+                    out, tile2, r, _q6k_tile_dot_avx2(weights, acts, row, tile2, superblocks)
+                )
+            elif end - i == 1:
+                tile1 = (order[i],)
+                store_tile(
+                    out, tile1, r, _q6k_tile_dot_avx2(weights, acts, row, tile1, superblocks)
+                )
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def grouped_gemv_q6_k_plain(
+    codes, scales, d, x_q, x_scales, x_offsets, order, group_start, group_expert, out
+):
+    """One `_q6k_row_dot_plain` per pair."""
+    rows, superblocks = d.shape[1], d.shape[2]
+    q, sc, d_flat = codes.reshape(-1), scales.reshape(-1), d.reshape(-1)
+    x, dx, xo = x_q.reshape(-1), x_scales.reshape(-1), x_offsets.reshape(-1)
+    for r in prange(rows):
+        for g in range(len(group_expert)):
+            row = group_expert[g] * rows + r
+            for p in order[group_start[g] : group_start[g + 1]]:
+                out[p, r] = _q6k_row_dot_plain(q, sc, d_flat, row, x, dx, xo, p, superblocks)
+
+
+GROUPED_GEMV_Q6_K = {"avx2": grouped_gemv_q6_k_avx2, "plain": grouped_gemv_q6_k_plain}
+
+
+def q6_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x: float32 [tokens, k] -> int8 values, float32 block scales [tokens, k / 32] and offsets
+    [tokens, k / 16]: -32 times each 16-value sub-block's sum (value units), in the scales'
+    order (per super-block the even sub-blocks, then the odd ones)."""
+    x_q, x_scales = quantize_q8_activations(x)
+    tokens, k = x_q.shape
+    sums = x_q.reshape(tokens, k // QK_K, BLOCKS, 2, 16).sum(axis=-1, dtype=np.int32)
+    sums = sums.astype(np.float32) * x_scales.reshape(tokens, k // QK_K, BLOCKS, 1)
+    offsets = np.float32(-32) * sums.transpose(0, 1, 3, 2).reshape(tokens, k // 16)
+    return x_q, x_scales, offsets
+
+
+def grouped_q6_k_gemv(
+    w: Q6KMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
+) -> np.ndarray:
+    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
+    -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
+    groups = check_pairs(w.shape, x, pair_expert)
+    out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    kernel = GROUPED_GEMV_Q6_K[path or host_kernel_path()]
+    kernel(*w.arrays, *q6_k_activations(x), *groups, out)
+    return out
+
+
+def q6_k_gemv(w: Q6KMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
+    """w: [rows, cols]; x: float32 [tokens, cols] -> float32 [tokens, rows] = x @ W.T."""
+    stacked = Q6KMatrix(*(a[None] for a in w.arrays))
+    return grouped_q6_k_gemv(stacked, x, np.zeros(x.shape[0], np.int64), path)
