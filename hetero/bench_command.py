@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from hetero.errors import InvalidRequestError
+from hetero.model_options import load_from_args
 
 
 def add_bench_command(commands, add_model_options) -> None:
@@ -27,12 +28,11 @@ def add_bench_command(commands, add_model_options) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import hetero
     from placement.policy import plan_for_model
 
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeat < 1:
         raise InvalidRequestError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeat >= 1")
-    model = hetero.load(args.model, dtype=args.dtype, threads=args.threads, progress=True)
+    model = load_from_args(args)
     context = args.prompt_tokens + args.new_tokens
     if context >= model.config.context_limit:
         raise InvalidRequestError(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from hetero import __version__
 from hetero.bench_command import add_bench_command
 from hetero.errors import HeteroError
+from hetero.model_options import add_load_options
 from placement.cli import add_placement_commands
 from server.cli import add_serve_command
 
@@ -16,14 +17,10 @@ EXIT_USAGE = 2
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help='model directory, or "demo" (built in)')
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="compute dtype (default: the checkpoint's)",
+        "model", metavar="MODEL", help='model directory, .gguf file, or "demo" (built in)'
     )
+    add_load_options(p)
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -94,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(args: argparse.Namespace):
-    import hetero
+    from hetero.model_options import load_from_args
 
-    return hetero.load(args.model, dtype=args.dtype, threads=args.threads, progress=True)
+    return load_from_args(args)
 
 
 def print_stats(result) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hetero.errors import InvalidRequestError
+from hetero.model_options import add_load_options, load_from_args
 
 if TYPE_CHECKING:
     from placement import Plan
@@ -56,8 +57,7 @@ def add_serve_command(commands) -> None:
     p.add_argument("--plan", default=None, metavar="PLAN.json", help="placement plan to follow")
     p.add_argument("--vram-budget", default=None, help="GPU memory budget, e.g. 24GiB")
     p.add_argument("--dram-budget", default=None, help="CPU memory budget, e.g. 64GiB")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_load_options(p)
     p.set_defaults(run=run_serve)
 
 
@@ -77,7 +77,6 @@ def check_port_free(host: str, port: int) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    import hetero
     from hetero.runtime.engine import Engine
     from placement.policy import plan_for_model
     from server.app import create_app
@@ -86,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1 or args.max_queue < 0:
         raise InvalidRequestError("--max-concurrency must be >= 1 and --max-queue >= 0")
     check_port_free(args.host, args.port)
-    model = hetero.load(args.model, dtype=args.dtype, threads=args.threads, progress=True)
+    model = load_from_args(args)
     if args.chat_template:
         template = Path(args.chat_template)
         if not template.is_file():

@@ -1,4 +1,4 @@
-"""NumbaExperts against TorchExperts holding the same (dequantised Q8_0) weights.
+"""NumbaExperts against TorchExperts holding the same (dequantised) weights, per format.
 
 Budget: weights are identical on both sides; the decode path quantises activations to int8 per
 32-block twice (input and the SiLU*up product), whose rounding errors (at most 1/254 of each
@@ -12,21 +12,25 @@ from gguf import GGMLQuantizationType as T
 
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
-from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts, dequantize_expert
+from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
 from hetero.runtime.experts import TorchExperts
 
-EXPERTS, HIDDEN, SIZE, TOP_K = 6, 96, 64, 2
+# K-quants need 256-value rows: hidden and expert size both multiples of 256
+EXPERTS, HIDDEN, SIZE, TOP_K = 6, 256, 256, 2
+KERNEL_TYPES = [T.Q8_0, T.Q4_K, T.Q6_K]
 
 
-def experts_pair(path: str | None = None) -> tuple[NumbaExperts, TorchExperts]:
+def experts_pair(
+    path: str | None = None, ggml_type: T = T.Q8_0
+) -> tuple[NumbaExperts, TorchExperts]:
     reference = TorchExperts(EXPERTS, HIDDEN, SIZE)
-    numba_experts = NumbaExperts.from_torch(reference, path)
+    numba_experts = NumbaExperts.from_torch(reference, ggml_type, path)
     with torch.no_grad():
         for e, mlp in enumerate(reference):
-            gate, up = dequantize_expert(numba_experts.gate_up, e).split(SIZE)
+            gate, up = torch.from_numpy(numba_experts.gate_up.dequantize(e)).split(SIZE)
             mlp.gate_proj.weight.copy_(gate)
             mlp.up_proj.weight.copy_(up)
-            mlp.down_proj.weight.copy_(dequantize_expert(numba_experts.down, e))
+            mlp.down_proj.weight.copy_(torch.from_numpy(numba_experts.down.dequantize(e)))
     return numba_experts, reference
 
 
@@ -41,10 +45,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(torch.linalg.norm(got - want) / torch.linalg.norm(want))
 
 
+@pytest.mark.parametrize("ggml_type", KERNEL_TYPES)
 @pytest.mark.parametrize("path", available_kernel_paths())
 @pytest.mark.parametrize("tokens", [1, 3, DECODE_MAX_TOKENS])
-def test_numba_experts_decode_matches_torch_experts(path, tokens):
-    numba_experts, reference = experts_pair(path)
+def test_numba_experts_decode_matches_torch_experts(ggml_type, path, tokens):
+    numba_experts, reference = experts_pair(path, ggml_type)
     x = torch.randn(tokens, HIDDEN)
     ids, weights = routing(tokens, EXPERTS - 2)
     with torch.no_grad():
@@ -54,8 +59,9 @@ def test_numba_experts_decode_matches_torch_experts(path, tokens):
     assert relative_error(got, want) < 2e-2
 
 
-def test_numba_experts_prefill_matches_torch_experts():
-    numba_experts, reference = experts_pair()
+@pytest.mark.parametrize("ggml_type", KERNEL_TYPES)
+def test_numba_experts_prefill_matches_torch_experts(ggml_type):
+    numba_experts, reference = experts_pair(ggml_type=ggml_type)
     x = torch.randn(DECODE_MAX_TOKENS + 5, HIDDEN)
     ids, weights = routing(x.shape[0], EXPERTS - 1)
     with torch.no_grad():
@@ -66,39 +72,60 @@ def test_numba_experts_prefill_matches_torch_experts():
 def test_numba_experts_from_gguf_blocks_rejects_mismatched_down():
     blocks = np.zeros((2, 64, 3 * 34), np.uint8)
     with pytest.raises(ValueError, match="do not fit"):
-        NumbaExperts.from_gguf_blocks(blocks, blocks, np.zeros((2, 96, 34), np.uint8))
+        NumbaExperts.from_gguf_blocks(
+            (blocks, T.Q8_0), (blocks, T.Q8_0), (np.zeros((2, 96, 34), np.uint8), T.Q8_0)
+        )
 
 
 class RawCheckpoint:
     """Stands in for a GGUF checkpoint: `raw_tensor(name)` -> (blocks, GGML type)."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], ggml_type: T):
-        self.tensors, self.ggml_type = tensors, ggml_type
+    def __init__(self, tensors: dict[str, tuple[np.ndarray, T]]):
+        self.tensors = tensors
 
     def raw_tensor(self, name: str) -> tuple[np.ndarray, T]:
-        return self.tensors[name], self.ggml_type
+        return self.tensors[name]
 
 
-def raw_experts(experts: TorchExperts, prefix: str) -> dict[str, np.ndarray]:
+def expert_names(prefix: str, experts: int) -> list[dict[str, str]]:
+    return [
+        {p: f"{prefix}.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+        for e in range(experts)
+    ]
+
+
+def raw_experts(experts: TorchExperts, prefix: str, types: dict[str, T]) -> dict:
     return {
-        f"{prefix}.{e}.{name}.weight": quantize(getattr(mlp, name).weight.detach().numpy(), T.Q8_0)
+        f"{prefix}.{e}.{name}.weight": (
+            quantize(getattr(mlp, name).weight.detach().numpy(), types[name]),
+            types[name],
+        )
         for e, mlp in enumerate(experts)
         for name in ("gate_proj", "up_proj", "down_proj")
     }
 
 
-def test_numba_experts_from_checkpoint_reads_q8_0_blocks_as_stored():
+@pytest.mark.parametrize("ggml_type", KERNEL_TYPES)
+def test_numba_experts_from_checkpoint_keeps_blocks_as_stored(ggml_type):
     reference = TorchExperts(EXPERTS, HIDDEN, SIZE)
     prefix = "model.layers.0.mlp.experts"
-    checkpoint = RawCheckpoint(raw_experts(reference, prefix), T.Q8_0)
-    loaded = NumbaExperts.from_checkpoint(checkpoint, prefix, EXPERTS)
-    quantised = NumbaExperts.from_torch(reference)
-    np.testing.assert_array_equal(loaded.gate_up.values, quantised.gate_up.values)
-    np.testing.assert_array_equal(loaded.down.scales, quantised.down.scales)
+    types = dict.fromkeys(("gate_proj", "up_proj", "down_proj"), ggml_type)
+    checkpoint = RawCheckpoint(raw_experts(reference, prefix, types))
+    loaded = NumbaExperts.from_checkpoint(checkpoint, expert_names(prefix, EXPERTS))
+    quantised = NumbaExperts.from_torch(reference, ggml_type)
+    for e in range(EXPERTS):
+        np.testing.assert_array_equal(loaded.gate_up.dequantize(e), quantised.gate_up.dequantize(e))
+        np.testing.assert_array_equal(loaded.down.dequantize(e), quantised.down.dequantize(e))
 
 
-def test_numba_experts_from_checkpoint_refuses_other_types():
-    reference = TorchExperts(1, HIDDEN, SIZE)
-    checkpoint = RawCheckpoint(raw_experts(reference, "e"), T.Q4_K)
-    with pytest.raises(ValueError, match="runs Q8_0"):
-        NumbaExperts.from_checkpoint(checkpoint, "e", 1)
+def test_numba_experts_requantise_types_without_a_kernel():
+    # Q5_K has no kernel: it runs as Q8_0 (mixed gate/up types as gate's format)
+    reference = TorchExperts(2, HIDDEN, SIZE)
+    types = {"gate_proj": T.Q4_K, "up_proj": T.Q5_K, "down_proj": T.Q5_K}
+    checkpoint = RawCheckpoint(raw_experts(reference, "e", types))
+    loaded = NumbaExperts.from_checkpoint(checkpoint, expert_names("e", 2))
+    assert type(loaded.gate_up).__name__ == "Q4KMatrix"
+    assert type(loaded.down).__name__ == "Q8Matrix"
+    want = reference[1].down_proj.weight.detach().numpy()
+    error = np.linalg.norm(loaded.down.dequantize(1) - want) / np.linalg.norm(want)
+    assert error < 0.05  # Q5_K's own error (0.036) plus Q8_0's (0.005)

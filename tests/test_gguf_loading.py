@@ -5,6 +5,7 @@ within each type's error budget of the float model)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import gguf
@@ -17,8 +18,8 @@ from gguf import GGMLQuantizationType as T
 import hetero
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import dequantize
-from hetero.errors import ModelFormatError
-from hetero.loading.gguf_checkpoint import GGUFCheckpoint
+from hetero.errors import ModelFormatError, UnsupportedModelError
+from hetero.loading.gguf_checkpoint import GGUFCheckpoint, read_gguf
 from hetero.loading.gguf_config import ARCH_OF_MODEL_TYPE
 from hetero.loading.gguf_writer import write_gguf
 from hetero.loading.quant_mix import tensor_types
@@ -29,6 +30,15 @@ from hetero.loading.quant_mix import tensor_types
 LOGIT_BUDGETS = {"q8_0": 0.05, "q6_k": 0.1, "q4_k_m": 0.3}
 # rows a multiple of 256, so K-quants apply without fallback
 WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64)
+# Llama 3.1's scaling on a small original context. Head dim 16, theta 1e4: the wavelengths are
+# 6.3 (kept, < 64/8), 19.9 and 62.8 (blended), then 199 ... (divided by 8, > 64)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 8.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -120,6 +130,9 @@ def test_split_gguf_loads_from_its_first_part(checkpoint_factory, tmp_path):
     [
         ("llama", {"rope_type": "linear", "factor": 2.0}),
         ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+        ("llama", LLAMA3_ROPE),
+        # one blended dimension (wavelength 19.9 in [8, 32]), which leaves the factors' line open
+        ("llama", dict(LLAMA3_ROPE, high_freq_factor=4.0, original_max_position_embeddings=32)),
         (
             "deepseek_v3",
             {
@@ -145,12 +158,63 @@ def test_rope_scaling_survives_gguf(family, rope_scaling, checkpoint_factory, tm
     assert relative_error(model.logits(ids), source.logits(ids)) < 1e-5
 
 
+def test_llama3_rope_is_stored_as_llama_cpp_rope_freqs(checkpoint_factory, tmp_path):
+    path, _ = checkpoint_factory("llama", rope_scaling=LLAMA3_ROPE)
+    source = hetero.load(path, dtype="float32", progress=False)
+    (gguf_file,) = write_gguf(source, tmp_path / "model.gguf", "q8_0")
+    stored = {t.name: t for t in gguf.GGUFReader(gguf_file).tensors}
+    rope_freqs = stored["rope_freqs.weight"]
+    assert rope_freqs.tensor_type == T.F32
+    head_dim, theta = source.config.head_dim, source.config.rope.theta
+    expected = llama_cpp_rope_freqs(head_dim, theta, **LLAMA3_ROPE)
+    assert np.allclose(np.array(rope_freqs.data), expected, rtol=1e-6)
+    assert 1.0 in expected and LLAMA3_ROPE["factor"] in expected  # all three bands present
+    rope = hetero.load(gguf_file, progress=False).config.rope
+    assert rope.type == "llama3"
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        assert getattr(rope, key) == pytest.approx(LLAMA3_ROPE[key], rel=1e-5), key
+    assert rope.original_max_position_embeddings == 64
+
+
+def llama_cpp_rope_freqs(dim, theta, factor, low_freq_factor, high_freq_factor, **rest):
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors for llama3 rope scaling."""
+    old_context_len = rest["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, dim, 2) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_rope_freqs_other_than_llama3_are_refused(checkpoint_factory, tmp_path):
+    path, _ = checkpoint_factory("llama", rope_scaling=LLAMA3_ROPE)
+    source = hetero.load(path, dtype="float32", progress=False)
+    (gguf_file,) = write_gguf(source, tmp_path / "model.gguf", "f32")
+    _, tensors = read_gguf(gguf_file)
+    rope_freqs = next(t for t in tensors if t.name == "rope_freqs.weight")
+    with open(gguf_file, "r+b") as f:  # a longrope-like profile: rising, then falling
+        f.seek(rope_freqs.start)
+        f.write(np.array([1, 2, 4, 8, 4, 2, 1, 1], dtype=np.float32).tobytes())
+    with pytest.raises(UnsupportedModelError, match="do not follow llama3 rope scaling"):
+        hetero.load(gguf_file, progress=False)
+
+
 @pytest.mark.parametrize("file_type", ["q8_0", "q4_k_m"])
 def test_quantised_gguf_holds_exactly_the_dequantised_weights(wide_qwen3_moe, tmp_path, file_type):
     _, source = wide_qwen3_moe
     (gguf_file,) = write_gguf(source, tmp_path / "model.gguf", file_type)
     checkpoint = GGUFCheckpoint(gguf_file)
-    model = hetero.load(gguf_file, dtype="float32", progress=False)
+    model = hetero.load(gguf_file, dtype="float32", quant="none", progress=False)
     loaded = dict(model.net.named_parameters())
     seen_types = set()
     for name, param in source.net.named_parameters():
@@ -171,9 +235,9 @@ def test_quantised_gguf_holds_exactly_the_dequantised_weights(wide_qwen3_moe, tm
 def test_quantised_logits_within_budget(wide_qwen3_moe, tmp_path, file_type):
     _, source = wide_qwen3_moe
     (gguf_file,) = write_gguf(source, tmp_path / "model.gguf", file_type)
-    model = hetero.load(gguf_file, progress=False)
-    assert model.dtype == torch.bfloat16  # "auto" for a quantised file
-    model = hetero.load(gguf_file, dtype="float32", progress=False)
+    model = hetero.load(gguf_file, quant="none", progress=False)
+    assert model.dtype == torch.bfloat16  # "auto" for a quantised file dequantised at load
+    model = hetero.load(gguf_file, dtype="float32", quant="none", progress=False)
     ids = some_ids(model, 64)
     assert relative_rms(model.logits(ids), source.logits(ids)) < LOGIT_BUDGETS[file_type]
 

@@ -1,4 +1,4 @@
-"""`NumbaExperts`: a layer's routed experts held as Q8_0 blocks and run by cpu_kernels' GEMVs.
+"""`NumbaExperts`: a layer's routed experts held as quantised blocks and run by cpu_kernels.
 
 Same call as `TorchExperts`, so the runtime can swap a layer's `mlp.experts` for it. Decode (few
 tokens) runs the grouped GEMV over all (token, expert) pairs at once, parallel over rows;
@@ -10,12 +10,13 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
-from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.q8_0_gemv import QK8_0, Q8Matrix, grouped_q8_0_gemv
-from hetero.runtime.experts import TorchExperts
+from cpu_kernels.gguf_quants import dequantize
+from cpu_kernels.quant_matrix import QuantMatrix, grouped_gemv, quantize_matrix, repack
+from hetero.runtime.experts import TorchExperts, run_grouped_by_expert
 
 
 class RawTensorSource(Protocol):
@@ -25,21 +26,14 @@ class RawTensorSource(Protocol):
 
 
 DECODE_MAX_TOKENS = 16  # more tokens per call go to the prefill path (a guess, not yet tuned)
-
-
-def dequantize_expert(w: Q8Matrix, expert: int) -> torch.Tensor:
-    """One expert's [rows, cols] float32 weight from the repacked Q8_0 values."""
-    values = w.values[expert].astype(np.float32)
-    rows, cols = values.shape
-    dense = values.reshape(rows, cols // QK8_0, QK8_0) * w.scales[expert][..., None]
-    return torch.from_numpy(dense.reshape(rows, cols))
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class NumbaExperts(nn.Module):
-    """Routed experts of one layer in Q8_0: gate and up stacked as one [experts, 2 * size, hidden]
-    weight (one GEMV pass reads both), down as [experts, hidden, size]."""
+    """Routed experts of one layer: gate and up stacked as one [experts, 2 * size, hidden]
+    matrix (one GEMV pass reads both), down as [experts, hidden, size]."""
 
-    def __init__(self, gate_up: Q8Matrix, down: Q8Matrix, path: str | None = None):
+    def __init__(self, gate_up: QuantMatrix, down: QuantMatrix, path: str | None = None):
         super().__init__()
         experts, double_size, hidden = gate_up.shape
         if down.shape != (experts, hidden, double_size // 2):
@@ -48,49 +42,59 @@ class NumbaExperts(nn.Module):
                 f"{(experts, hidden, double_size // 2)}"
             )
         self.gate_up, self.down, self.path = gate_up, down, path
-        self.expert_size = double_size // 2
+        self.num_experts, self.expert_size = experts, double_size // 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
 
     @classmethod
     def from_gguf_blocks(
-        cls, gate: np.ndarray, up: np.ndarray, down: np.ndarray, path: str | None = None
+        cls,
+        gate: tuple[np.ndarray, T],
+        up: tuple[np.ndarray, T],
+        down: tuple[np.ndarray, T],
+        path: str | None = None,
     ) -> NumbaExperts:
-        """Raw Q8_0 tensors `ffn_{gate,up,down}_exps`: uint8 [experts, rows, row_bytes]."""
-        gate_up = np.concatenate([gate, up], axis=1)
-        return cls(Q8Matrix.from_blocks(gate_up), Q8Matrix.from_blocks(down), path)
+        """Raw tensors `ffn_{gate,up,down}_exps` as (uint8 [experts, rows, row_bytes], type)."""
+        (gate_blocks, gate_type), (up_blocks, up_type) = gate, up
+        if gate_type == up_type:
+            gate_up = repack(np.concatenate([gate_blocks, up_blocks], axis=1), gate_type)
+        else:  # one GEMV pass needs one format: requantise both halves to gate's
+            values = [dequantize(b, t) for b, t in (gate, up)]
+            gate_up = quantize_matrix(np.concatenate(values, axis=1), gate_type)
+        return cls(gate_up, repack(*down), path)
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: RawTensorSource, prefix: str, num_experts: int, path: str | None = None
+        cls, checkpoint: RawTensorSource, names: list[dict[str, str]], path: str | None = None
     ) -> NumbaExperts:
-        """Q8_0 experts `{prefix}.{e}.{gate,up,down}_proj.weight` straight from a checkpoint's
-        `raw_tensor` (a GGUF file), without dequantising them."""
+        """Quantised experts straight from a checkpoint's `raw_tensor` (a GGUF file), without
+        dequantising them: names[e][projection] is expert e's tensor name."""
 
-        def stacked(name: str) -> np.ndarray:
-            blocks = []
-            for e in range(num_experts):
-                data, ggml_type = checkpoint.raw_tensor(f"{prefix}.{e}.{name}.weight")
-                if ggml_type != T.Q8_0:
-                    raise ValueError(
-                        f"{prefix}.{e}.{name} is {ggml_type.name}; NumbaExperts runs Q8_0 "
-                        f"(quantise with from_torch instead)"
-                    )
-                blocks.append(data)
-            return np.stack(blocks)
+        def stacked(projection: str) -> tuple[np.ndarray, T]:
+            raw = [checkpoint.raw_tensor(expert[projection]) for expert in names]
+            types = {t for _, t in raw}
+            if len(types) > 1:
+                raise ValueError(f"the experts' {projection} tensors mix types {types}")
+            return np.stack([blocks for blocks, _ in raw]), raw[0][1]
 
-        return cls.from_gguf_blocks(
-            stacked("gate_proj"), stacked("up_proj"), stacked("down_proj"), path
-        )
+        return cls.from_gguf_blocks(*(stacked(p) for p in PROJECTIONS), path)
 
     @classmethod
-    def from_torch(cls, experts: TorchExperts, path: str | None = None) -> NumbaExperts:
-        """Quantise a float `TorchExperts` to Q8_0."""
+    def from_torch(
+        cls, experts: TorchExperts, ggml_type: T = T.Q8_0, path: str | None = None
+    ) -> NumbaExperts:
+        """Quantise a float `TorchExperts` to `ggml_type` (Q8_0, Q4_K, Q6_K)."""
 
         def stacked(name: str) -> np.ndarray:
-            weights = [getattr(mlp, name).weight.detach().float().numpy() for mlp in experts]
-            return quantize(np.stack(weights), T.Q8_0)
+            return np.stack([getattr(mlp, name).weight.detach().float().numpy() for mlp in experts])
 
-        return cls.from_gguf_blocks(
-            stacked("gate_proj"), stacked("up_proj"), stacked("down_proj"), path
+        gate_up = np.concatenate([stacked("gate_proj"), stacked("up_proj")], axis=1)
+        return cls(
+            quantize_matrix(gate_up, ggml_type),
+            quantize_matrix(stacked("down_proj"), ggml_type),
+            path,
         )
 
     def forward(
@@ -103,10 +107,10 @@ class NumbaExperts(nn.Module):
         pair_token = np.repeat(np.arange(tokens), top_k)
         pair_expert = expert_ids.reshape(-1).numpy().astype(np.int64)
         xs = x.detach().float().numpy()[pair_token]
-        gate_up = grouped_q8_0_gemv(self.gate_up, xs, pair_expert, self.path)
-        gate, up = torch.from_numpy(gate_up).split(self.expert_size, dim=-1)
-        hidden = (torch.nn.functional.silu(gate) * up).numpy()
-        y = grouped_q8_0_gemv(self.down, hidden, pair_expert, self.path)
+        gate_up = torch.from_numpy(grouped_gemv(self.gate_up, xs, pair_expert, self.path))
+        gate, up = gate_up.split(self.expert_size, dim=-1)
+        hidden = (F.silu(gate) * up).numpy()
+        y = grouped_gemv(self.down, hidden, pair_expert, self.path)
         y *= expert_weights.reshape(-1, 1).float().numpy()
         # pairs are token-major, so each token's top_k outputs are adjacent rows
         out = y.reshape(tokens, top_k, -1).sum(axis=1)
@@ -115,12 +119,13 @@ class NumbaExperts(nn.Module):
     def _prefill(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
-        xf = x.float()
-        out = torch.zeros_like(xf)
-        for expert in torch.unique(expert_ids).tolist():
-            token, slot = torch.nonzero(expert_ids == expert, as_tuple=True)
-            gate_up = xf[token] @ dequantize_expert(self.gate_up, expert).T
+        # tokens grouped by expert; each expert's weights dequantised once for all its tokens
+        def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
+            gate_up = xs @ torch.from_numpy(self.gate_up.dequantize(expert)).T
             gate, up = gate_up.split(self.expert_size, dim=-1)
-            y = (torch.nn.functional.silu(gate) * up) @ dequantize_expert(self.down, expert).T
-            out.index_add_(0, token, y * expert_weights[token, slot, None].float())
+            return (F.silu(gate) * up) @ torch.from_numpy(self.down.dequantize(expert)).T
+
+        out = run_grouped_by_expert(
+            x.detach().float(), expert_ids, expert_weights, self.num_experts, run_expert
+        )
         return out.to(x.dtype)

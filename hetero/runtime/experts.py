@@ -6,6 +6,8 @@ for another that holds the same experts (CPU kernels, GPU, a split) without touc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,20 +36,33 @@ class TorchExperts(nn.ModuleList):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
-        tokens, top_k = expert_ids.shape
-        flat_ids = expert_ids.reshape(-1)
-        # group (token, slot) pairs by expert so each expert runs one matmul over its tokens
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=len(self)).tolist()
-        # each pair's expert output lands in its own row: no scatter-add (torch's index_add_
-        # is slow on CPU under load), and the sum over slots has a fixed order per token
-        outputs = x.new_empty(tokens * top_k, x.shape[1])
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
-            outputs[pairs] = self[expert](x[pairs // top_k])
-        weights = expert_weights.to(x.dtype).unsqueeze(-1)
-        return (outputs.view(tokens, top_k, -1) * weights).sum(dim=1)
+        return run_grouped_by_expert(
+            x, expert_ids, expert_weights, len(self), lambda e, xs: self[e](xs)
+        )
+
+
+def run_grouped_by_expert(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    num_experts: int,
+    run_expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Group (token, slot) pairs by expert so each expert runs once over all its tokens:
+    run_expert(e, x[its tokens]) -> their outputs. Sums outputs with the routing weights."""
+    tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    # each pair's expert output lands in its own row: no scatter-add (torch's index_add_
+    # is slow on CPU under load), and the sum over slots has a fixed order per token
+    outputs = x.new_empty(tokens * top_k, x.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        outputs[pairs] = run_expert(expert, x[pairs // top_k])
+    weights = expert_weights.to(x.dtype).unsqueeze(-1)
+    return (outputs.view(tokens, top_k, -1) * weights).sum(dim=1)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numba
 import torch
 
 from hetero.config import TransformerConfig, read_config_json
@@ -28,8 +29,14 @@ from hetero.runtime.kv_cache import PagedKVCache
 from hetero.runtime.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from hetero.runtime.quantized import QuantReport
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_BLOCK_TOKENS = 16
+# "auto": a GGUF file's quantised tensors run on the CPU kernels; "none": dequantise them;
+# a type: quantise float weights at load (hetero.runtime.quantized.QUANT_TYPES)
+QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k")
 
 
 class Model:
@@ -48,6 +55,7 @@ class Model:
         self.tokenizer = tokenizer
         self.dtype = net.embed_tokens.weight.dtype
         self.name = path.name
+        self.quant_report: QuantReport | None = None  # set by `load` when kernels run weights
 
     @classmethod
     def load(
@@ -56,17 +64,22 @@ class Model:
         dtype: str = "auto",
         threads: int | None = None,
         progress: bool = True,
+        quant: str = "auto",
     ) -> Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
-        lazily). GGUF's quantised weights are dequantised to the model dtype at load."""
+        lazily). `quant`: "auto" runs a GGUF file's quantised tensors on the CPU kernels as
+        stored and a float model in its dtype; "none" dequantises everything to `dtype`;
+        "q8_0" / "q4_k" quantise float weights at load (experts and dense layers)."""
         model_dir = Path(path).expanduser()
         gguf = model_dir.suffix == ".gguf" or model_dir.is_file()
         if not gguf and not model_dir.is_dir():
             raise ModelFormatError(f"model directory {model_dir} does not exist")
+        if quant not in QUANT_CHOICES:
+            raise InvalidRequestError(
+                f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}"
+            )
         if threads is not None:
-            if threads < 1:
-                raise InvalidRequestError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(threads)
+            set_threads(threads)
         if gguf:
             checkpoint = GGUFCheckpoint(model_dir)
             raw, tokenizer = checkpoint.config, checkpoint.tokenizer
@@ -74,24 +87,46 @@ class Model:
             raw = read_config_json(model_dir)
         family = family_for(raw)
         config = family.parse_config(raw)
+        quantise_at_load = quant not in ("auto", "none")
+        kernels = quantise_at_load or (gguf and quant == "auto")
+        if kernels:  # imported only here: the kernels' module pulls in Numba
+            from hetero.runtime.quantized import (
+                QUANT_TYPES,
+                install_gguf_kernels,
+                quantize_float_weights,
+            )
+        if kernels and dtype == "auto":
+            dtype = "float32"  # the kernels take and give float32; so does the rest on a CPU
         torch_dtype = resolve_dtype(dtype, raw)
+        # weights quantised at load are read in the file's dtype (zero-copy), not converted first
+        load_dtype = resolve_dtype("auto", raw) if quantise_at_load else torch_dtype
         if not gguf:
             checkpoint = SafetensorsCheckpoint(model_dir)
             tokenizer = Tokenizer.from_dir(model_dir)
         with torch.device("meta"):
             net = family.build(config)
+        report = None
+        if gguf and kernels:
+            report = install_gguf_kernels(net, checkpoint, checkpoint.checkpoint_name)
+        keep_float32 = getattr(family, "FLOAT32_PARAMETERS", ())
         load_weights(
             net,
             checkpoint,
             checkpoint.checkpoint_name if gguf else family.checkpoint_name,
-            torch_dtype,
+            load_dtype,
             config.tie_word_embeddings,
             fp8_block=fp8_block_size(raw),
-            keep_float32=getattr(family, "FLOAT32_PARAMETERS", ()),
+            keep_float32=keep_float32,
             progress=progress,
         )
+        if quantise_at_load:
+            more = quantize_float_weights(net, QUANT_TYPES[quant])
+            report = more if report is None else report.merge(more)
+            cast_parameters(net, torch_dtype, keep_float32)
         net.eval().requires_grad_(False)
-        return cls(model_dir, family, config, net, tokenizer)
+        model = cls(model_dir, family, config, net, tokenizer)
+        model.quant_report = report
+        return model
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -202,6 +237,29 @@ class Model:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
             )
+
+
+def cast_parameters(
+    net: torch.nn.Module, dtype: torch.dtype, keep_float32: tuple[str, ...]
+) -> None:
+    """What stays float after quantisation (embeddings, norms, routers) into the compute dtype."""
+    for name, param in net.named_parameters():
+        if param.dtype != dtype and not name.endswith(keep_float32):
+            param.data = param.data.to(dtype)
+
+
+def set_threads(threads: int) -> None:
+    """CPU threads for torch and the Numba kernels."""
+    if threads < 1:
+        raise InvalidRequestError(f"threads must be >= 1, got {threads}")
+    available = numba.config.NUMBA_NUM_THREADS
+    if threads > available:
+        raise InvalidRequestError(
+            f"threads={threads} but this process can run at most {available} (NUMBA_NUM_THREADS, "
+            f"by default the number of cores)"
+        )
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
 
 
 def fp8_block_size(raw_config: dict[str, Any]) -> tuple[int, int]:

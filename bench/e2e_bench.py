@@ -1,0 +1,299 @@
+"""End-to-end prefill and decode tokens/s on the bench model (Qwen3-30B-A3B geometry, scaled
+down): hetero on the bf16 safetensors and on Q8_0 / Q4_K_M GGUF files, beside llama.cpp
+(llama-bench, same files, same threads) and HF transformers (bf16 safetensors), in one run.
+
+    .venv/bin/python bench/e2e_bench.py --dir /tmp/bench-qwen3moe --threads 2
+
+Each engine runs in its own process, one after another. llama.cpp comes from
+../shared/tools/llama-cpp.sh (built once per machine); it is skipped when absent."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_CPP_TOOL = ROOT.parent / "shared" / "tools" / "llama-cpp.sh"
+GGUF_TYPES = ("q8_0", "q4_k_m")
+
+
+def run_hetero(
+    model: str,
+    quant: str,
+    dtype: str,
+    threads: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeat: int,
+) -> dict:
+    import torch
+
+    import hetero
+
+    began = time.perf_counter()
+    net = hetero.load(model, quant=quant, dtype=dtype, threads=threads, progress=False)
+    load_s = time.perf_counter() - began
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, net.config.vocab_size, (prompt_tokens,), generator=generator).tolist()
+    prefill = max(
+        net.generate(prompt, max_new_tokens=1, ignore_eos=True).prefill_tok_s for _ in range(repeat)
+    )
+    decode = max(
+        net.generate(prompt[:1], max_new_tokens=new_tokens, ignore_eos=True).decode_tok_s
+        for _ in range(repeat)
+    )
+    report = net.quant_report
+    return {
+        "prefill": prefill,
+        "decode": decode,
+        "load_s": load_s,
+        "repack_s": report.seconds if report else 0.0,
+        "dtype": str(net.dtype).removeprefix("torch."),
+    }
+
+
+def run_transformers(
+    model: str, threads: int, prompt_tokens: int, new_tokens: int, repeat: int
+) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), generator=generator)
+    prefill_s, decode_s = [], []
+    with torch.inference_mode():
+        for _ in range(repeat):
+            began = time.perf_counter()
+            net(prompt)
+            prefill_s.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            net.generate(
+                prompt[:, :1],
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            decode_s.append(time.perf_counter() - began)
+    return {
+        "prefill": prompt_tokens / min(prefill_s),
+        "decode": new_tokens / min(decode_s),
+        "dtype": "bfloat16",
+    }
+
+
+def run_llama_bench(
+    binary: Path, model: Path, threads: int, prompt_tokens: int, new_tokens: int, repeat: int
+) -> dict:
+    out = subprocess.run(
+        [
+            str(binary),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            str(prompt_tokens),
+            "-n",
+            str(new_tokens),
+            "-r",
+            str(repeat),
+            "-o",
+            "json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    tests = json.loads(out)
+    result = {"dtype": "ggml"}
+    for test in tests:
+        key = "prefill" if test["n_prompt"] else "decode"
+        result[key] = test["avg_ts"]
+    return result
+
+
+def measure(kind: str, *args: str, threads: int) -> dict:
+    """One engine in a fresh process (its own memory, its own thread settings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads)}
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def prepare(directory: Path, layers: int, experts: int) -> dict[str, Path]:
+    if not (directory / "model.safetensors").exists():
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "make_bench_model.py"),
+                str(directory),
+                "--layers",
+                str(layers),
+                "--experts",
+                str(experts),
+            ],
+            check=True,
+        )
+    files = {"bf16": directory}
+    for ggml in GGUF_TYPES:
+        target = directory.with_name(f"{directory.name}-{ggml}.gguf")
+        if not target.exists():
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hetero",
+                    "quantize",
+                    str(directory),
+                    str(target),
+                    "--type",
+                    ggml,
+                ],
+                check=True,
+                cwd=ROOT,
+            )
+        files[ggml] = target
+    return files
+
+
+def llama_bench_binary() -> Path | None:
+    try:
+        out = subprocess.run(
+            ["bash", str(LLAMA_CPP_TOOL)], check=True, capture_output=True, text=True, timeout=5
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    binary = Path(out.strip().splitlines()[-1]) / "llama-bench"
+    return binary if binary.exists() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-qwen3moe"))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="skip an engine: hetero, llama.cpp, transformers",
+    )
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = (args.prompt_tokens, args.new_tokens, args.repeat)
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "hetero":
+            result = run_hetero(rest[0], rest[1], rest[2], args.threads, *sizes)
+        else:
+            result = run_transformers(rest[0], args.threads, *sizes)
+        print(json.dumps(result))
+        return
+
+    from placement.probe import measure_dram_read_gbs
+
+    files = prepare(args.dir, args.layers, args.experts)
+    load = os.getloadavg()[0]
+    ceiling = measure_dram_read_gbs()
+    common = [
+        "--threads",
+        str(args.threads),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeat",
+        str(args.repeat),
+    ]
+    rows: list[tuple[str, str, dict]] = []
+    binary = llama_bench_binary() if "llama.cpp" not in args.skip else None
+    for ggml in GGUF_TYPES:
+        if "hetero" not in args.skip:
+            rows.append(
+                (
+                    ggml,
+                    "hetero",
+                    measure(
+                        "hetero", str(files[ggml]), "auto", "auto", *common, threads=args.threads
+                    ),
+                )
+            )
+        if binary is not None:
+            rows.append(
+                (ggml, "llama.cpp", run_llama_bench(binary, files[ggml], args.threads, *sizes))
+            )
+    if "hetero" not in args.skip:
+        for quant, dtype in (("none", "bfloat16"), ("none", "float32")):
+            rows.append(
+                (
+                    f"bf16 safetensors, hetero --dtype {dtype}",
+                    "hetero",
+                    measure(
+                        "hetero", str(files["bf16"]), quant, dtype, *common, threads=args.threads
+                    ),
+                )
+            )
+    if "transformers" not in args.skip:
+        rows.append(
+            (
+                "bf16 safetensors",
+                "transformers",
+                measure("transformers", str(files["bf16"]), *common, threads=args.threads),
+            )
+        )
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
+        f"DRAM read ceiling {ceiling:.1f} GB/s, load average {load:.2f} at start"
+    )
+    print(
+        f"model: {args.dir} ({args.layers} layers x {args.experts} experts), prompt "
+        f"{args.prompt_tokens} tokens, decode {args.new_tokens} tokens, best of {args.repeat}"
+    )
+    print()
+    print("| file | engine | compute | prefill tok/s | decode tok/s | load s (repack s) |")
+    print("|---|---|---|---|---|---|")
+    for file, engine, r in rows:
+        load_cell = f"{r['load_s']:.1f} ({r['repack_s']:.1f})" if "load_s" in r else ""
+        print(
+            f"| {file} | {engine} | {r['dtype']} | {r['prefill']:.1f} | {r['decode']:.2f} | "
+            f"{load_cell} |"
+        )
+    print()
+    for ggml in GGUF_TYPES:
+        ours = [r for f, e, r in rows if f == ggml and e == "hetero"]
+        peer = [r for f, e, r in rows if f == ggml and e == "llama.cpp"]
+        if ours and peer:
+            prefill = ours[0]["prefill"] / peer[0]["prefill"]
+            decode = ours[0]["decode"] / peer[0]["decode"]
+            print(f"{ggml}: hetero / llama.cpp: prefill {prefill:.2f}x, decode {decode:.2f}x")
+    hf = [r for f, e, r in rows if e == "transformers"]
+    for file, _, r in rows:
+        if hf and file.startswith("bf16 safetensors, hetero"):
+            print(
+                f"{file} / transformers bf16: prefill {r['prefill'] / hf[0]['prefill']:.2f}x, "
+                f"decode {r['decode'] / hf[0]['decode']:.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""One entry point over the weight formats the CPU GEMVs run: repack GGUF blocks (or quantise
+float weights) into a kernel matrix, multiply by it, dequantise it. Formats without a kernel
+are requantised to Q8_0 at load, so every quantised file runs on the kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from cpu_kernels.gguf_quantize import quantize
+from cpu_kernels.gguf_quants import FORMATS, dequantize
+from cpu_kernels.q4_k_gemv import Q4KMatrix, grouped_q4_k_gemv
+from cpu_kernels.q6_k_gemv import Q6KMatrix, grouped_q6_k_gemv
+from cpu_kernels.q8_0_gemv import Q8Matrix, grouped_q8_0_gemv
+
+QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix
+
+# GGML type -> (repacked matrix class, grouped GEMV)
+KERNELS: dict[T, tuple[type, Callable[..., np.ndarray]]] = {
+    T.Q8_0: (Q8Matrix, grouped_q8_0_gemv),
+    T.Q4_K: (Q4KMatrix, grouped_q4_k_gemv),
+    T.Q6_K: (Q6KMatrix, grouped_q6_k_gemv),
+}
+FALLBACK_TYPE = T.Q8_0  # what a type without a kernel is requantised to
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+def kernel_type(ggml_type: T, cols: int) -> T | None:
+    """The kernel format that runs weights of `ggml_type` with `cols` columns: the type itself,
+    Q8_0 for other quantised types (and K-quants whose rows are not whole 256-blocks), None
+    when no kernel fits (cols not a multiple of 32)."""
+    if ggml_type in KERNELS and cols % FORMATS[ggml_type].block_size == 0:
+        return ggml_type
+    block = FORMATS[FALLBACK_TYPE].block_size
+    return FALLBACK_TYPE if cols % block == 0 else None
+
+
+def _format_of(w: QuantMatrix) -> T:
+    for ggml_type, (cls, _) in KERNELS.items():
+        if isinstance(w, cls):
+            return ggml_type
+    raise TypeError(f"{type(w).__name__} is not a CPU kernel matrix")
+
+
+def row_values(blocks: np.ndarray, ggml_type: T) -> int:
+    """Values per row of GGUF blocks uint8 [..., row_bytes]."""
+    fmt = FORMATS[ggml_type]
+    return blocks.shape[-1] // fmt.type_size * fmt.block_size
+
+
+def repack(blocks: np.ndarray, ggml_type: T) -> QuantMatrix:
+    """blocks: uint8 [..., rows, row_bytes] of a GGUF tensor -> the kernel matrix."""
+    target = kernel_type(ggml_type, row_values(blocks, ggml_type))
+    if target is None:
+        raise ValueError(
+            f"no CPU kernel for {row_values(blocks, ggml_type)}-wide rows (not a multiple of 32)"
+        )
+    if target != ggml_type:
+        blocks = quantize(dequantize(blocks, ggml_type), target)
+    return KERNELS[target][0].from_blocks(blocks)
+
+
+def quantize_matrix(values: np.ndarray, ggml_type: T) -> QuantMatrix:
+    """float32 [..., rows, cols] -> the kernel matrix of `ggml_type` (or its fallback)."""
+    target = kernel_type(ggml_type, values.shape[-1])
+    if target is None:
+        raise ValueError(f"no CPU kernel for {values.shape[-1]}-wide rows (not a multiple of 32)")
+    return KERNELS[target][0].from_blocks(quantize(np.ascontiguousarray(values), target))
+
+
+def grouped_gemv(
+    w: QuantMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
+) -> np.ndarray:
+    """w: [experts, rows, cols]; x: float32 [pairs, cols] -> [pairs, rows], row p =
+    W[pair_expert[p]] @ x[p]."""
+    return KERNELS[_format_of(w)][1](w, x, pair_expert, path)
+
+
+def gemv(w: QuantMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
+    """w: [rows, cols]; x: float32 [tokens, cols] -> [tokens, rows] = x @ W.T."""
+    stacked = _map_fields(w, lambda a: a[None])
+    return grouped_gemv(stacked, x, np.zeros(x.shape[0], np.int64), path)
+
+
+def row_slice(w: QuantMatrix, start: int, stop: int) -> QuantMatrix:
+    """Rows [start, stop) of a 2-D kernel matrix, as views."""
+    return _map_fields(w, lambda a: a[start:stop])
+
+
+def _map_fields(w: QuantMatrix, fn: Callable[[np.ndarray], np.ndarray]) -> QuantMatrix:
+    # every field of a kernel matrix is an array whose leading axes are [..., rows]
+    return dataclasses.replace(w, **{f.name: fn(getattr(w, f.name)) for f in dataclasses.fields(w)})

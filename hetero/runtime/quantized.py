@@ -1,0 +1,177 @@
+"""Quantised weights on the CPU kernels: `QuantLinear` for dense layers, and the two passes that
+put kernel modules into a model: a GGUF file's quantised tensors as stored (before the float
+weights load), or a float model's weights quantised at load (`--quant q8_0|q4_k`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import nn
+
+from cpu_kernels.quant_matrix import (
+    FLOAT_TYPES,
+    QuantMatrix,
+    gemv,
+    kernel_type,
+    quantize_matrix,
+    repack,
+    row_slice,
+)
+from hetero.loading.weights import file_name
+from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, PROJECTIONS, NumbaExperts
+from hetero.runtime.experts import TorchExperts
+
+QUANT_TYPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K}
+# llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
+LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
+ROUTER_SUFFIXES = (".mlp.gate", "shared_expert_gate")  # kept float: they decide routing
+DEQUANT_TILE_BYTES = 64 * 1024 * 1024  # prefill dequantises a dense weight this much at a time
+
+
+class QuantLinear(nn.Module):
+    """`nn.Linear` (no autograd) over a quantised [out, in] matrix: the GEMV for a few tokens,
+    dequantised row tiles and torch's matmul for many."""
+
+    def __init__(self, weight: QuantMatrix, bias: nn.Parameter | None, path: str | None = None):
+        super().__init__()
+        self.qweight, self.path = weight, path
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        flat = x.detach().reshape(-1, self.in_features).float()
+        if flat.shape[0] <= DECODE_MAX_TOKENS:
+            y = torch.from_numpy(gemv(self.qweight, flat.numpy(), self.path))
+        else:
+            y = flat.new_empty(flat.shape[0], self.out_features)
+            step = max(1, DEQUANT_TILE_BYTES // (4 * self.in_features))
+            for start in range(0, self.out_features, step):
+                stop = min(start + step, self.out_features)
+                tile = row_slice(self.qweight, start, stop).dequantize()
+                torch.matmul(flat, torch.from_numpy(tile).T, out=y[:, start:stop])
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        name = type(self.qweight).__name__
+        return f"in_features={self.in_features}, out_features={self.out_features}, {name}"
+
+
+@dataclass
+class QuantReport:
+    """What a quantisation pass did, for the load log."""
+
+    modules: int = 0
+    kernel_bytes: int = 0
+    seconds: float = 0.0
+    types: dict[str, int] = field(default_factory=dict)
+
+    def add(self, module: QuantLinear | NumbaExperts) -> None:
+        self.modules += 1
+        self.kernel_bytes += module.nbytes
+        matrices = (module.qweight,) if isinstance(module, QuantLinear) else (module.gate_up,)
+        for matrix in matrices:
+            name = type(matrix).__name__
+            self.types[name] = self.types.get(name, 0) + 1
+
+    def merge(self, other: QuantReport) -> QuantReport:
+        types = {k: self.types.get(k, 0) + other.types.get(k, 0) for k in self.types | other.types}
+        return QuantReport(
+            self.modules + other.modules,
+            self.kernel_bytes + other.kernel_bytes,
+            self.seconds + other.seconds,
+            types,
+        )
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.types.items()))
+        return (
+            f"{self.modules} modules on the CPU kernels ({kinds}): "
+            f"{self.kernel_bytes / 2**30:.2f} GiB, repacked in {self.seconds:.1f} s"
+        )
+
+
+def _targets(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Expert blocks and dense layers that may move to the kernels, routers excluded."""
+    found, experts = [], []
+    for name, module in net.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in experts):
+            continue
+        if isinstance(module, TorchExperts):
+            experts.append(name)
+            found.append((name, module))
+        elif isinstance(module, nn.Linear) and not name.endswith(ROUTER_SUFFIXES):
+            found.append((name, module))
+    return found
+
+
+def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(owner), attr, module)
+
+
+def install_gguf_kernels(
+    net: nn.Module, checkpoint, checkpoint_name: Callable[[str], str], path: str | None = None
+) -> QuantReport:
+    """Before the float weights load: every expert block and dense layer whose GGUF tensors are
+    quantised becomes a kernel module holding them as stored (repacked, never dequantised to
+    float); `load_weights` then fills what is left (norms, embeddings, routers, biases)."""
+    report, began = QuantReport(), time.perf_counter()
+
+    def tensor_name(module_name: str) -> str:
+        return file_name(module_name, checkpoint_name)
+
+    for name, module in _targets(net):
+        if isinstance(module, TorchExperts):
+            names = [
+                {p: tensor_name(f"{name}.{e}.{p}.weight") for p in PROJECTIONS}
+                for e in range(len(module))
+            ]
+            _, ggml_type = checkpoint.raw_tensor(names[0]["gate_proj"])
+            if ggml_type in FLOAT_TYPES:
+                continue
+            new: nn.Module = NumbaExperts.from_checkpoint(checkpoint, names, path)
+        else:
+            source = tensor_name(f"{name}.weight")
+            if name == "lm_head" and source not in checkpoint:  # tied to the embedding
+                source = tensor_name("embed_tokens.weight")
+            try:
+                blocks, ggml_type = checkpoint.raw_tensor(source)
+            except KeyError:  # joined from several stored tensors (MLA kv_b): stays float
+                continue
+            if ggml_type in FLOAT_TYPES or kernel_type(ggml_type, module.in_features) is None:
+                continue
+            new = QuantLinear(repack(blocks, ggml_type), module.bias, path)
+        _replace(net, name, new)
+        report.add(new)
+    report.seconds = time.perf_counter() - began
+    return report
+
+
+def quantize_float_weights(net: nn.Module, ggml_type: T, path: str | None = None) -> QuantReport:
+    """After the float weights load: quantise expert blocks and dense layers to `ggml_type`
+    (the output layer to Q6_K under Q4_K, as llama.cpp's mixes do)."""
+    report, began = QuantReport(), time.perf_counter()
+    for name, module in _targets(net):
+        if isinstance(module, TorchExperts):
+            new: nn.Module = NumbaExperts.from_torch(module, ggml_type, path)
+        else:
+            target = LM_HEAD_TYPE.get(ggml_type, ggml_type) if name == "lm_head" else ggml_type
+            if kernel_type(target, module.in_features) is None:
+                continue
+            weight = module.weight.detach().float().numpy()
+            new = QuantLinear(quantize_matrix(weight, target), module.bias, path)
+        _replace(net, name, new)
+        report.add(new)
+    report.seconds = time.perf_counter() - began
+    return report

@@ -1,0 +1,122 @@
+"""Quantised weights on the CPU kernels inside a model: `QuantLinear` against torch's linear on
+the same dequantised weights, GGUF files whose quantised tensors run on the kernels as stored,
+and float checkpoints quantised at load (`quant="q8_0" / "q4_k"`).
+
+Budgets: the kernels see exactly the dequantised weights, so the only extra error is the int8
+quantisation of activations (at most 1/254 of each 32-block's largest value per input), which
+stays below 2e-2 relative to a layer's output; through a whole tiny model it stays within 5e-2
+(relative RMS of the logits), far below the weight quantisation error itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_checkpoint
+from gguf import GGMLQuantizationType as T
+
+import hetero
+from cpu_kernels.quant_matrix import quantize_matrix
+from hetero.errors import InvalidRequestError
+from hetero.loading.gguf_writer import write_gguf
+from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
+from hetero.runtime.experts import TorchExperts
+from hetero.runtime.model import set_threads
+from hetero.runtime.quantized import QuantLinear
+
+WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64)
+KERNEL_LOGIT_BUDGET = 5e-2
+
+
+def relative_rms(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
+
+
+def some_ids(vocab: int, n: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_K, T.Q6_K])
+@pytest.mark.parametrize("tokens", [1, 5, DECODE_MAX_TOKENS + 3])
+def test_quant_linear_matches_torch_linear_on_dequantised_weights(ggml_type, tokens):
+    rng = np.random.default_rng()
+    weight = quantize_matrix(rng.standard_normal((96, 512), dtype=np.float32), ggml_type)
+    bias = torch.nn.Parameter(torch.randn(96), requires_grad=False)
+    layer = QuantLinear(weight, bias)
+    x = torch.randn(2, tokens, 512)
+    want = F.linear(x, torch.from_numpy(weight.dequantize()), bias)
+    got = layer(x)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert relative_rms(got, want) < (2e-2 if tokens <= DECODE_MAX_TOKENS else 1e-5)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("wide_qwen3_moe")
+    make_checkpoint(directory, "qwen3_moe", **WIDE)
+    return directory, hetero.load(directory, dtype="float32", progress=False)
+
+
+def expected_kernel_modules(source) -> tuple[int, int]:
+    """Every expert block, and every dense layer except the routers (which stay float)."""
+    names = dict(source.net.named_modules())
+    experts = sum(isinstance(m, TorchExperts) for m in names.values())
+    linears = sum(
+        isinstance(m, torch.nn.Linear) and ".experts." not in n and not n.endswith(".mlp.gate")
+        for n, m in names.items()
+    )
+    return experts, linears
+
+
+def kernel_modules(model) -> tuple[int, int]:
+    modules = list(model.net.modules())
+    return (
+        sum(isinstance(m, NumbaExperts) for m in modules),
+        sum(isinstance(m, QuantLinear) for m in modules),
+    )
+
+
+@pytest.mark.parametrize("file_type", ["q8_0", "q4_k_m"])
+def test_gguf_quantised_tensors_run_on_the_kernels(wide_model, tmp_path, file_type):
+    _, source = wide_model
+    (gguf_file,) = write_gguf(source, tmp_path / "model.gguf", file_type)
+    kernels = hetero.load(gguf_file, progress=False)
+    dequantised = hetero.load(gguf_file, quant="none", dtype="float32", progress=False)
+    experts, linears = kernel_modules(kernels)
+    assert (experts, linears) == expected_kernel_modules(source)
+    assert kernel_modules(dequantised) == (0, 0)
+    assert not any(isinstance(m, TorchExperts) for m in kernels.net.modules())
+    assert kernels.dtype == torch.float32
+    assert kernels.quant_report.modules == experts + linears
+    ids = some_ids(source.config.vocab_size, 40)
+    assert relative_rms(kernels.logits(ids), dequantised.logits(ids)) < KERNEL_LOGIT_BUDGET
+    # decode steps (the GEMV path) agree with the dequantised model's too
+    ours = kernels.generate(ids[:8], max_new_tokens=6, logprobs=0, ignore_eos=True)
+    reference = dequantised.logits(ids[:8] + ours.token_ids[:-1])[7:]
+    chosen = reference.log_softmax(-1).gather(1, torch.tensor(ours.token_ids)[:, None])[:, 0]
+    logprobs = torch.tensor([entry.logprob for entry in ours.logprobs])
+    assert torch.allclose(logprobs, chosen, atol=0.1)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k"])
+def test_float_checkpoint_quantised_at_load(wide_model, quant):
+    directory, source = wide_model
+    model = hetero.load(directory, quant=quant, progress=False)
+    assert kernel_modules(model) == expected_kernel_modules(source)
+    assert model.dtype == torch.float32
+    head = model.net.lm_head.qweight
+    assert type(head).__name__ == ("Q6KMatrix" if quant == "q4_k" else "Q8Matrix")
+    ids = some_ids(source.config.vocab_size, 40)
+    budget = {"q8_0": 0.05, "q4_k": 0.3}[quant]  # test_gguf_loading's budgets for the files
+    assert relative_rms(model.logits(ids), source.logits(ids)) < budget
+
+
+def test_bad_quant_and_threads_are_refused(wide_model):
+    directory, _ = wide_model
+    with pytest.raises(InvalidRequestError, match="quant must be one of"):
+        hetero.load(directory, quant="q3_k", progress=False)
+    with pytest.raises(InvalidRequestError, match="threads must be >= 1"):
+        set_threads(0)
+    with pytest.raises(InvalidRequestError, match="NUMBA_NUM_THREADS"):
+        set_threads(10_000)
