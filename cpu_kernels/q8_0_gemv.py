@@ -10,6 +10,7 @@ plain-Numba path computes the same thing everywhere and is what the tests compar
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from functools import reduce
@@ -35,6 +36,7 @@ TOKEN_TILE = 4
 ROW_CHUNK = 64
 
 
+@functools.cache  # asking LLVM for the host's features costs ~0.15 ms, more than a small GEMV
 def available_kernel_paths() -> tuple[str, ...]:
     """The paths this CPU can run (the plain one always)."""
     avx2 = llvm_binding.get_host_cpu_features().get("avx2")

@@ -58,6 +58,12 @@ class Sampler:
         self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]
     ) -> torch.Tensor:
         p = self.params
+        penalties = p.repetition_penalty != 1.0 or (
+            (p.presence_penalty or p.frequency_penalty) and output_ids
+        )
+        if not penalties:
+            return logits.float()
+        # a copy only when it changes: a vocab-sized fresh allocation costs page faults per token
         logits = logits.float().clone()
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
