@@ -14,6 +14,7 @@ from cpu_kernels.gguf_quants import FORMATS, QK_K
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
+QUANTIZE_CHUNK_VALUES = 1 << 20  # values quantised per call of a block quantiser
 
 
 def nearest_int(x: np.ndarray) -> np.ndarray:
@@ -278,5 +279,10 @@ def quantize(x: np.ndarray, ggml_type: T) -> np.ndarray:
             f"({fmt.block_size})"
         )
     rows = values.shape[-1] // fmt.block_size * fmt.type_size
-    blocks = QUANTIZERS[ggml_type](values.reshape(-1, fmt.block_size))
+    flat = values.reshape(-1, fmt.block_size)
+    blocks = np.empty((flat.shape[0], fmt.type_size), np.uint8)
+    # in chunks: the quantisers' temporaries are tens of times their input (K-quant searches)
+    step = max(1, QUANTIZE_CHUNK_VALUES // fmt.block_size)
+    for start in range(0, flat.shape[0], step):
+        blocks[start : start + step] = QUANTIZERS[ggml_type](flat[start : start + step])
     return blocks.reshape(*values.shape[:-1], rows)
