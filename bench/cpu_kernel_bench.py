@@ -1,9 +1,10 @@
 """Decode GEMV kernels against this machine's DRAM read bandwidth.
 
-Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0, Q4_K and
-Q6_K GEMV path over several distinct weight matrices much larger than cache (1 and 4 tokens on one
-matrix), then the grouped Q8_0 and Q4_K GEMVs on 1 and 16 decode tokens routed to top-8 of 64
-experts, and prints GB/s of weights read as a fraction of that ceiling.
+Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0, Q4_K, Q6_K
+and BF16 GEMV path over several distinct weight matrices much larger than cache (1 and 4 tokens on
+one matrix), then the grouped Q8_0, Q4_K and BF16 GEMVs on 1 and 16 decode tokens routed to top-8
+of 64 experts, and prints GB/s of weights read as a fraction of that ceiling. With BF16, torch's
+`F.linear` at the same shapes in bfloat16 and float32, for scale.
 Run: .venv/bin/python bench/cpu_kernel_bench.py [--threads N] [--dram-gib 1.5] [--kernels q6_k]
 """
 
@@ -17,7 +18,14 @@ import time
 import numba
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from cpu_kernels.bf16_gemv import (
+    GROUPED_GEMV_BF16,
+    BF16Matrix,
+    aligned_activations,
+    grouped_bf16_gemv,
+)
 from cpu_kernels.q4_k_gemv import (
     GROUPED_GEMV_Q4_K,
     Q4KMatrix,
@@ -41,7 +49,8 @@ from placement.probe import best_seconds, measure_dram_read_gbs
 # repacked bytes each kernel reads (Q8_0: int8 + float32 scale per 32 values, 36 bytes against
 # GGUF's 34; Q4_K: nibbles + 6-bit scale and min in a byte each per 32 + float32 d and dmin per
 # 256 values, 152 bytes per 256 against GGUF's 144; Q6_K: 6-bit codes + int8 scale per 16 +
-# float32 d per 256 values, 212 bytes per 256 against GGUF's 210)
+# float32 d per 256 values, 212 bytes per 256 against GGUF's 210; BF16: 2 bytes per value, as
+# stored)
 SHAPES = ((1536, 2048), (2048, 768))
 
 
@@ -63,6 +72,12 @@ def random_q6_k(rows: int, cols: int, rng: np.random.Generator) -> Q6KMatrix:
         rng.integers(-128, 128, (1, rows, cols // 16), dtype=np.int8),
         rng.random((1, rows, cols // 256), dtype=np.float32) * 0.01,
     )
+
+
+def random_bf16(rows: int, cols: int, rng: np.random.Generator) -> BF16Matrix:
+    # the top halves of float32 weights: finite, no subnormals
+    weights = rng.standard_normal((1, rows, cols), dtype=np.float32) * np.float32(0.02)
+    return BF16Matrix((weights.view(np.uint32) >> 16).astype(np.uint16))
 
 
 def q8_0_runner(path: str, ws: list[Q8Matrix], x: np.ndarray):
@@ -104,10 +119,24 @@ def q6_k_runner(path: str, ws: list[Q6KMatrix], x: np.ndarray):
     return run
 
 
+def bf16_runner(path: str, ws: list[BF16Matrix], x: np.ndarray):
+    groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
+    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
+    kernel = GROUPED_GEMV_BF16[path]
+    x = aligned_activations(x)
+
+    def run():
+        for w in ws:
+            kernel(w.values, x, *groups, out)
+
+    return run
+
+
 KERNELS = {
     "q8_0": (random_q8, q8_0_runner),
     "q4_k": (random_q4_k, q4_k_runner),
     "q6_k": (random_q6_k, q6_k_runner),
+    "bf16": (random_bf16, bf16_runner),
 }
 
 
@@ -119,7 +148,21 @@ def gemv_gb_s(kernel: str, path: str, shape: tuple[int, int], matrices: int, tok
     return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
 
 
-ROUTED = {"q8_0": grouped_q8_0_gemv, "q4_k": grouped_q4_k_gemv}
+def torch_linear_gb_s(dtype: torch.dtype, shape: tuple[int, int], matrices: int, tokens: int):
+    """torch's `F.linear` (what transformers runs) over the same number of distinct weights."""
+    ws = [torch.randn(shape).mul_(0.02).to(dtype) for _ in range(matrices)]
+    x = torch.randn(tokens, shape[1]).to(dtype)
+
+    def run():
+        for w in ws:
+            F.linear(x, w)
+
+    with torch.inference_mode():
+        return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
+
+
+ROUTED = {"q8_0": grouped_q8_0_gemv, "q4_k": grouped_q4_k_gemv, "bf16": grouped_bf16_gemv}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
 def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: int = 8):
@@ -181,6 +224,7 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, host path {host_kernel_path()}, load {os.getloadavg()}")
     ceiling = measure_dram_read_gbs(int(args.dram_gib * 2**30))
     print(f"DRAM read (prange float32 sum, {args.dram_gib} GiB): {ceiling:.1f} GB/s")
@@ -191,6 +235,12 @@ def main() -> None:
                 for tokens in (1, 4):
                     gb_s = gemv_gb_s(kernel, path, shape, args.matrices, tokens)
                     rows.append((f"{kernel} gemv", path, shape, tokens, gb_s))
+    if "bf16" in args.kernels:
+        for name, dtype in TORCH_DTYPES.items():
+            for shape in SHAPES:
+                for tokens in (1, 4):
+                    gb_s = torch_linear_gb_s(dtype, shape, args.matrices, tokens)
+                    rows.append((f"torch F.linear {name}", "torch", shape, tokens, gb_s))
     for kernel in (k for k in args.kernels if k in ROUTED):
         for tokens in (1, 16):
             gb_s = routed_gb_s(kernel, host_kernel_path(), tokens)

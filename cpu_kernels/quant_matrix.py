@@ -1,31 +1,40 @@
 """One entry point over the weight formats the CPU GEMVs run: repack GGUF blocks (or quantise
-float weights) into a kernel matrix, multiply by it, dequantise it. Formats without a kernel
-are requantised to Q8_0 at load, so every quantised file runs on the kernels."""
+float weights) into a kernel matrix, multiply by it, dequantise it. Quantised formats without
+a kernel are requantised to Q8_0 at load, so every quantised file runs on the kernels."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 
+import llvmlite.binding as llvm_binding
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from cpu_kernels.bf16_gemv import BF16Matrix, grouped_bf16_gemv
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import FORMATS, dequantize
 from cpu_kernels.q4_k_gemv import Q4KMatrix, grouped_q4_k_gemv
 from cpu_kernels.q6_k_gemv import Q6KMatrix, grouped_q6_k_gemv
 from cpu_kernels.q8_0_gemv import Q8Matrix, grouped_q8_0_gemv
 
-QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix
+QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix
 
 # GGML type -> (repacked matrix class, grouped GEMV)
 KERNELS: dict[T, tuple[type, Callable[..., np.ndarray]]] = {
     T.Q8_0: (Q8Matrix, grouped_q8_0_gemv),
     T.Q4_K: (Q4KMatrix, grouped_q4_k_gemv),
     T.Q6_K: (Q6KMatrix, grouped_q6_k_gemv),
+    T.BF16: (BF16Matrix, grouped_bf16_gemv),
 }
 FALLBACK_TYPE = T.Q8_0  # what a type without a kernel is requantised to
-FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+FLOAT_TYPES = (T.F32, T.F16)  # run by torch (BF16 has a kernel: 2 bytes read per weight)
+
+
+def native_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16): torch's bf16 matmul is then
+    fast, and bf16 weights need no kernel of ours."""
+    return bool(llvm_binding.get_host_cpu_features().get("avx512bf16"))
 
 
 def kernel_type(ggml_type: T, cols: int) -> T | None:

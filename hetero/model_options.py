@@ -21,8 +21,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         "--quant",
         default="auto",
         choices=QUANT_CHOICES,
-        help="auto: a GGUF file's quantised weights run on the CPU kernels as stored; none: "
-        "dequantise all; q8_0/q4_k: quantise float weights at load",
+        help="auto: a GGUF file's quantised/BF16 weights, and a bf16 checkpoint's on CPUs "
+        "without native bf16, run on the CPU kernels; none: torch runs all in --dtype; "
+        "q8_0/q4_k/bf16: convert float weights at load",
     )
 
 

@@ -21,6 +21,19 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def cap_reply_tokens(page, tokens: int = 200) -> None:
+    """The page asks for no max_tokens, so a random demo reply may run to the context (minutes
+    on a loaded 2-core machine): cap requests that don't set one."""
+    page.evaluate(
+        """n => { const f = window.fetch; window.fetch = (u, o) => {
+            if (o && o.body) { const b = JSON.parse(o.body);
+                               if (b.max_tokens === undefined) b.max_tokens = n;
+                               o = { ...o, body: JSON.stringify(b) }; }
+            return f(u, o); }; }""",
+        tokens,
+    )
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -38,6 +51,7 @@ def page(browser, tmp_path_factory):
     with running_server(cache, "--served-model-name", "webdemo") as url:
         page = browser.new_page()
         page.goto(url)
+        cap_reply_tokens(page)
         yield page
         page.close()
 
@@ -95,6 +109,7 @@ def test_reasoning_is_shown_folded(browser, tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("cache"), *args) as url:
         page = browser.new_page()
         page.goto(url)
+        cap_reply_tokens(page)
         page.wait_for_function("document.getElementById('model').textContent.includes('demo')")
         page.fill("#input", "Think first")
         page.press("#input", "Enter")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from cpu_kernels.bf16_gemv import BF16Matrix
 from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.quant_matrix import QuantMatrix, grouped_gemv, quantize_matrix, repack
 from hetero.runtime.experts import TorchExperts, run_grouped_by_expert
@@ -27,6 +28,19 @@ class RawTensorSource(Protocol):
 
 DECODE_MAX_TOKENS = 16  # more tokens per call go to the prefill path (a guess, not yet tuned)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def matrix_from_weights(
+    weights: list[torch.Tensor], ggml_type: T, stacked: bool = True
+) -> QuantMatrix:
+    """Float [rows, cols] weights -> a kernel matrix, [experts, rows, cols] when `stacked`
+    (one weight per expert), else [rows, cols] (one weight). bfloat16 weights become BF16 by
+    their bits (nothing rounded); anything else is quantised from float32."""
+    if ggml_type == T.BF16 and all(w.dtype == torch.bfloat16 for w in weights):
+        arrays = [w.detach().view(torch.int16).numpy().view(np.uint16) for w in weights]
+        return BF16Matrix(np.stack(arrays) if stacked else arrays[0])
+    arrays = [w.detach().float().numpy() for w in weights]
+    return quantize_matrix(np.stack(arrays) if stacked else arrays[0], ggml_type)
 
 
 class NumbaExperts(nn.Module):
@@ -85,16 +99,12 @@ class NumbaExperts(nn.Module):
     def from_torch(
         cls, experts: TorchExperts, ggml_type: T = T.Q8_0, path: str | None = None
     ) -> NumbaExperts:
-        """Quantise a float `TorchExperts` to `ggml_type` (Q8_0, Q4_K, Q6_K)."""
+        """Quantise a float `TorchExperts` to `ggml_type` (Q8_0, Q4_K, Q6_K, BF16)."""
 
-        def stacked(name: str) -> np.ndarray:
-            return np.stack([getattr(mlp, name).weight.detach().float().numpy() for mlp in experts])
-
-        gate_up = np.concatenate([stacked("gate_proj"), stacked("up_proj")], axis=1)
+        gate_up = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) for mlp in experts]
+        down = [mlp.down_proj.weight for mlp in experts]
         return cls(
-            quantize_matrix(gate_up, ggml_type),
-            quantize_matrix(stacked("down_proj"), ggml_type),
-            path,
+            matrix_from_weights(gate_up, ggml_type), matrix_from_weights(down, ggml_type), path
         )
 
     def forward(

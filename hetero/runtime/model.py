@@ -8,7 +8,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import numba
 import torch
 
 from hetero.config import TransformerConfig, read_config_json
@@ -34,9 +33,10 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_BLOCK_TOKENS = 16
-# "auto": a GGUF file's quantised tensors run on the CPU kernels; "none": dequantise them;
-# a type: quantise float weights at load (hetero.runtime.quantized.QUANT_TYPES)
-QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k")
+# "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do bf16
+# checkpoints on CPUs without native bf16 matmul; "none": torch runs everything in the model
+# dtype; a type: quantise float weights at load (hetero.runtime.quantized.QUANT_TYPES)
+QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16")
 
 
 class Model:
@@ -67,9 +67,11 @@ class Model:
         quant: str = "auto",
     ) -> Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
-        lazily). `quant`: "auto" runs a GGUF file's quantised tensors on the CPU kernels as
-        stored and a float model in its dtype; "none" dequantises everything to `dtype`;
-        "q8_0" / "q4_k" quantise float weights at load (experts and dense layers)."""
+        lazily). `quant`: "auto" runs a GGUF file's quantised and BF16 tensors on the CPU
+        kernels as stored, and a bf16 checkpoint's weights on the BF16 kernel where the CPU has
+        no native bf16 matmul (both with float32 compute); "none" runs everything in torch in
+        `dtype`; "q8_0" / "q4_k" / "bf16" convert float weights at load (experts and dense
+        layers)."""
         model_dir = Path(path).expanduser()
         gguf = model_dir.suffix == ".gguf" or model_dir.is_file()
         if not gguf and not model_dir.is_dir():
@@ -87,8 +89,10 @@ class Model:
             raw = read_config_json(model_dir)
         family = family_for(raw)
         config = family.parse_config(raw)
-        quantise_at_load = quant not in ("auto", "none")
-        kernels = quantise_at_load or (gguf and quant == "auto")
+        quant_type = None if quant in ("auto", "none") else quant
+        if quant == "auto" and not gguf and dtype == "auto" and bf16_on_kernels(raw):
+            quant_type = "bf16"
+        kernels = quant_type is not None or (gguf and quant == "auto")
         if kernels:  # imported only here: the kernels' module pulls in Numba
             from hetero.runtime.quantized import (
                 QUANT_TYPES,
@@ -99,7 +103,7 @@ class Model:
             dtype = "float32"  # the kernels take and give float32; so does the rest on a CPU
         torch_dtype = resolve_dtype(dtype, raw)
         # weights quantised at load are read in the file's dtype (zero-copy), not converted first
-        load_dtype = resolve_dtype("auto", raw) if quantise_at_load else torch_dtype
+        load_dtype = resolve_dtype("auto", raw) if quant_type else torch_dtype
         if not gguf:
             checkpoint = SafetensorsCheckpoint(model_dir)
             tokenizer = Tokenizer.from_dir(model_dir)
@@ -119,8 +123,8 @@ class Model:
             keep_float32=keep_float32,
             progress=progress,
         )
-        if quantise_at_load:
-            more = quantize_float_weights(net, QUANT_TYPES[quant])
+        if quant_type:
+            more = quantize_float_weights(net, QUANT_TYPES[quant_type])
             report = more if report is None else report.merge(more)
             cast_parameters(net, torch_dtype, keep_float32)
         net.eval().requires_grad_(False)
@@ -248,8 +252,20 @@ def cast_parameters(
             param.data = param.data.to(dtype)
 
 
+def bf16_on_kernels(raw_config: dict[str, Any]) -> bool:
+    """A bfloat16 checkpoint runs on our BF16 GEMV (2 bytes read per weight, float32 math)
+    unless the CPU multiplies bf16 natively."""
+    if resolve_dtype("auto", raw_config) != torch.bfloat16:
+        return False
+    from cpu_kernels.quant_matrix import native_bf16_matmul
+
+    return not native_bf16_matmul()
+
+
 def set_threads(threads: int) -> None:
     """CPU threads for torch and the Numba kernels."""
+    import numba  # here, not at the top: its LLVM costs ~70 MB that torch-only runs don't need
+
     if threads < 1:
         raise InvalidRequestError(f"threads must be >= 1, got {threads}")
     available = numba.config.NUMBA_NUM_THREADS

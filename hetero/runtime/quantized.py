@@ -17,15 +17,19 @@ from cpu_kernels.quant_matrix import (
     QuantMatrix,
     gemv,
     kernel_type,
-    quantize_matrix,
     repack,
     row_slice,
 )
 from hetero.loading.weights import file_name
-from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, PROJECTIONS, NumbaExperts
+from hetero.runtime.cpu_experts import (
+    DECODE_MAX_TOKENS,
+    PROJECTIONS,
+    NumbaExperts,
+    matrix_from_weights,
+)
 from hetero.runtime.experts import TorchExperts
 
-QUANT_TYPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K}
+QUANT_TYPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K, "bf16": T.BF16}
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
 ROUTER_SUFFIXES = (".mlp.gate", "shared_expert_gate")  # kept float: they decide routing
@@ -169,8 +173,8 @@ def quantize_float_weights(net: nn.Module, ggml_type: T, path: str | None = None
             target = LM_HEAD_TYPE.get(ggml_type, ggml_type) if name == "lm_head" else ggml_type
             if kernel_type(target, module.in_features) is None:
                 continue
-            weight = module.weight.detach().float().numpy()
-            new = QuantLinear(quantize_matrix(weight, target), module.bias, path)
+            weight = matrix_from_weights([module.weight], target, stacked=False)
+            new = QuantLinear(weight, module.bias, path)
         _replace(net, name, new)
         report.add(new)
     report.seconds = time.perf_counter() - began
