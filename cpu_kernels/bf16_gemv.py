@@ -4,7 +4,7 @@ A bfloat16 is the top half of a float32, so widening one is exact: zero-extend t
 shift left by 16. The AVX2 kernel does that on 8 weights at a time in registers (vpmovzxwd,
 vpslld) and multiply-adds them into float32 accumulators, a tile of up to TOKEN_TILE pairs of
 one expert per weight load. The plain-Numba kernel widens a row into a per-thread buffer and
-dots it with each pair; it runs everywhere and is what the AVX2 one is checked against.
+dots it with each pair: slower, but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from cpu_kernels.q8_0_gemv import (
 LANES = 8  # float32 lanes of an AVX2 register
 I16X8 = ir.VectorType(ir.IntType(16), LANES)
 BYTE_PTR = ir.IntType(8).as_pointer()
-# How far ahead of the multiply-adds the tile kernel asks for weights (prefetcht0): on the Zen 3
-# machines, about 0.8 -> 0.9 of the DRAM ceiling on one token (512 to 2048 do about as well).
+# How far ahead of the multiply-adds the tile kernel asks for weights (prefetcht0). On the Zen 3
+# machines, one token on 2048-wide rows went from about 0.8 to 0.86-0.92 of the DRAM ceiling
+# (512 to 2048 do about as well); on 768-wide rows the difference was within the noise.
 PREFETCH_BYTES = 1024
 # Activations start on a 32-byte boundary: a ymm load across a cache line costs two, which took
-# about 15% off the 4-token tiles with 16-byte aligned (numpy's malloc) activations.
+# 10 to 25% off 4-token tiles (run from L2) with numpy's 16-byte aligned activations.
 X_ALIGN_BYTES = 32
 
 
@@ -172,7 +173,7 @@ def _bf16_pairs_avx2(w, x, row, order, first, end, cols, out, col):
         store_tile(out, tile1, col, _bf16_tile_dot_avx2(w, x, row, tile1, cols))
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def _widen_bf16_plain(bits, wide):
     """bits: uint16 [n] -> wide: uint32 [n], the float32 bit patterns (a loop LLVM vectorises)."""
     for j in range(len(bits)):
