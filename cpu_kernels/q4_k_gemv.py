@@ -88,14 +88,23 @@ class Q4KMatrix:
         """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); bit for bit
         `gguf.quants.dequantize` of the source blocks (the same float32 operations)."""
         nibbles, sc, mn, d, dmin = (expert_slice(a, index) for a in self.arrays)
-        rows, subs = sc.shape
-        runs = nibbles.reshape(rows, -1, 1, QK8_0)
-        q = np.concatenate([runs & np.uint8(0x0F), runs >> np.uint8(4)], axis=2)
-        per_super = (rows, -1, SUBS)
-        scale = (d[..., None] * sc.reshape(per_super).astype(np.float32)).reshape(rows, subs)
-        offset = (dmin[..., None] * mn.reshape(per_super).astype(np.float32)).reshape(rows, subs)
-        q = q.reshape(rows, subs, QK8_0).astype(np.float32)
-        return (scale[..., None] * q - offset[..., None]).reshape(rows, -1)
+        out = np.empty((nibbles.shape[0], nibbles.shape[1] * 2), np.float32)
+        _dequantize_q4_k(nibbles, sc, mn, d, dmin, out)
+        return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _dequantize_q4_k(nibbles, sc, mn, d, dmin, out):
+    """`Q4KMatrix.dequantize` of one [rows, cols] matrix into out (float32, same operations as
+    gguf.quants: (d * scale) * q - (dmin * min)); parallel over rows."""
+    for r in prange(nibbles.shape[0]):
+        for s in range(sc.shape[1]):
+            scale = d[r, s // SUBS] * np.float32(sc[r, s])
+            offset = dmin[r, s // SUBS] * np.float32(mn[r, s])
+            run, shift = (s // 2) * QK8_0, 4 * (s % 2)
+            for j in range(QK8_0):
+                q = (np.int32(nibbles[r, run + j]) >> shift) & 15
+                out[r, s * QK8_0 + j] = scale * np.float32(q) - offset
 
 
 @intrinsic

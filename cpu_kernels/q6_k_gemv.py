@@ -40,7 +40,6 @@ BLOCKS, SUBS = QK_K // QK8_0, QK_K // 16  # 32-value blocks and 16-value sub-blo
 # runs; byte l of run i holds code l of block 4h+i in bits 0-5 and bits 2i, 2i+1 of code l of
 # block 4h+3 in bits 6-7.
 CODE_BYTES = QK_K * 3 // 4
-RUN_SHIFTS = np.array([0, 2, 4], np.uint8).reshape(1, 1, 3, 1)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -57,13 +56,6 @@ def _pack_codes(ql, qh, packed):
                 packed[n, out] = (lo & 0x0F) | (bits & 0x03) << 4 | (hi & 0x30) << 2
                 packed[n, out + 32] = (hi & 0x0F) | (bits & 0x0C) << 2 | (hi & 0xC0)
                 packed[n, out + 64] = (lo >> 4) | (bits & 0x30) | (bits & 0xC0)
-
-
-def _unpack_codes(packed: np.ndarray) -> np.ndarray:
-    """uint8 [n, 192] (the layout above) -> codes 0..63, uint8 [n, 256] in value order."""
-    runs = packed.reshape(-1, 2, 3, 32)
-    last = (runs >> 6 << RUN_SHIFTS).sum(axis=2, keepdims=True, dtype=np.uint8)
-    return np.concatenate([runs & 0x3F, last], axis=2).reshape(len(runs), QK_K)
 
 
 @dataclass(frozen=True)
@@ -108,11 +100,38 @@ class Q6KMatrix:
         `gguf.quants.dequantize` of the source blocks: d * scale is exact in float32 (11 + 8
         significant bits), so d * scale * (q - 32) is rounded once, as there."""
         packed, scales, d = (expert_slice(a, index) for a in self.arrays)
-        rows = packed.shape[0]
-        codes = _unpack_codes(packed.reshape(-1, CODE_BYTES)).astype(np.int8) - np.int8(32)
-        scales = scales.reshape(-1, 2, SUBS // 2).transpose(0, 2, 1).reshape(-1, SUBS, 1)
-        d_scale = d.reshape(-1, 1, 1) * scales.astype(np.float32)
-        return (d_scale * codes.reshape(-1, SUBS, 16).astype(np.float32)).reshape(rows, -1)
+        out = np.empty((packed.shape[0], d.shape[1] * QK_K), np.float32)
+        _dequantize_q6_k(packed, scales, d, out)
+        return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _dequantize_q6_k(packed, scales, d, out):
+    """`Q6KMatrix.dequantize` of one [rows, cols] matrix into out: (d * scale) * (q - 32) per
+    value, as gguf.quants does; parallel over rows. Codes unpack as `_pack_codes` packed them;
+    16-value sub-block k's scale is stored at (k % 2) * 8 + k // 2."""
+    for r in prange(packed.shape[0]):
+        step = np.empty(SUBS, np.float32)  # d * scale of each 16-value sub-block, value order
+        for n in range(d.shape[1]):
+            for k in range(SUBS):
+                step[k] = d[r, n] * np.float32(scales[r, n * SUBS + (k % 2) * 8 + k // 2])
+            for h in range(2):
+                base = n * CODE_BYTES + 96 * h
+                for l in range(QK8_0):
+                    b0 = np.int32(packed[r, base + l])
+                    b1 = np.int32(packed[r, base + 32 + l])
+                    b2 = np.int32(packed[r, base + 64 + l])
+                    codes = (
+                        b0 & 0x3F,
+                        b1 & 0x3F,
+                        b2 & 0x3F,
+                        (b0 >> 6) | (b1 >> 6) << 2 | (b2 >> 6) << 4,
+                    )
+                    for i in range(4):
+                        k32 = 4 * h + i
+                        out[r, n * QK_K + k32 * QK8_0 + l] = step[2 * k32 + l // 16] * np.float32(
+                            codes[i] - 32
+                        )
 
 
 @intrinsic

@@ -86,9 +86,20 @@ class Q8Matrix:
         """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); bit for bit
         `gguf.quants.dequantize` of the source blocks (the same float32 products)."""
         values, scales = expert_slice(self.values, index), expert_slice(self.scales, index)
-        rows, cols = values.shape
-        dense = values.reshape(rows, -1, QK8_0).astype(np.float32) * scales[..., None]
-        return dense.reshape(rows, cols)
+        out = np.empty(values.shape, np.float32)
+        _dequantize_q8_0(values, scales, out)
+        return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _dequantize_q8_0(values, scales, out):
+    """int8 [rows, cols] and float32 [rows, cols / 32] -> out float32 [rows, cols] (prefill
+    dequantises a whole expert per call: numpy's temporaries made that 3x slower)."""
+    for r in prange(values.shape[0]):
+        for b in range(scales.shape[1]):
+            scale = scales[r, b]
+            for j in range(QK8_0):
+                out[r, b * QK8_0 + j] = np.float32(values[r, b * QK8_0 + j]) * scale
 
 
 def expert_slice(array: np.ndarray, index: int | None) -> np.ndarray:
