@@ -23,6 +23,7 @@ from cpu_kernels.q8_0_gemv import (
     I8X32,
     I16X16,
     QK8_0,
+    ROW_CHUNK,
     Avx2Ir,
     check_pairs,
     element_ptr,
@@ -274,28 +275,28 @@ def grouped_gemv_q6_k_avx2(
     rows, superblocks = d.shape[1], d.shape[2]
     weights = (codes.reshape(-1), scales.reshape(-1), d.reshape(-1))
     acts = (x_q.reshape(-1), x_scales.reshape(-1), x_offsets.reshape(-1))
-    for r in prange(rows):
+    # ROW_CHUNK rows of one expert per thread before the next: one sequential read at a time
+    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         for g in range(len(group_expert)):
-            row, i, end = group_expert[g] * rows + r, group_start[g], group_start[g + 1]
-            while end - i >= 4:
-                tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
-                store_tile(out, tile, r, _q6k_tile_dot_avx2(weights, acts, row, tile, superblocks))
-                i += 4
-            if end - i == 3:
-                tile3 = (order[i], order[i + 1], order[i + 2])
-                store_tile(
-                    out, tile3, r, _q6k_tile_dot_avx2(weights, acts, row, tile3, superblocks)
-                )
-            elif end - i == 2:
-                tile2 = (order[i], order[i + 1])
-                store_tile(
-                    out, tile2, r, _q6k_tile_dot_avx2(weights, acts, row, tile2, superblocks)
-                )
-            elif end - i == 1:
-                tile1 = (order[i],)
-                store_tile(
-                    out, tile1, r, _q6k_tile_dot_avx2(weights, acts, row, tile1, superblocks)
-                )
+            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+                row, i, end = group_expert[g] * rows + r, group_start[g], group_start[g + 1]
+                while end - i >= 4:
+                    tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
+                    dots = _q6k_tile_dot_avx2(weights, acts, row, tile, superblocks)
+                    store_tile(out, tile, r, dots)
+                    i += 4
+                if end - i == 3:
+                    tile3 = (order[i], order[i + 1], order[i + 2])
+                    dots3 = _q6k_tile_dot_avx2(weights, acts, row, tile3, superblocks)
+                    store_tile(out, tile3, r, dots3)
+                elif end - i == 2:
+                    tile2 = (order[i], order[i + 1])
+                    dots2 = _q6k_tile_dot_avx2(weights, acts, row, tile2, superblocks)
+                    store_tile(out, tile2, r, dots2)
+                elif end - i == 1:
+                    tile1 = (order[i],)
+                    dots1 = _q6k_tile_dot_avx2(weights, acts, row, tile1, superblocks)
+                    store_tile(out, tile1, r, dots1)
 
 
 @njit(parallel=True, nogil=True, cache=True)
