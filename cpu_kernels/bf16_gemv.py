@@ -245,8 +245,3 @@ def grouped_bf16_gemv(
     kernel = GROUPED_GEMV_BF16[path or host_kernel_path()]
     kernel(w.values, aligned_activations(x), *groups, out)
     return out
-
-
-def bf16_gemv(w: BF16Matrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
-    """w: [rows, cols]; x: float32 [tokens, cols] -> float32 [tokens, rows] = x @ W.T."""
-    return grouped_bf16_gemv(BF16Matrix(w.values[None]), x, np.zeros(x.shape[0], np.int64), path)

@@ -300,9 +300,3 @@ def grouped_q4_k_gemv(
     kernel = GROUPED_GEMV_Q4_K[path or host_kernel_path()]
     kernel(*w.arrays, *q4_k_activations(x), *groups, out)
     return out
-
-
-def q4_k_gemv(w: Q4KMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
-    """w: [rows, cols]; x: float32 [tokens, cols] -> float32 [tokens, rows] = x @ W.T."""
-    stacked = Q4KMatrix(*(a[None] for a in w.arrays))
-    return grouped_q4_k_gemv(stacked, x, np.zeros(x.shape[0], np.int64), path)

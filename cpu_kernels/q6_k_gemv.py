@@ -339,9 +339,3 @@ def grouped_q6_k_gemv(
     kernel = GROUPED_GEMV_Q6_K[path or host_kernel_path()]
     kernel(*w.arrays, *q6_k_activations(x), *groups, out)
     return out
-
-
-def q6_k_gemv(w: Q6KMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
-    """w: [rows, cols]; x: float32 [tokens, cols] -> float32 [tokens, rows] = x @ W.T."""
-    stacked = Q6KMatrix(*(a[None] for a in w.arrays))
-    return grouped_q6_k_gemv(stacked, x, np.zeros(x.shape[0], np.int64), path)

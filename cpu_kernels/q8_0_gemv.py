@@ -37,9 +37,14 @@ ROW_CHUNK = 64
 
 
 @functools.cache  # asking LLVM for the host's features costs ~0.15 ms, more than a small GEMV
+def host_cpu_features() -> dict[str, bool]:
+    """This CPU's features as LLVM names them ("avx2", "avx512bf16", ...)."""
+    return dict(llvm_binding.get_host_cpu_features())
+
+
 def available_kernel_paths() -> tuple[str, ...]:
     """The paths this CPU can run (the plain one always)."""
-    avx2 = llvm_binding.get_host_cpu_features().get("avx2")
+    avx2 = host_cpu_features().get("avx2")
     return KERNEL_PATHS if avx2 else ("plain",)
 
 
@@ -457,9 +462,3 @@ def grouped_q8_0_gemv(
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
     GROUPED_GEMV_Q8_0[path or host_kernel_path()](w.values, w.scales, x_q, x_scales, *groups, out)
     return out
-
-
-def q8_0_gemv(w: Q8Matrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
-    """w: [rows, cols]; x: float32 [tokens, cols] -> float32 [tokens, rows] = x @ W.T."""
-    stacked = Q8Matrix(w.values[None], w.scales[None])
-    return grouped_q8_0_gemv(stacked, x, np.zeros(x.shape[0], np.int64), path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import llvmlite.binding as llvm_binding
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
@@ -16,7 +15,7 @@ from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import FORMATS, dequantize
 from cpu_kernels.q4_k_gemv import Q4KMatrix, grouped_q4_k_gemv
 from cpu_kernels.q6_k_gemv import Q6KMatrix, grouped_q6_k_gemv
-from cpu_kernels.q8_0_gemv import Q8Matrix, grouped_q8_0_gemv
+from cpu_kernels.q8_0_gemv import Q8Matrix, grouped_q8_0_gemv, host_cpu_features
 
 QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix
 
@@ -34,7 +33,7 @@ FLOAT_TYPES = (T.F32, T.F16)  # run by torch (BF16 has a kernel: 2 bytes read pe
 def native_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16): torch's bf16 matmul is then
     fast, and bf16 weights need no kernel of ours."""
-    return bool(llvm_binding.get_host_cpu_features().get("avx512bf16"))
+    return bool(host_cpu_features().get("avx512bf16"))
 
 
 def kernel_type(ggml_type: T, cols: int) -> T | None:
@@ -45,6 +44,13 @@ def kernel_type(ggml_type: T, cols: int) -> T | None:
         return ggml_type
     block = FORMATS[FALLBACK_TYPE].block_size
     return FALLBACK_TYPE if cols % block == 0 else None
+
+
+def _kernel_type_or_raise(ggml_type: T, cols: int) -> T:
+    target = kernel_type(ggml_type, cols)
+    if target is None:
+        raise ValueError(f"no CPU kernel for {cols}-wide rows (not a multiple of 32)")
+    return target
 
 
 def _format_of(w: QuantMatrix) -> T:
@@ -62,11 +68,7 @@ def row_values(blocks: np.ndarray, ggml_type: T) -> int:
 
 def repack(blocks: np.ndarray, ggml_type: T) -> QuantMatrix:
     """blocks: uint8 [..., rows, row_bytes] of a GGUF tensor -> the kernel matrix."""
-    target = kernel_type(ggml_type, row_values(blocks, ggml_type))
-    if target is None:
-        raise ValueError(
-            f"no CPU kernel for {row_values(blocks, ggml_type)}-wide rows (not a multiple of 32)"
-        )
+    target = _kernel_type_or_raise(ggml_type, row_values(blocks, ggml_type))
     if target != ggml_type:
         blocks = quantize(dequantize(blocks, ggml_type), target)
     return KERNELS[target][0].from_blocks(blocks)
@@ -74,9 +76,7 @@ def repack(blocks: np.ndarray, ggml_type: T) -> QuantMatrix:
 
 def quantize_matrix(values: np.ndarray, ggml_type: T) -> QuantMatrix:
     """float32 [..., rows, cols] -> the kernel matrix of `ggml_type` (or its fallback)."""
-    target = kernel_type(ggml_type, values.shape[-1])
-    if target is None:
-        raise ValueError(f"no CPU kernel for {values.shape[-1]}-wide rows (not a multiple of 32)")
+    target = _kernel_type_or_raise(ggml_type, values.shape[-1])
     return KERNELS[target][0].from_blocks(quantize(np.ascontiguousarray(values), target))
 
 

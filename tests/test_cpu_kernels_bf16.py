@@ -16,12 +16,12 @@ from cpu_kernels.bf16_gemv import (
     BF16Matrix,
     _bf16_tile_dot_avx2,
     aligned_activations,
-    bf16_gemv,
     grouped_bf16_gemv,
 )
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
+from cpu_kernels.quant_matrix import gemv
 
 # tokens per call: a single tile of 1 to 4, a full tile plus a tail, two full tiles plus one
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]
@@ -93,14 +93,14 @@ def test_bf16_gemv_matches_reference(path, tokens, rows, cols):
     rng = np.random.default_rng()
     w = random_bf16(rng, (rows, cols))
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
-    assert_matches_reference(bf16_gemv(w, x, path), w.dequantize(), x)
+    assert_matches_reference(gemv(w, x, path), w.dequantize(), x)
 
 
 def test_bf16_gemv_paths_agree():
     rng = np.random.default_rng()
     w = random_bf16(rng, (50, 333))
     x = rng.standard_normal((6, 333), dtype=np.float32)
-    results = [bf16_gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in available_kernel_paths()]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
@@ -108,7 +108,7 @@ def test_bf16_gemv_paths_agree():
 def test_bf16_gemv_handles_zero_activations():
     w = BF16Matrix.from_blocks(quantize(np.ones((4, 72), np.float32), T.BF16))
     for path in available_kernel_paths():
-        assert not bf16_gemv(w, np.zeros((3, 72), np.float32), path).any()
+        assert not gemv(w, np.zeros((3, 72), np.float32), path).any()
 
 
 def test_bf16_gemv_runs_on_read_only_memory_mapped_weights(tmp_path):
@@ -139,7 +139,7 @@ def test_bf16_activations_are_aligned_copying_only_when_needed():
 def test_bf16_gemv_rejects_mismatched_width():
     w = random_bf16(np.random.default_rng(), (4, 64))
     with pytest.raises(ValueError, match="expected"):
-        bf16_gemv(w, np.ones((1, 32), np.float32))
+        gemv(w, np.ones((1, 32), np.float32))
 
 
 PAIR_EXPERTS = {

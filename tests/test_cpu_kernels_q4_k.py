@@ -17,9 +17,9 @@ from cpu_kernels.q4_k_gemv import (
     Q4KMatrix,
     _q4k_tile_dot_avx2,
     grouped_q4_k_gemv,
-    q4_k_gemv,
 )
 from cpu_kernels.q8_0_gemv import available_kernel_paths, gemv_error_bound
+from cpu_kernels.quant_matrix import gemv
 
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]  # a single tile of 1 to 4, then tiles of 4 plus a tail
 
@@ -73,7 +73,7 @@ def test_q4_k_gemv_matches_reference(path, tokens, rows, cols):
     rng = np.random.default_rng()
     w = random_q4_k(rng, (rows, cols))
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
-    assert_matches_reference(q4_k_gemv(w, x, path), w, x)
+    assert_matches_reference(gemv(w, x, path), w, x)
 
 
 @pytest.mark.parametrize("path", available_kernel_paths())
@@ -89,14 +89,14 @@ def test_q4_k_gemv_does_not_saturate_at_extreme_codes(path):
     w = Q4KMatrix.from_blocks(blocks.reshape(rows, -1))
     assert (w.scales == 63).all() and (w.mins == 63).all()
     x = rng.choice(np.array([-2.0, 2.0], np.float32), (5, cols))
-    assert_matches_reference(q4_k_gemv(w, x, path), w, x)
+    assert_matches_reference(gemv(w, x, path), w, x)
 
 
 def test_q4_k_gemv_paths_agree_on_integer_sums():
     rng = np.random.default_rng()
     w = random_q4_k(rng, (50, 1280))
     x = rng.standard_normal((6, 1280), dtype=np.float32)
-    results = [q4_k_gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in available_kernel_paths()]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
@@ -104,13 +104,13 @@ def test_q4_k_gemv_paths_agree_on_integer_sums():
 def test_q4_k_gemv_handles_zero_activations():
     w = Q4KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q4_K))
     for path in available_kernel_paths():
-        assert not q4_k_gemv(w, np.zeros((3, 256), np.float32), path).any()
+        assert not gemv(w, np.zeros((3, 256), np.float32), path).any()
 
 
 def test_q4_k_gemv_rejects_mismatched_width():
     w = Q4KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q4_K))
     with pytest.raises(ValueError, match="expected"):
-        q4_k_gemv(w, np.ones((1, 512), np.float32))
+        gemv(w, np.ones((1, 512), np.float32))
 
 
 PAIR_EXPERTS = {

@@ -15,9 +15,9 @@ from cpu_kernels.q6_k_gemv import (
     Q6KMatrix,
     grouped_gemv_q6_k_avx2,
     grouped_q6_k_gemv,
-    q6_k_gemv,
 )
 from cpu_kernels.q8_0_gemv import activation_error_bound, available_kernel_paths
+from cpu_kernels.quant_matrix import gemv
 
 SHAPES = [(1, 256, 1), (37, 512, 1), (130, 768, 3), (64, 2048, 5)]  # rows, cols, tokens
 
@@ -63,7 +63,7 @@ def test_q6_k_gemv_matches_reference(path, rows, cols, tokens):
     w = Q6KMatrix.from_blocks(blocks)
     dense = w.dequantize().astype(np.float64)
     want = x.astype(np.float64) @ dense.T
-    got = q6_k_gemv(w, x, path)
+    got = gemv(w, x, path)
     assert got.shape == (tokens, rows)
     assert (np.abs(got - want) <= activation_error_bound(dense, x)).all()
 
@@ -82,7 +82,7 @@ def test_q6_k_gemv_does_not_saturate_at_extreme_codes(path):
     x = rng.choice(np.array([-2.0, 2.0], np.float32), (3, cols))
     w = Q6KMatrix.from_blocks(blocks)
     dense = w.dequantize().astype(np.float64)
-    got = q6_k_gemv(w, x, path)
+    got = gemv(w, x, path)
     assert (np.abs(got - x @ dense.T) <= activation_error_bound(dense, x)).all()
 
 
@@ -91,7 +91,7 @@ def test_q6_k_gemv_paths_agree_on_integer_sums():
     rng = np.random.default_rng()
     w = Q6KMatrix.from_blocks(random_q6_k_blocks(rng, (50, 1280)))
     x = rng.standard_normal((2, 1280), dtype=np.float32)
-    results = [q6_k_gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in available_kernel_paths()]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
@@ -99,7 +99,7 @@ def test_q6_k_gemv_paths_agree_on_integer_sums():
 def test_q6_k_gemv_handles_zero_activations():
     w = Q6KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q6_K))
     for path in available_kernel_paths():
-        assert not q6_k_gemv(w, np.zeros((1, 256), np.float32), path).any()
+        assert not gemv(w, np.zeros((1, 256), np.float32), path).any()
 
 
 @pytest.mark.parametrize("path", available_kernel_paths())
@@ -128,7 +128,7 @@ def test_q6_k_gemv_rejects_mismatched_shapes():
     experts, matrix = Q6KMatrix.from_blocks(blocks), Q6KMatrix.from_blocks(blocks[0])
     x = np.ones((1, 256), np.float32)
     with pytest.raises(ValueError, match="expected"):
-        q6_k_gemv(matrix, np.ones((1, 512), np.float32))
+        gemv(matrix, np.ones((1, 512), np.float32))
     with pytest.raises(ValueError, match=r"takes \[experts, rows, cols\]"):
         grouped_q6_k_gemv(matrix, x, np.zeros(1, np.int64))
     with pytest.raises(ValueError, match="expected"):
@@ -140,7 +140,7 @@ def test_q6_k_gemv_rejects_mismatched_shapes():
 @pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
 def test_q6_k_avx2_kernel_uses_integer_dot_product_instructions():
     w = Q6KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q6_K))
-    q6_k_gemv(w, np.ones((1, 256), np.float32), "avx2")
+    gemv(w, np.ones((1, 256), np.float32), "avx2")
     # a fresh compile: functions loaded from Numba's cache keep no assembly
     signature = grouped_gemv_q6_k_avx2.signatures[0]
     fresh = numba.njit(parallel=True)(grouped_gemv_q6_k_avx2.py_func)

@@ -20,8 +20,8 @@ from cpu_kernels.q8_0_gemv import (
     group_pairs_by_expert,
     grouped_q8_0_gemv,
     host_kernel_path,
-    q8_0_gemv,
 )
+from cpu_kernels.quant_matrix import gemv
 
 # tokens per call: a single tile of 1 to 4, a full tile plus a tail, two full tiles plus one
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]
@@ -63,7 +63,7 @@ def test_q8_0_gemv_matches_reference(path, tokens, rows, cols):
     rng = np.random.default_rng()
     w = Q8Matrix.from_blocks(random_q8_0(rng, (rows, cols)))
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
-    assert_matches_reference(q8_0_gemv(w, x, path), w.dequantize(), x)
+    assert_matches_reference(gemv(w, x, path), w.dequantize(), x)
 
 
 @pytest.mark.parametrize("path", available_kernel_paths())
@@ -79,7 +79,7 @@ def test_q8_0_gemv_does_not_saturate_at_extreme_values(path):
     )
     w = Q8Matrix.from_blocks(blocks.reshape(rows, -1))
     x = rng.choice(np.array([-2.0, 2.0], np.float32), (5, cols))
-    assert_matches_reference(q8_0_gemv(w, x, path), w.dequantize(), x)
+    assert_matches_reference(gemv(w, x, path), w.dequantize(), x)
 
 
 def test_q8_0_gemv_paths_agree_on_integer_sums():
@@ -87,7 +87,7 @@ def test_q8_0_gemv_paths_agree_on_integer_sums():
     rng = np.random.default_rng()
     w = Q8Matrix.from_blocks(random_q8_0(rng, (50, 320)))
     x = rng.standard_normal((6, 320), dtype=np.float32)
-    results = [q8_0_gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in available_kernel_paths()]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
@@ -95,13 +95,13 @@ def test_q8_0_gemv_paths_agree_on_integer_sums():
 def test_q8_0_gemv_handles_zero_activations():
     w = Q8Matrix.from_blocks(quantize(np.ones((4, 64), np.float32), T.Q8_0))
     for path in available_kernel_paths():
-        assert not q8_0_gemv(w, np.zeros((3, 64), np.float32), path).any()
+        assert not gemv(w, np.zeros((3, 64), np.float32), path).any()
 
 
 def test_q8_0_gemv_rejects_mismatched_width():
     w = Q8Matrix.from_blocks(quantize(np.ones((4, 64), np.float32), T.Q8_0))
     with pytest.raises(ValueError, match="expected"):
-        q8_0_gemv(w, np.ones((1, 32), np.float32))
+        gemv(w, np.ones((1, 32), np.float32))
 
 
 def test_kernel_path_can_be_forced(monkeypatch):
