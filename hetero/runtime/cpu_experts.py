@@ -100,7 +100,6 @@ class NumbaExperts(nn.Module):
         cls, experts: TorchExperts, ggml_type: T = T.Q8_0, path: str | None = None
     ) -> NumbaExperts:
         """Quantise a float `TorchExperts` to `ggml_type` (Q8_0, Q4_K, Q6_K, BF16)."""
-
         gate_up = [torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) for mlp in experts]
         down = [mlp.down_proj.weight for mlp in experts]
         return cls(

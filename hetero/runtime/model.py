@@ -96,6 +96,7 @@ class Model:
         if kernels:  # imported only here: the kernels' module pulls in Numba
             from hetero.runtime.quantized import (
                 QUANT_TYPES,
+                QuantReport,
                 install_gguf_kernels,
                 quantize_float_weights,
             )
@@ -109,9 +110,9 @@ class Model:
             tokenizer = Tokenizer.from_dir(model_dir)
         with torch.device("meta"):
             net = family.build(config)
-        report = None
+        report = QuantReport() if kernels else None
         if gguf and kernels:
-            report = install_gguf_kernels(net, checkpoint, checkpoint.checkpoint_name)
+            install_gguf_kernels(net, checkpoint, checkpoint.checkpoint_name, report)
         keep_float32 = getattr(family, "FLOAT32_PARAMETERS", ())
         load_weights(
             net,
@@ -124,8 +125,7 @@ class Model:
             progress=progress,
         )
         if quant_type:
-            more = quantize_float_weights(net, QUANT_TYPES[quant_type])
-            report = more if report is None else report.merge(more)
+            quantize_float_weights(net, QUANT_TYPES[quant_type], report)
             cast_parameters(net, torch_dtype, keep_float32)
         net.eval().requires_grad_(False)
         model = cls(model_dir, family, config, net, tokenizer)

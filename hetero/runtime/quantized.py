@@ -83,19 +83,9 @@ class QuantReport:
     def add(self, module: QuantLinear | NumbaExperts) -> None:
         self.modules += 1
         self.kernel_bytes += module.nbytes
-        matrices = (module.qweight,) if isinstance(module, QuantLinear) else (module.gate_up,)
-        for matrix in matrices:
-            name = type(matrix).__name__
-            self.types[name] = self.types.get(name, 0) + 1
-
-    def merge(self, other: QuantReport) -> QuantReport:
-        types = {k: self.types.get(k, 0) + other.types.get(k, 0) for k in self.types | other.types}
-        return QuantReport(
-            self.modules + other.modules,
-            self.kernel_bytes + other.kernel_bytes,
-            self.seconds + other.seconds,
-            types,
-        )
+        matrix = module.qweight if isinstance(module, QuantLinear) else module.gate_up
+        name = type(matrix).__name__
+        self.types[name] = self.types.get(name, 0) + 1
 
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.types.items()))
@@ -119,18 +109,17 @@ def _targets(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(net.get_submodule(owner), attr, module)
-
-
 def install_gguf_kernels(
-    net: nn.Module, checkpoint, checkpoint_name: Callable[[str], str], path: str | None = None
-) -> QuantReport:
+    net: nn.Module,
+    checkpoint,
+    checkpoint_name: Callable[[str], str],
+    report: QuantReport,
+    path: str | None = None,
+) -> None:
     """Before the float weights load: every expert block and dense layer whose GGUF tensors are
     quantised becomes a kernel module holding them as stored (repacked, never dequantised to
     float); `load_weights` then fills what is left (norms, embeddings, routers, biases)."""
-    report, began = QuantReport(), time.perf_counter()
+    began = time.perf_counter()
 
     def tensor_name(module_name: str) -> str:
         return file_name(module_name, checkpoint_name)
@@ -156,16 +145,17 @@ def install_gguf_kernels(
             if ggml_type in FLOAT_TYPES or kernel_type(ggml_type, module.in_features) is None:
                 continue
             new = QuantLinear(repack(blocks, ggml_type), module.bias, path)
-        _replace(net, name, new)
+        net.set_submodule(name, new)
         report.add(new)
-    report.seconds = time.perf_counter() - began
-    return report
+    report.seconds += time.perf_counter() - began
 
 
-def quantize_float_weights(net: nn.Module, ggml_type: T, path: str | None = None) -> QuantReport:
+def quantize_float_weights(
+    net: nn.Module, ggml_type: T, report: QuantReport, path: str | None = None
+) -> None:
     """After the float weights load: quantise expert blocks and dense layers to `ggml_type`
     (the output layer to Q6_K under Q4_K, as llama.cpp's mixes do)."""
-    report, began = QuantReport(), time.perf_counter()
+    began = time.perf_counter()
     for name, module in _targets(net):
         if isinstance(module, TorchExperts):
             new: nn.Module = NumbaExperts.from_torch(module, ggml_type, path)
@@ -175,7 +165,6 @@ def quantize_float_weights(net: nn.Module, ggml_type: T, path: str | None = None
                 continue
             weight = matrix_from_weights([module.weight], target, stacked=False)
             new = QuantLinear(weight, module.bias, path)
-        _replace(net, name, new)
+        net.set_submodule(name, new)
         report.add(new)
-    report.seconds = time.perf_counter() - began
-    return report
+    report.seconds += time.perf_counter() - began
