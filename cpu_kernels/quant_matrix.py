@@ -90,8 +90,26 @@ def grouped_gemv(
 
 def gemv(w: QuantMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
     """w: [rows, cols]; x: float32 [tokens, cols] -> [tokens, rows] = x @ W.T."""
-    stacked = _map_fields(w, lambda a: a[None])
-    return grouped_gemv(stacked, x, np.zeros(x.shape[0], np.int64), path)
+    return grouped_gemv(one_expert(w), x, np.zeros(x.shape[0], np.int64), path)
+
+
+def one_expert(w: QuantMatrix) -> QuantMatrix:
+    """A 2-D matrix as a [1, rows, cols] view (the form the grouped GEMV takes)."""
+    return _map_fields(w, lambda a: a[None])
+
+
+def join_rows(matrices: list[QuantMatrix]) -> QuantMatrix:
+    """2-D kernel matrices of one format and width stacked by rows (one GEMV reads them all)."""
+    first = matrices[0]
+    if any(type(m) is not type(first) or m.shape[1:] != first.shape[1:] for m in matrices):
+        raise ValueError("only matrices of one format and width join")
+    return dataclasses.replace(
+        first,
+        **{
+            f.name: np.concatenate([getattr(m, f.name) for m in matrices])
+            for f in dataclasses.fields(first)
+        },
+    )
 
 
 def row_slice(w: QuantMatrix, start: int, stop: int) -> QuantMatrix:

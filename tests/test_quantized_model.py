@@ -23,7 +23,7 @@ from hetero.loading.gguf_writer import write_gguf
 from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
 from hetero.runtime.experts import TorchExperts
 from hetero.runtime.model import set_threads
-from hetero.runtime.quantized import QuantLinear
+from hetero.runtime.quantized import JoinedQuantLinear, QuantLinear
 
 WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64)
 KERNEL_LOGIT_BUDGET = 5e-2
@@ -53,6 +53,26 @@ def test_quant_linear_matches_torch_linear_on_dequantised_weights(ggml_type, tok
     assert relative_rms(got, want) < (1e-5 if exact else 2e-2)
 
 
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_K, T.Q6_K, T.BF16])
+@pytest.mark.parametrize("tokens", [1, DECODE_MAX_TOKENS + 3])
+def test_joined_projections_equal_the_separate_ones(ggml_type, tokens):
+    rng = np.random.default_rng()
+    parts = [
+        QuantLinear(
+            quantize_matrix(rng.standard_normal((rows, 256), dtype=np.float32), ggml_type),
+            torch.nn.Parameter(torch.randn(rows), requires_grad=False),
+        )
+        for rows in (128, 32, 32)
+    ]
+    joined = JoinedQuantLinear(parts)
+    x = torch.randn(tokens, 256)
+    got = joined(x)
+    assert [g.shape for g in got] == [(tokens, 128), (tokens, 32), (tokens, 32)]
+    for part, out in zip(parts, got, strict=True):
+        # the same kernel on the same activations: the same rows
+        torch.testing.assert_close(out, part(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("wide_qwen3_moe")
@@ -72,10 +92,14 @@ def expected_kernel_modules(source) -> tuple[int, int]:
 
 
 def kernel_modules(model) -> tuple[int, int]:
+    """(expert blocks, dense layers) on the kernels; a joined module counts its parts."""
     modules = list(model.net.modules())
     return (
         sum(isinstance(m, NumbaExperts) for m in modules),
-        sum(isinstance(m, QuantLinear) for m in modules),
+        sum(
+            len(m.sizes) if isinstance(m, JoinedQuantLinear) else isinstance(m, QuantLinear)
+            for m in modules
+        ),
     )
 
 
@@ -88,6 +112,8 @@ def test_gguf_quantised_tensors_run_on_the_kernels(wide_model, tmp_path, file_ty
     experts, linears = kernel_modules(kernels)
     assert (experts, linears) == expected_kernel_modules(source)
     assert kernel_modules(dequantised) == (0, 0)
+    # q/k/v of one format read the input once
+    assert kernels.net.layers[0].self_attn.qkv_proj is not None or file_type != "q8_0"
     assert not any(isinstance(m, TorchExperts) for m in kernels.net.modules())
     assert kernels.dtype == torch.float32
     assert kernels.quant_report.modules == experts + linears

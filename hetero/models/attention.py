@@ -13,6 +13,9 @@ from hetero.runtime.batch import ForwardBatch
 
 
 class SelfAttention(nn.Module):
+    # the runtime may join these into one module returning (q, k, v): one pass over x
+    JOINABLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -33,6 +36,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=out_bias)
+        self.qkv_proj: nn.Module | None = None
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
@@ -45,12 +49,16 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x: [tokens, hidden]
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        cos, sin = self.rotary.batch_cos_sin(batch, x.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         history = batch.cached(self.layer_idx, k=k, v=v)
         out = batch.attention(q, history["k"], history["v"], self.head_dim**-0.5)

@@ -198,7 +198,7 @@ class LatentAttention(nn.Module):
             [self.kv_lora_rank, self.rope_dim], dim=-1
         )
         latent = self.kv_a_layernorm(latent)  # [tokens, kv_lora_rank]
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        cos, sin = self.rotary.batch_cos_sin(batch, x.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)
         k_rope = self.rotary.apply(k_rope[:, None, :], cos, sin)[:, 0]  # [tokens, rope_dim]
         history = batch.cached(self.layer_idx, latent=latent, k_rope=k_rope)

@@ -93,6 +93,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = inverse_frequencies(dim, rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleaved = interleaved
+        self.settings = (dim, rope)  # what cos/sin depend on besides positions
+
+    def batch_cos_sin(self, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cos_sin` of a ForwardBatch's positions, computed once per batch for every layer
+        with the same settings."""
+        return batch.memo(
+            ("rope", self.settings, dtype), lambda: self.cos_sin(batch.positions, dtype)
+        )
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype

@@ -37,6 +37,13 @@ class ForwardBatch:
         self.valid = torch.arange(longest, device=device)[None, :] < self.lengths[:, None]
         starts = torch.tensor([0, *torch.tensor([s.new_len for s in slices]).cumsum(0)[:-1]])
         self.token_starts = starts.tolist()
+        # histories need their padding zeroed only when sequences differ in length
+        self.padded = min(lengths) != longest
+        # sequences with one new token attend in one batched call: their rows and indices
+        self.decoding = [i for i, s in enumerate(slices) if s.new_len == 1]
+        self.decode_rows = torch.tensor([self.token_starts[i] for i in self.decoding])
+        self.decode_index = torch.tensor(self.decoding, dtype=torch.long)
+        self._memo: dict = {}
         if kv is None:
             if any(s.past_len for s in slices):
                 raise ValueError("a batch with past tokens needs a KV cache")
@@ -65,6 +72,13 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return self.positions.shape[0]
 
+    def memo(self, key, compute):
+        """compute() once per batch for `key` (what every layer derives alike, e.g. rotary
+        cos/sin of the batch's positions)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def cached(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
         """Store this step's per-token entries (each [tokens, ...]) and return every sequence's
         whole history of each entry, this step included: [sequences, longest, ...], zero past
@@ -74,6 +88,8 @@ class ForwardBatch:
         else:
             self.kv.write(layer, self.write_slots, new)
             history = self.kv.gather(layer, self.read_slots)
+        if not self.padded:
+            return history
         pad = ~self.valid
         return {
             name: t.masked_fill(pad.view(*pad.shape, *([1] * (t.dim() - 2))), 0)
@@ -88,17 +104,14 @@ class ForwardBatch:
         values: [sequences, longest, kv_heads, dv] -> [tokens, q_heads, dv]"""
         out = q.new_empty(q.shape[0], q.shape[1], values.shape[-1])
         groups = q.shape[1] // keys.shape[2]
-        decoding = [i for i, s in enumerate(self.slices) if s.new_len == 1]
-        if decoding:
+        if self.decoding:
             # one query per sequence: a single batched call; padding is masked off
-            rows = torch.tensor([self.token_starts[i] for i in decoding])
-            index = torch.tensor(decoding)
-            qs = q[rows][:, :, None, :]  # [n, heads, 1, d]
-            ks = heads_first(keys[index], groups, q.dtype)
-            vs = heads_first(values[index], groups, q.dtype)
-            mask = self.valid[index][:, None, None, :]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-            out[rows] = o[:, :, 0, :]
+            index = self.decode_index
+            if len(self.decoding) < len(self.slices):
+                keys, values = keys[index], values[index]
+            valid = self.valid[index] if self.padded else None
+            rows = self.decode_rows
+            out[rows] = decode_attention(q[rows], keys, values, valid, scale)
         for i, s in enumerate(self.slices):
             if s.new_len == 1:
                 continue
@@ -112,6 +125,27 @@ class ForwardBatch:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
             out[start : start + s.new_len] = o.transpose(0, 1)
         return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over its history, each kv head's query heads in one matmul (no
+    copies of the shared keys). q: [n, q_heads, d]; keys: [n, length, kv_heads, d]; values:
+    [n, length, kv_heads, dv]; valid: bool [n, length] or None (no padding) -> [n, q_heads, dv]"""
+    n, heads, d = q.shape
+    kv_heads = keys.shape[2]
+    qg = q.view(n, kv_heads, heads // kv_heads, d)
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).to(q.dtype))  # [n, kv, groups, length]
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores * scale, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.matmul(probs, values.transpose(1, 2))  # [n, kv, groups, dv]
+    return out.reshape(n, heads, values.shape[-1]).to(q.dtype)
 
 
 def heads_first(t: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:

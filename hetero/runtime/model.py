@@ -98,6 +98,7 @@ class Model:
                 QUANT_TYPES,
                 QuantReport,
                 install_gguf_kernels,
+                join_projections,
                 quantize_float_weights,
             )
         if kernels and dtype == "auto":
@@ -127,6 +128,8 @@ class Model:
         if quant_type:
             quantize_float_weights(net, QUANT_TYPES[quant_type], report)
             cast_parameters(net, torch_dtype, keep_float32)
+        if kernels:
+            join_projections(net, report)
         net.eval().requires_grad_(False)
         model = cls(model_dir, family, config, net, tokenizer)
         model.quant_report = report

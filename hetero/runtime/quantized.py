@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
@@ -15,8 +16,10 @@ from torch import nn
 from cpu_kernels.quant_matrix import (
     FLOAT_TYPES,
     QuantMatrix,
-    gemv,
+    grouped_gemv,
+    join_rows,
     kernel_type,
+    one_expert,
     repack,
     row_slice,
 )
@@ -45,6 +48,8 @@ class QuantLinear(nn.Module):
         self.qweight, self.path = weight, path
         self.out_features, self.in_features = weight.shape
         self.bias = bias
+        self._stacked = one_expert(weight)  # the GEMV's [1, rows, cols] view, made once
+        self._expert_zero = np.zeros(DECODE_MAX_TOKENS, np.int64)
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +59,8 @@ class QuantLinear(nn.Module):
         # x: [..., in] -> [..., out]
         flat = x.detach().reshape(-1, self.in_features).float()
         if flat.shape[0] <= DECODE_MAX_TOKENS:
-            y = torch.from_numpy(gemv(self.qweight, flat.numpy(), self.path))
+            pair_expert = self._expert_zero[: flat.shape[0]]
+            y = torch.from_numpy(grouped_gemv(self._stacked, flat.numpy(), pair_expert, self.path))
         else:
             y = flat.new_empty(flat.shape[0], self.out_features)
             step = max(1, DEQUANT_TILE_BYTES // (4 * self.in_features))
@@ -69,6 +75,22 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         name = type(self.qweight).__name__
         return f"in_features={self.in_features}, out_features={self.out_features}, {name}"
+
+
+class JoinedQuantLinear(QuantLinear):
+    """Linears that read the same input (q/k/v, gate/up) as one matrix: one GEMV pass per call
+    instead of one per projection; returns each projection's output, in order."""
+
+    def __init__(self, parts: list[QuantLinear], path: str | None = None):
+        biases = [p.bias for p in parts]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            raise ValueError("joined projections need a bias on all or none of them")
+        bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
+        super().__init__(join_rows([p.qweight for p in parts]), bias, path)
+        self.sizes = [p.out_features for p in parts]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(x).split(self.sizes, dim=-1)
 
 
 @dataclass
@@ -93,6 +115,25 @@ class QuantReport:
             f"{self.modules} modules on the CPU kernels ({kinds}): "
             f"{self.kernel_bytes / 2**30:.2f} GiB, repacked in {self.seconds:.1f} s"
         )
+
+
+def join_projections(net: nn.Module, report: QuantReport, path: str | None = None) -> None:
+    """Join kernel linears that read the same input, where a module names them in `JOINABLE`
+    ({joined name: part names}) and they share a format and width."""
+    began = time.perf_counter()
+    for module in list(net.modules()):
+        for name, part_names in getattr(module, "JOINABLE", {}).items():
+            parts = [getattr(module, p, None) for p in part_names]
+            if not all(isinstance(p, QuantLinear) for p in parts):
+                continue
+            if len({(type(p.qweight), p.in_features) for p in parts}) != 1:
+                continue
+            if len({p.bias is None for p in parts}) != 1:
+                continue
+            setattr(module, name, JoinedQuantLinear(parts, path))
+            for part in part_names:
+                setattr(module, part, None)
+    report.seconds += time.perf_counter() - began
 
 
 def _targets(net: nn.Module) -> list[tuple[str, nn.Module]]:
