@@ -46,8 +46,8 @@ from hetero.runtime.cpu_experts import NumbaExperts
 from placement.probe import best_seconds, measure_dram_read_gbs
 
 # Qwen3-30B-A3B expert shapes: gate+up [2 * 768, 2048], down [2048, 768]; GB/s count the
-# repacked bytes each kernel reads (Q8_0: int8 + float32 scale per 32 values, 36 bytes against
-# GGUF's 34; Q4_K: nibbles + 6-bit scale and min in a byte each per 32 + float32 d and dmin per
+# repacked bytes each kernel reads (Q8_0: int8 + float16 scale per 32 values, 34 bytes as
+# GGUF; Q4_K: nibbles + 6-bit scale and min in a byte each per 32 + float32 d and dmin per
 # 256 values, 152 bytes per 256 against GGUF's 144; Q6_K: 6-bit codes + int8 scale per 16 +
 # float32 d per 256 values, 212 bytes per 256 against GGUF's 210; BF16: 2 bytes per value, as
 # stored)
@@ -56,7 +56,12 @@ SHAPES = ((1536, 2048), (2048, 768))
 
 def random_q8(rows: int, cols: int, rng: np.random.Generator) -> Q8Matrix:
     values = rng.integers(-127, 128, (1, rows, cols), dtype=np.int8)
-    return Q8Matrix(values, rng.random((1, rows, cols // 32), dtype=np.float32) * 0.01)
+    return Q8Matrix(values, half_bits(rng.random((1, rows, cols // 32)) * 0.01))
+
+
+def half_bits(scales: np.ndarray) -> np.ndarray:
+    """Q8Matrix's scales: float16 bits."""
+    return scales.astype(np.float16).view(np.uint16)
 
 
 def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> Q4KMatrix:
@@ -200,11 +205,11 @@ def experts_step_gb_s(experts: int = 64, top_k: int = 8, hidden: int = 2048, siz
     rng = np.random.default_rng(0)
     gate_up = Q8Matrix(
         rng.integers(-127, 128, (experts, 2 * size, hidden), dtype=np.int8),
-        rng.random((experts, 2 * size, hidden // 32), dtype=np.float32) * 0.01,
+        half_bits(rng.random((experts, 2 * size, hidden // 32)) * 0.01),
     )
     down = Q8Matrix(
         rng.integers(-127, 128, (experts, hidden, size), dtype=np.int8),
-        rng.random((experts, hidden, size // 32), dtype=np.float32) * 0.01,
+        half_bits(rng.random((experts, hidden, size // 32)) * 0.01),
     )
     layer = NumbaExperts(gate_up, down)
     x = torch.randn(1, hidden)

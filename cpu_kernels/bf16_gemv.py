@@ -21,6 +21,7 @@ from numba.extending import intrinsic
 from cpu_kernels.q8_0_gemv import (
     F32X8,
     I32X8,
+    PREFETCH_BYTES,
     ROW_CHUNK,
     Avx2Ir,
     check_pairs,
@@ -33,11 +34,6 @@ from cpu_kernels.q8_0_gemv import (
 
 LANES = 8  # float32 lanes of an AVX2 register
 I16X8 = ir.VectorType(ir.IntType(16), LANES)
-BYTE_PTR = ir.IntType(8).as_pointer()
-# How far ahead of the multiply-adds the tile kernel asks for weights (prefetcht0). On the Zen 3
-# machines, one token on 2048-wide rows went from about 0.8 to 0.86-0.92 of the DRAM ceiling
-# (512 to 2048 do about as well); on 768-wide rows the difference was within the noise.
-PREFETCH_BYTES = 1024
 # Activations start on a 32-byte boundary: a ymm load across a cache line costs two, which took
 # 10 to 25% off 4-token tiles (run from L2) with numpy's 16-byte aligned activations.
 X_ALIGN_BYTES = 32
@@ -120,20 +116,13 @@ def _bf16_tile_dot_avx2(typingctx, w, x, row, pairs, cols):
                 xv = builder.load(builder.gep(x_vec, [v]), align=4)
                 builder.store(avx2.fma(weights, xv, builder.load(acc[chain])), acc[chain])
 
-        prefetch = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [BYTE_PTR, *[ir.IntType(32)] * 3]),
-            "llvm.prefetch.p0i8",
-        )
-        w_bytes = builder.bitcast(w_ptr, BYTE_PTR)
-        read, keep_in_all_caches, data = (ir.IntType(32)(v) for v in (0, 3, 1))
         one = cols.type(1)
         vectors = builder.udiv(cols, cols.type(LANES))
         with cgutils.for_range(builder, builder.udiv(vectors, cols.type(chains))) as loop:
             first = builder.mul(loop.index, cols.type(chains))
             vector_bytes = cols.type(2 * LANES)
             ahead = builder.add(builder.mul(first, vector_bytes), cols.type(PREFETCH_BYTES))
-            builder.call(prefetch, [builder.gep(w_bytes, [ahead]), read, keep_in_all_caches, data])
+            avx2.prefetch(w_ptr, ahead)
             for chain in range(chains):
                 vector_step(builder.add(first, cols.type(chain)), chain)
         left_start = builder.sub(vectors, builder.urem(vectors, cols.type(chains)))

@@ -22,8 +22,10 @@ from numba.extending import intrinsic
 
 from cpu_kernels.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
 from cpu_kernels.q8_0_gemv import (
+    CACHE_LINE,
     F32X8,
     I8X32,
+    PREFETCH_BYTES,
     QK8_0,
     ROW_CHUNK,
     Avx2Ir,
@@ -155,6 +157,9 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
         ]
         with cgutils.for_range(builder, nsuper) as loop:
             s = loop.index
+            here = builder.gep(q_ptr, [builder.mul(s, s.type(SUBS // 2))])
+            for line in range(0, QK_K // 2, CACHE_LINE):  # a super-block's nibbles
+                avx2.prefetch(here, s.type(PREFETCH_BYTES + line))
             # the 8 scale bytes in both 128-bit halves, for vpshufb to widen one at a time
             sc = builder.load(builder.gep(sc_ptr, [s]), align=1)
             sc_table = builder.shuffle_vector(sc, sc, lane_mask(list(range(SUBS)) * 4))

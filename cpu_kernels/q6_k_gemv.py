@@ -19,9 +19,11 @@ from numba.extending import intrinsic
 
 from cpu_kernels.gguf_quants import FORMATS, QK_K, split_fields
 from cpu_kernels.q8_0_gemv import (
+    CACHE_LINE,
     F32X8,
     I8X32,
     I16X16,
+    PREFETCH_BYTES,
     QK8_0,
     ROW_CHUNK,
     Avx2Ir,
@@ -181,6 +183,9 @@ def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
             )
         with cgutils.for_range(builder, nsuper) as loop:
             s = loop.index
+            here = builder.gep(q_ptr, [at(s, 6)])
+            for line in range(0, CODE_BYTES, CACHE_LINE):  # a super-block's codes
+                avx2.prefetch(here, s.type(PREFETCH_BYTES + line))
             scales = builder.load(builder.gep(sc_ptr, [s]), align=1)
             scales16 = builder.sext(scales, I16X16)
             # even sub-blocks' scales, then the odd ones', against the pairs' offsets

@@ -19,9 +19,29 @@ from cpu_kernels.q8_0_gemv import (
     gemv_error_bound,
     group_pairs_by_expert,
     grouped_q8_0_gemv,
+    half_to_float32,
     host_kernel_path,
 )
 from cpu_kernels.quant_matrix import gemv
+
+
+@numba.njit
+def all_halves(bits):
+    out = np.empty(len(bits), np.float32)
+    for i in range(len(bits)):
+        out[i] = half_to_float32(bits[i])
+    return out
+
+
+def test_half_to_float32_equals_numpy_for_every_float16():
+    bits = np.arange(2**16, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    got = all_halves(bits)
+    np.testing.assert_array_equal(
+        got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)]
+    )
+    assert np.isnan(got[np.isnan(want)]).all()
+
 
 # tokens per call: a single tile of 1 to 4, a full tile plus a tail, two full tiles plus one
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]
@@ -159,8 +179,9 @@ def tile_of_4_asm() -> str:
     def tile_of_4(weights, acts, row, pairs, blocks):
         return _q8_tile_dot_avx2(weights, acts, row, pairs, blocks)
 
-    arrays = (np.zeros(64, np.int8), np.zeros(2, np.float32))
-    sig = tuple(numba.typeof(a) for a in (arrays, arrays, 0, (0, 0, 0, 0), 2))
+    weights = (np.zeros(64, np.int8), np.zeros(2, np.uint16))
+    acts = (np.zeros(64, np.int8), np.zeros(2, np.float32))
+    sig = tuple(numba.typeof(a) for a in (weights, acts, 0, (0, 0, 0, 0), 2))
     fresh = numba.njit(tile_of_4)
     fresh.compile(sig)
     return fresh.inspect_asm(sig)
