@@ -10,6 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
+from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
 from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
@@ -129,3 +130,21 @@ def test_numba_experts_requantise_types_without_a_kernel():
     want = reference[1].down_proj.weight.detach().numpy()
     error = np.linalg.norm(loaded.down.dequantize(1) - want) / np.linalg.norm(want)
     assert error < 0.05  # Q5_K's own error (0.036) plus Q8_0's (0.005)
+
+
+def test_silu_mul_and_weighted_pair_sum_match_torch():
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    tokens, top_k, size, width = 3, 4, 96, 80
+    gate_up = torch.randn(tokens * top_k, 2 * size, generator=gen) * 4
+    gate, up = gate_up.split(size, dim=-1)
+    torch.testing.assert_close(
+        torch.from_numpy(silu_mul(gate_up.numpy(), size)),
+        torch.nn.functional.silu(gate) * up,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    y = torch.randn(tokens * top_k, width, generator=gen)
+    weights = torch.rand(tokens, top_k, generator=gen)
+    want = (y.view(tokens, top_k, width) * weights[..., None]).sum(dim=1)
+    got = torch.from_numpy(weighted_pair_sum(y.numpy(), weights.numpy(), top_k))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from cpu_kernels.bf16_gemv import BF16Matrix
+from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
 from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.quant_matrix import QuantMatrix, grouped_gemv, quantize_matrix, repack
 from hetero.runtime.experts import TorchExperts, run_grouped_by_expert
@@ -112,18 +113,15 @@ class NumbaExperts(nn.Module):
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
         if x.shape[0] > DECODE_MAX_TOKENS:
             return self._prefill(x, expert_ids, expert_weights)
-        tokens, top_k = expert_ids.shape
-        pair_token = np.repeat(np.arange(tokens), top_k)
+        top_k = expert_ids.shape[1]
         pair_expert = expert_ids.reshape(-1).numpy().astype(np.int64)
-        xs = x.detach().float().numpy()[pair_token]
-        gate_up = torch.from_numpy(grouped_gemv(self.gate_up, xs, pair_expert, self.path))
-        gate, up = gate_up.split(self.expert_size, dim=-1)
-        hidden = (F.silu(gate) * up).numpy()
+        # pairs are token-major: each token's top_k pairs are adjacent rows
+        xs = np.repeat(x.detach().float().numpy(), top_k, axis=0)
+        gate_up = grouped_gemv(self.gate_up, xs, pair_expert, self.path)
+        hidden = silu_mul(gate_up, self.expert_size)
         y = grouped_gemv(self.down, hidden, pair_expert, self.path)
-        y *= expert_weights.reshape(-1, 1).float().numpy()
-        # pairs are token-major, so each token's top_k outputs are adjacent rows
-        out = y.reshape(tokens, top_k, -1).sum(axis=1)
-        return torch.from_numpy(out).to(x.dtype)
+        weights = np.ascontiguousarray(expert_weights.float().numpy())
+        return torch.from_numpy(weighted_pair_sum(y, weights, top_k)).to(x.dtype)
 
     def _prefill(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
