@@ -213,7 +213,7 @@ def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
                 # block 4h+3 from bits 6-7 of the runs, (run_i & 0xC0) >> (6 - 2i); with the low
                 # 6 bits clear, the 16-bit shift moves no set bit into the next byte
                 spread = [
-                    builder.lshr(builder.and_(r, bytes_of(0xC0)), bytes_of(6 - 2 * i))
+                    shift_words_right(builder, builder.and_(r, bytes_of(0xC0)), 6 - 2 * i)
                     for i, r in enumerate(runs)
                 ]
                 last = builder.or_(builder.or_(spread[0], spread[1]), spread[2])
@@ -235,6 +235,15 @@ def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
         return context.make_tuple(builder, signature.return_type, results)
 
     return sig, codegen
+
+
+def shift_words_right(builder, vector, bits: int):
+    """An i8x32 shifted right by `bits` as 16-bit words (one vpsrlw): the same as a per-byte
+    shift when no set bit crosses into the byte below, which LLVM cannot know and so would mask
+    after an i8 shift."""
+    words = builder.bitcast(vector, I16X16)
+    shifted = builder.lshr(words, ir.Constant(I16X16, [bits] * 16))
+    return builder.bitcast(shifted, I8X32)
 
 
 @njit(nogil=True, cache=True)

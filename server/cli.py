@@ -108,7 +108,14 @@ def run_serve(args: argparse.Namespace) -> int:
         context = min(plan.kv_cache.tokens, limit)
         args.max_concurrency = plan.kv_cache.sequences
     kv = model.new_kv_cache(context, args.max_concurrency)
-    engine = Engine(model.net, model.tokenizer, kv, args.max_concurrency, args.max_queue)
+    engine = Engine(
+        model.net,
+        model.tokenizer,
+        kv,
+        args.max_concurrency,
+        args.max_queue,
+        glue_threads=model.glue_threads,
+    )
     name = args.served_model_name or ("demo" if args.model == "demo" else model.name)
     state = ServerState(model, engine, name, context, api_key=args.api_key)
 

@@ -129,3 +129,25 @@ def test_sampled_batch_is_reproducible_with_seeds(demo):
     lone = [demo.generate(p, max_new_tokens=12, temperature=1.0, seed=11).token_ids for p in batch]
     engine = Engine(demo.net, demo.tokenizer, demo.new_kv_cache(64, 4), max_running=4)
     assert [r.token_ids for r in run_all(engine, [Request(p, 12, sampling) for p in batch])] == lone
+
+
+def test_glue_threads_apply_to_small_steps_only_and_are_restored(demo):
+    seen: list[tuple[int, int]] = []  # (tokens in the step, torch threads during it)
+    net = demo.net
+
+    def forward(token_ids, batch, logit_rows=None):
+        seen.append((len(token_ids), torch.get_num_threads()))
+        return net(token_ids, batch, logit_rows)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine(forward, demo.tokenizer, demo.new_kv_cache(64), glue_threads=1)
+        prompt = list(range(5, 45))  # more tokens than a small step
+        result = run_all(engine, [Request(prompt, 5)])[0]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert result.token_ids == demo.generate(prompt, max_new_tokens=5).token_ids
+    assert seen[0] == (len(prompt), 2) and len(prompt) > 16
+    assert all(threads == 1 for _, threads in seen[1:]) and len(seen) == 5

@@ -24,6 +24,11 @@ from hetero.runtime.stopping import StopStrings
 from hetero.tokenizer import StreamDecoder, Tokenizer
 
 STEP_TOKENS = 512  # tokens per batched forward; longer prompts are prefilled in chunks
+# With `glue_threads`, steps of at most this many tokens over histories of at most this many
+# run torch's ops on that many threads (larger ones: attention over a long context, prefill
+# matmuls, keep torch's setting)
+GLUE_STEP_TOKENS = 16
+GLUE_HISTORY_TOKENS = 4096
 
 
 class QueueFullError(HeteroError):
@@ -113,8 +118,14 @@ class Engine:
         max_running: int = 16,
         max_waiting: int = 256,
         step_tokens: int = STEP_TOKENS,
+        glue_threads: int | None = None,
     ):
+        """`glue_threads`: torch's intra-op threads for small steps, for models whose weights
+        the CPU kernels run (`Model.glue_threads`): torch then only runs small ops between the
+        kernels, and one thread spares a second pool of spinning threads beside the kernels'
+        (on a loaded machine, two pools of two threads on two cores stall each other)."""
         self.net = net
+        self.glue_threads = glue_threads
         self.tokenizer = tokenizer
         self.kv = kv
         self.max_running = max_running
@@ -233,10 +244,18 @@ class Engine:
             if sequence.computed + n == len(sequence.tokens):
                 sampled.append((sequence, len(ids) - 1))
         rows = torch.tensor([row for _, row in sampled], dtype=torch.long)
+        longest = max(s.past_len + s.new_len for s in slices)
+        small = len(ids) <= GLUE_STEP_TOKENS and longest <= GLUE_HISTORY_TOKENS
+        threads = torch.get_num_threads()
         start = time.perf_counter()
-        with torch.inference_mode():
-            batch = ForwardBatch(slices, self.kv)
-            logits = self.net(torch.tensor(ids), batch, logit_rows=rows).float()
+        try:
+            if small and self.glue_threads:
+                torch.set_num_threads(self.glue_threads)
+            with torch.inference_mode():
+                batch = ForwardBatch(slices, self.kv)
+                logits = self.net(torch.tensor(ids), batch, logit_rows=rows).float()
+        finally:
+            torch.set_num_threads(threads)
         elapsed = time.perf_counter() - start
         for sequence, n in scheduled:
             sequence.computed += n

@@ -212,7 +212,7 @@ class Model:
             logprobs=logprobs,
         )
         kv = self.new_kv_cache(len(prompt_ids) + request.max_new_tokens)
-        engine = Engine(self.net, self.tokenizer, kv, max_running=1)
+        engine = Engine(self.net, self.tokenizer, kv, max_running=1, glue_threads=self.glue_threads)
         results: list[GenerationResult] = []
 
         def listen(event) -> None:
@@ -225,6 +225,13 @@ class Model:
         while not results:
             engine.step()
         return results[0]
+
+    @property
+    def glue_threads(self) -> int | None:
+        """Torch's threads for small steps (see `Engine`): 1 when the CPU kernels run the
+        weights, else None (torch runs the weights and wants all its threads)."""
+        report = self.quant_report
+        return 1 if report is not None and report.modules else None
 
     @property
     def eos_token_ids(self) -> set[int]:
