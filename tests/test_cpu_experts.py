@@ -13,7 +13,9 @@ from gguf import GGMLQuantizationType as T
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
+from hetero.models.decoder import RMSNorm
 from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
+from hetero.runtime.cpu_norms import NumbaRMSNorm
 from hetero.runtime.experts import TorchExperts
 
 # K-quants need 256-value rows: hidden and expert size both multiples of 256
@@ -148,3 +150,19 @@ def test_silu_mul_and_weighted_pair_sum_match_torch():
     want = (y.view(tokens, top_k, width) * weights[..., None]).sum(dim=1)
     got = torch.from_numpy(weighted_pair_sum(y.numpy(), weights.numpy(), top_k))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 2048), (3, 32, 128), (5, 96)])
+def test_numba_rms_norm_matches_the_torch_module(shape):
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    norm = RMSNorm(shape[-1], 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen))
+    x = torch.randn(*shape, generator=gen) * 3
+    got = NumbaRMSNorm(norm)(x)
+    assert got.shape == x.shape
+    # float32 throughout; only the order of the sum of squares differs
+    torch.testing.assert_close(got, norm(x), rtol=1e-5, atol=1e-6)
+    # other dtypes go to the torch module
+    half = x.to(torch.bfloat16)
+    torch.testing.assert_close(NumbaRMSNorm(norm)(half), norm(half))

@@ -130,6 +130,10 @@ class Model:
             cast_parameters(net, torch_dtype, keep_float32)
         if kernels:
             join_projections(net, report)
+            if report.modules:
+                from hetero.runtime.cpu_norms import install_cpu_norms
+
+                install_cpu_norms(net)
         net.eval().requires_grad_(False)
         model = cls(model_dir, family, config, net, tokenizer)
         model.quant_report = report
