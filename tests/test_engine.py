@@ -151,3 +151,28 @@ def test_glue_threads_apply_to_small_steps_only_and_are_restored(demo):
     assert result.token_ids == demo.generate(prompt, max_new_tokens=5).token_ids
     assert seen[0] == (len(prompt), 2) and len(prompt) > 16
     assert all(threads == 1 for _, threads in seen[1:]) and len(seen) == 5
+
+
+def test_request_joining_a_decoding_batch_gets_its_lone_reply(demo):
+    # steps that mix decoding sequences with a new prompt (its prefill) in one forward
+    first, second, third = prompts(3, demo.config.vocab_size, seed=5)
+    lone = [demo.generate(p, max_new_tokens=12).token_ids for p in (first, second, third)]
+    engine = Engine(demo.net, demo.tokenizer, demo.new_kv_cache(64, 3), max_running=3)
+    results: dict[int, list[int]] = {}
+
+    def listener(i):
+        def listen(event):
+            if event.result is not None:
+                results[i] = event.result.token_ids
+
+        return listen
+
+    engine.submit(Request(first, 12), listener(0))
+    for _ in range(3):
+        engine.step()
+    engine.submit(Request(second, 12), listener(1))
+    engine.step()
+    engine.submit(Request(third, 12), listener(2))
+    while len(results) < 3:
+        engine.step()
+    assert [results[i] for i in range(3)] == lone

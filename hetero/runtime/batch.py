@@ -107,11 +107,12 @@ class ForwardBatch:
         if self.decoding:
             # one query per sequence: a single batched call; padding is masked off
             index = self.decode_index
-            if len(self.decoding) < len(self.slices):
-                keys, values = keys[index], values[index]
+            decode_keys, decode_values = keys, values
+            if len(self.decoding) < len(self.slices):  # prompts in the batch too
+                decode_keys, decode_values = keys[index], values[index]
             valid = self.valid[index] if self.padded else None
             rows = self.decode_rows
-            out[rows] = decode_attention(q[rows], keys, values, valid, scale)
+            out[rows] = decode_attention(q[rows], decode_keys, decode_values, valid, scale)
         for i, s in enumerate(self.slices):
             if s.new_len == 1:
                 continue
