@@ -10,7 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hetero.errors import HeteroError
 from hetero.runtime.engine import QueueFullError
@@ -22,50 +24,70 @@ from server.validation import RequestError
 OPEN_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
 
 
+def refusal(path: str, err: RequestError) -> JSONResponse:
+    """The error response in the dialect of the API the path belongs to."""
+    if path.startswith("/api/"):
+        return ollama_api.ollama_error(err)
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+class RequestGuard:
+    """Refuses an oversized body (413) or a missing API key (401) before any route runs. A plain
+    ASGI middleware: @app.middleware("http") would relay every streamed chunk through an extra
+    task and memory stream, a large share of what a streamed token costs the server."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self.check(scope) if scope["type"] == "http" else None
+        if error is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope["path"], error)(scope, receive, send)
+
+    def check(self, scope: Scope) -> RequestError | None:
+        headers = Headers(scope=scope)
+        limit = self.state.max_body_bytes
+        size = headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limit):
+            return RequestError(f"request body over {limit} bytes", status=413)
+        key = self.state.api_key
+        if key and scope["path"] not in OPEN_PATHS:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return RequestError(
+                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                    status=401,
+                    code="invalid_api_key",
+                )
+        return None
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="hetero", docs_url=None, redoc_url=None, openapi_url=None)
     page = files("server").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    def refuse(request: Request, err: RequestError) -> JSONResponse:
-        if request.url.path.startswith("/api/"):
-            return ollama_api.ollama_error(err)
-        return JSONResponse(err.body(), status_code=err.status)
-
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError):
-        return refuse(request, err)
+        return refusal(request.url.path, err)
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, err: QueueFullError):
-        return refuse(request, RequestError(str(err), status=429, kind="rate_limit_error"))
+        return refusal(
+            request.url.path, RequestError(str(err), status=429, kind="rate_limit_error")
+        )
 
     @app.exception_handler(HeteroError)
     async def hetero_error(request: Request, err: HeteroError):
-        return refuse(request, RequestError(str(err)))
+        return refusal(request.url.path, RequestError(str(err)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
-        return refuse(request, RequestError(str(err.detail), status=err.status_code))
+        return refusal(request.url.path, RequestError(str(err.detail), status=err.status_code))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > state.max_body_bytes):
-            return refuse(
-                request, RequestError(f"request body over {state.max_body_bytes} bytes", status=413)
-            )
-        if state.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-                return refuse(
-                    request,
-                    RequestError(
-                        "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                        status=401,
-                        code="invalid_api_key",
-                    ),
-                )
-        return await call_next(request)
+    app.add_middleware(RequestGuard, state=state)
 
     async def json_body(request: Request) -> dict[str, Any]:
         raw = await request.body()

@@ -1,8 +1,9 @@
 """What the OpenAI and Ollama front ends share: turning messages or a prompt plus sampling
-values into an engine request, and splitting reasoning from the answer."""
+values into an engine request, splitting reasoning from the answer, and writing JSON text."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,10 @@ from hetero.runtime.engine import Request
 from hetero.runtime.model import Model
 from hetero.runtime.sampling import SamplingParams
 from server.validation import RequestError, field
+
+# JSON text with non-ASCII characters kept, as json.dumps(..., ensure_ascii=False) writes it:
+# that call builds a new encoder each time, a third of what a streamed chunk's JSON costs
+to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 @dataclass(frozen=True)

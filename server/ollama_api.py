@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -12,9 +11,9 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hetero import __version__
-from hetero.runtime.engine import GenerationResult
-from server.bridge import EventStream
-from server.completion import Prepared, chat_prompt, prepare, read_sampling
+from hetero.runtime.engine import Event, GenerationResult
+from server.bridge import EventStream, stream_text
+from server.completion import Prepared, chat_prompt, prepare, read_sampling, to_json
 from server.state import ServerState, collect
 from server.validation import RequestError, field, stop_strings
 
@@ -44,7 +43,7 @@ def final_stats(result: GenerationResult, started_ns: int) -> dict[str, Any]:
 
 
 def ndjson(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False) + "\n"
+    return to_json(data) + "\n"
 
 
 def prepare_ollama(state: ServerState, body: dict[str, Any], prompt: str | None, chat: bool):
@@ -119,14 +118,14 @@ async def respond(state, body, prepared: Prepared, http_request, chat: bool) -> 
     return JSONResponse({**base, **reply, **final_stats(result, started)})
 
 
-async def ollama_stream(
-    state, events, prepared: Prepared, started: int, chat: bool
+def ollama_stream(
+    state, events: EventStream, prepared: Prepared, started: int, chat: bool
 ) -> AsyncIterator[str]:
     reasoning = prepared.reasoning_stream()
-    async for event in events:
+
+    def render(event: Event) -> str:
         if event.error:
-            yield ndjson({"error": event.error})
-            return
+            return ndjson({"error": event.error})
         thought, text = reasoning.push(event.text) if reasoning else ("", event.text)
         if event.result is not None and reasoning:
             tail_thought, tail_text = reasoning.flush()
@@ -142,9 +141,10 @@ async def ollama_stream(
             if thought:
                 piece["thinking"] = thought
         if event.result is None:
-            yield ndjson({**base, **piece, "done": False})
-        else:
-            yield ndjson({**base, **piece, **final_stats(event.result, started)})
+            return ndjson({**base, **piece, "done": False})
+        return ndjson({**base, **piece, **final_stats(event.result, started)})
+
+    return stream_text(events, render)
 
 
 def tags(state: ServerState) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hetero.runtime.engine import Event, GenerationResult, TokenLogprob
-from server.bridge import EventStream
-from server.completion import Prepared, chat_prompt, prepare, read_sampling
+from server.bridge import EventStream, stream_text
+from server.completion import Prepared, chat_prompt, prepare, read_sampling, to_json
 from server.state import ServerState, collect
 from server.validation import RequestError, field, stop_strings
 
@@ -39,7 +39,24 @@ def finish_reason(result: GenerationResult) -> str:
 
 
 def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {to_json(data)}\n\n"
+
+
+class ChunkTemplate:
+    """One stream's chunks as server-sent events. What every chunk repeats (id, created, model,
+    ...) is serialised once; each chunk serialises only its choice, into the same text that
+    `sse({**fields, "choices": [choice], **after})` gives."""
+
+    # its JSON, "\u0000choice", comes only from a string holding a NUL, which no id, model name
+    # (a command-line argument) or object name holds
+    _SLOT = "\x00choice"
+
+    def __init__(self, fields: dict[str, Any], after: dict[str, Any]):
+        whole = sse({**fields, "choices": [self._SLOT], **after})
+        self._head, _, self._tail = whole.partition(json.dumps(self._SLOT))
+
+    def __call__(self, choice: dict[str, Any]) -> str:
+        return self._head + to_json(choice) + self._tail
 
 
 def error_event(event: Event) -> str:
@@ -97,7 +114,7 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
     )
 
 
-async def chat_stream(
+def chat_stream(
     state: ServerState,
     events: EventStream,
     prepared: Prepared,
@@ -105,19 +122,18 @@ async def chat_stream(
     include_usage: bool,
     want_logprobs: bool,
 ) -> AsyncIterator[str]:
+    template = ChunkTemplate(
+        {**meta, "object": "chat.completion.chunk"}, {"usage": None} if include_usage else {}
+    )
+
     def chunk(delta: dict[str, Any], reason: str | None = None, logprobs=None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
-        data = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
-        if include_usage:
-            data["usage"] = None
-        return sse(data)
+        return template({"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs})
 
     reasoning = prepared.reasoning_stream()
-    yield chunk({"role": "assistant", "content": ""})
-    async for event in events:
+
+    def render(event: Event) -> str:
         if event.error:
-            yield error_event(event)
-            break
+            return error_event(event)
         thought, text = reasoning.push(event.text) if reasoning else ("", event.text)
         if event.result is not None and reasoning:
             tail_thought, tail_text = reasoning.flush()
@@ -130,12 +146,11 @@ async def chat_stream(
         logprobs = (
             chat_logprobs(state, event.logprobs) if want_logprobs and event.logprobs else None
         )
-        if delta or logprobs:
-            yield chunk(delta, logprobs=logprobs)
+        out = chunk(delta, logprobs=logprobs) if delta or logprobs else ""
         if event.result is not None:
-            yield chunk({}, finish_reason(event.result))
+            out += chunk({}, finish_reason(event.result))
             if include_usage:
-                yield sse(
+                out += sse(
                     {
                         **meta,
                         "object": "chat.completion.chunk",
@@ -143,7 +158,10 @@ async def chat_stream(
                         "usage": usage(event.result),
                     }
                 )
-    yield "data: [DONE]\n\n"
+        return out
+
+    head = chunk({"role": "assistant", "content": ""})
+    return stream_text(events, render, head, tail="data: [DONE]\n\n")
 
 
 def chat_logprobs(state: ServerState, logprobs: list[TokenLogprob]) -> dict[str, Any]:
@@ -209,17 +227,19 @@ async def completions(state: ServerState, body: dict[str, Any], http_request) ->
     return JSONResponse({**meta, "choices": [choice], "usage": usage(result)})
 
 
-async def completion_stream(
+def completion_stream(
     state: ServerState,
     events: EventStream,
     meta: dict[str, Any],
     include_usage: bool,
     want_logprobs: bool,
 ) -> AsyncIterator[str]:
-    async for event in events:
+    template = ChunkTemplate(meta, {})
+
+    def render(event: Event) -> str:
         if event.error:
-            yield error_event(event)
-            break
+            return error_event(event)
+        out = ""
         reason = finish_reason(event.result) if event.result is not None else None
         if event.text or reason or event.logprobs:
             logprobs = (
@@ -228,10 +248,12 @@ async def completion_stream(
                 else None
             )
             choice = {"index": 0, "text": event.text, "finish_reason": reason, "logprobs": logprobs}
-            yield sse({**meta, "choices": [choice]})
+            out = template(choice)
         if event.result is not None and include_usage:
-            yield sse({**meta, "choices": [], "usage": usage(event.result)})
-    yield "data: [DONE]\n\n"
+            out += sse({**meta, "choices": [], "usage": usage(event.result)})
+        return out
+
+    return stream_text(events, render, tail="data: [DONE]\n\n")
 
 
 def completion_logprobs(state: ServerState, logprobs: list[TokenLogprob]) -> dict[str, Any]:
