@@ -28,8 +28,8 @@ from cpu_kernels.q8_0_gemv import (
     element_ptr,
     expert_slice,
     host_kernel_path,
-    store_tile,
     tile_type,
+    tiled_pairs,
 )
 
 LANES = 8  # float32 lanes of an AVX2 register
@@ -143,23 +143,7 @@ def _bf16_tile_dot_avx2(typingctx, w, x, row, pairs, cols):
     return sig, codegen
 
 
-@njit(inline="always")
-def _bf16_pairs_avx2(w, x, row, order, first, end, cols, out, col):
-    """out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4."""
-    i = first
-    while end - i >= 4:
-        tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
-        store_tile(out, tile, col, _bf16_tile_dot_avx2(w, x, row, tile, cols))
-        i += 4
-    if end - i == 3:
-        tile3 = (order[i], order[i + 1], order[i + 2])
-        store_tile(out, tile3, col, _bf16_tile_dot_avx2(w, x, row, tile3, cols))
-    elif end - i == 2:
-        tile2 = (order[i], order[i + 1])
-        store_tile(out, tile2, col, _bf16_tile_dot_avx2(w, x, row, tile2, cols))
-    elif end - i == 1:
-        tile1 = (order[i],)
-        store_tile(out, tile1, col, _bf16_tile_dot_avx2(w, x, row, tile1, cols))
+_bf16_pairs_avx2 = tiled_pairs(_bf16_tile_dot_avx2)
 
 
 @njit(nogil=True, cache=True)

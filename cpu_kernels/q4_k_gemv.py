@@ -35,8 +35,8 @@ from cpu_kernels.q8_0_gemv import (
     host_kernel_path,
     lane_mask,
     quantize_q8_activations,
-    store_tile,
     tile_type,
+    tiled_pairs,
     vector_ptr,
 )
 
@@ -222,23 +222,7 @@ def _q4k_row_dot_plain(q, sc, mn, d, dmin, row, x, dx, xsum, pair, superblocks):
     return acc
 
 
-@njit(inline="always")
-def _q4k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, col):
-    """out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4."""
-    i = first
-    while end - i >= 4:
-        tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
-        store_tile(out, tile, col, _q4k_tile_dot_avx2(weights, acts, row, tile, superblocks))
-        i += 4
-    if end - i == 3:
-        tile3 = (order[i], order[i + 1], order[i + 2])
-        store_tile(out, tile3, col, _q4k_tile_dot_avx2(weights, acts, row, tile3, superblocks))
-    elif end - i == 2:
-        tile2 = (order[i], order[i + 1])
-        store_tile(out, tile2, col, _q4k_tile_dot_avx2(weights, acts, row, tile2, superblocks))
-    elif end - i == 1:
-        tile1 = (order[i],)
-        store_tile(out, tile1, col, _q4k_tile_dot_avx2(weights, acts, row, tile1, superblocks))
+_q4k_pairs_avx2 = tiled_pairs(_q4k_tile_dot_avx2)
 
 
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:

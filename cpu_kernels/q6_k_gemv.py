@@ -33,8 +33,8 @@ from cpu_kernels.q8_0_gemv import (
     host_kernel_path,
     lane_mask,
     quantize_q8_activations,
-    store_tile,
     tile_type,
+    tiled_pairs,
     vector_ptr,
 )
 
@@ -278,6 +278,9 @@ def _q6k_row_dot_plain(codes, sc, d, row, x, dx, x_offsets, pair, superblocks):
     return acc
 
 
+_q6k_pairs_avx2 = tiled_pairs(_q6k_tile_dot_avx2)
+
+
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
 # group_start[g + 1]] of expert e = group_expert[g]; weights as Q6KMatrix.arrays with a leading
 # experts dim, x_q int8 [pairs, k]. Two kernels for the reasons given in q8_0_gemv.
@@ -293,24 +296,9 @@ def grouped_gemv_q6_k_avx2(
     for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         for g in range(len(group_expert)):
             for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
-                row, i, end = group_expert[g] * rows + r, group_start[g], group_start[g + 1]
-                while end - i >= 4:
-                    tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
-                    dots = _q6k_tile_dot_avx2(weights, acts, row, tile, superblocks)
-                    store_tile(out, tile, r, dots)
-                    i += 4
-                if end - i == 3:
-                    tile3 = (order[i], order[i + 1], order[i + 2])
-                    dots3 = _q6k_tile_dot_avx2(weights, acts, row, tile3, superblocks)
-                    store_tile(out, tile3, r, dots3)
-                elif end - i == 2:
-                    tile2 = (order[i], order[i + 1])
-                    dots2 = _q6k_tile_dot_avx2(weights, acts, row, tile2, superblocks)
-                    store_tile(out, tile2, r, dots2)
-                elif end - i == 1:
-                    tile1 = (order[i],)
-                    dots1 = _q6k_tile_dot_avx2(weights, acts, row, tile1, superblocks)
-                    store_tile(out, tile1, r, dots1)
+                row = group_expert[g] * rows + r
+                first, end = group_start[g], group_start[g + 1]
+                _q6k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, r)
 
 
 @njit(parallel=True, nogil=True, cache=True)

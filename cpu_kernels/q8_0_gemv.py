@@ -381,23 +381,34 @@ def _q8_row_dot_plain(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, bloc
     return acc
 
 
-@njit(inline="always")
-def _q8_pairs_avx2(weights, acts, row, order, first, end, blocks, out, col):
-    """out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4."""
-    i = first
-    while end - i >= 4:
-        tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
-        store_tile(out, tile, col, _q8_tile_dot_avx2(weights, acts, row, tile, blocks))
-        i += 4
-    if end - i == 3:
-        tile3 = (order[i], order[i + 1], order[i + 2])
-        store_tile(out, tile3, col, _q8_tile_dot_avx2(weights, acts, row, tile3, blocks))
-    elif end - i == 2:
-        tile2 = (order[i], order[i + 1])
-        store_tile(out, tile2, col, _q8_tile_dot_avx2(weights, acts, row, tile2, blocks))
-    elif end - i == 1:
-        tile1 = (order[i],)
-        store_tile(out, tile1, col, _q8_tile_dot_avx2(weights, acts, row, tile1, blocks))
+def tiled_pairs(tile_dot):
+    """An inlined Numba function (weights, acts, row, order, first, end, n, out, col) that sets
+    out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4 through
+    the intrinsic `tile_dot(weights, acts, row, tile, n)` of a format. Made per format at import
+    (a module global, like any other njit function), so the kernels that call it stay cached;
+    a dispatcher passed in as an argument would not."""
+
+    @njit(inline="always")
+    def pairs(weights, acts, row, order, first, end, n, out, col):
+        i = first
+        while end - i >= 4:
+            tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
+            store_tile(out, tile, col, tile_dot(weights, acts, row, tile, n))
+            i += 4
+        if end - i == 3:
+            tile3 = (order[i], order[i + 1], order[i + 2])
+            store_tile(out, tile3, col, tile_dot(weights, acts, row, tile3, n))
+        elif end - i == 2:
+            tile2 = (order[i], order[i + 1])
+            store_tile(out, tile2, col, tile_dot(weights, acts, row, tile2, n))
+        elif end - i == 1:
+            tile1 = (order[i],)
+            store_tile(out, tile1, col, tile_dot(weights, acts, row, tile1, n))
+
+    return pairs
+
+
+_q8_pairs_avx2 = tiled_pairs(_q8_tile_dot_avx2)
 
 
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
