@@ -1,14 +1,18 @@
 """BF16 decode GEMV: y[p, r] = sum_k W[e_p, r, k] * x[p, k], bfloat16 weights, float32 activations.
 
-A bfloat16 is the top half of a float32, so widening one is exact: zero-extend to 32 bits and
-shift left by 16. The AVX2 kernel does that on 8 weights at a time in registers (vpmovzxwd,
-vpslld) and multiply-adds them into float32 accumulators, a tile of up to TOKEN_TILE pairs of
-one expert per weight load. The plain-Numba kernel widens a row into a per-thread buffer and
+A bfloat16 is the top half of a float32, so widening one is exact. The AVX2 kernel loads 16
+weights (32 bytes) at a time and widens them in two registers: a 32-bit shift left by 16 makes
+float32s of the even ones, a mask of the top halves the odd ones (one instruction per 8
+weights). The wrapper stores each 16 activations evens first to match. It multiply-adds them
+into float32 accumulators for a tile of up to TOKEN_TILE pairs of one expert per weight load,
+and of two weight rows at a time where an expert has ROW_TILE_PAIRS pairs or more. The
+plain-Numba kernel widens a row into a per-thread buffer and
 dots it with each pair: slower, but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import reduce
 
@@ -19,6 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from cpu_kernels.q8_0_gemv import (
+    CACHE_LINE,
     F32X8,
     I32X8,
     PREFETCH_BYTES,
@@ -28,15 +33,21 @@ from cpu_kernels.q8_0_gemv import (
     element_ptr,
     expert_slice,
     host_kernel_path,
+    store_block,
     tile_type,
     tiled_pairs,
 )
 
 LANES = 8  # float32 lanes of an AVX2 register
-I16X8 = ir.VectorType(ir.IntType(16), LANES)
-# Activations start on a 32-byte boundary: a ymm load across a cache line costs two, which took
-# 10 to 25% off 4-token tiles (run from L2) with numpy's 16-byte aligned activations.
+# Activations and weights start on a 32-byte boundary: a ymm load across a cache line costs
+# two, which took 10 to 25% off 4-token tiles (run from L2) with numpy's 16-byte aligned
+# activations.
 X_ALIGN_BYTES = 32
+UNIT = 2 * LANES  # weights per 32-byte load of the AVX2 kernel
+# Groups of at least this many pairs run two weight rows per tile (each activation vector loaded
+# once for both): from L2 that doubled the multiply-adds per load. Below it the one-row tiles
+# are as fast or faster, since a few pairs leave the kernel bound by reading the weights.
+ROW_TILE_PAIRS = 8
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,16 @@ class BF16Matrix:
     """BF16 weights [..., rows, cols] (one matrix, or one per expert) as raw bfloat16 bits."""
 
     values: np.ndarray  # uint16 [..., rows, cols]
+
+    def __post_init__(self):
+        # the AVX2 kernel reads 32 bytes at a time: where rows are whole 32-byte lines apart,
+        # a misaligned start (numpy's 16-byte alignment) split every other load across two
+        # cache lines, about 5-15% of a one-token GEMV. A mapped GGUF is 32-byte aligned.
+        values = self.values
+        if values.ctypes.data % X_ALIGN_BYTES and values.shape[-1] * 2 % X_ALIGN_BYTES == 0:
+            aligned = aligned_empty(values.shape, values.dtype)
+            aligned[...] = values
+            object.__setattr__(self, "values", aligned)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -76,67 +97,101 @@ class BF16Matrix:
 
 
 @intrinsic
-def _bf16_tile_dot_avx2(typingctx, w, x, row, pairs, cols):
-    """(W[row] . x[p] for p in pairs): w uint16 and x float32 flat, `cols` values per row;
-    pairs: a tuple of 1 to TOKEN_TILE activation rows -> a tuple of float32.
+def _bf16_tile_dot_avx2(typingctx, w, x, rows, pairs, cols):
+    """(W[r] . x[p] for r in rows for p in pairs): w uint16 and x float32 flat (x in the
+    `interleaved` order), `cols` values per row; rows: one weight row, or a tuple of them run
+    together; pairs: a tuple of 1 to TOKEN_TILE activation rows -> a tuple of float32,
+    row-major over (rows, pairs).
 
-    Each 8-weight vector is loaded and widened once for the whole tile. Every pair spreads its
+    Each 16-weight load is widened once for the whole tile, and with several weight rows each
+    activation vector is loaded once for all of them: two rows took 16 pairs from about 30 to
+    45-55 GMAC/s on weights in L2 (2-core Zen 3), where the activations of a 4-pair tile
+    (32 KB at 2048 columns) no longer fit L1 beside the weights. Every (row, pair) spreads its
     vectors over `chains` accumulators so that the multiply-add latency (4 cycles on Zen 3)
-    does not serialise a single chain; a row's last cols % 8 values go one at a time. Each step
-    prefetches the weights PREFETCH_BYTES ahead (past a row's end: the next row of the chunk)."""
+    does not serialise a single chain; a row's last cols % UNIT values go one at a time. Each
+    step covers a cache line of every row and prefetches PREFETCH_BYTES ahead (past a row's
+    end: the next row of the chunk)."""
     tile = tile_type(pairs)
+    if isinstance(rows, types.Integer):
+        row_count = 0  # a lone row, not a tuple
+    elif isinstance(rows, types.UniTuple) and isinstance(rows.dtype, types.Integer):
+        row_count = rows.count
+    else:
+        return None
     if tile is None:
         return None
-    sig = types.UniTuple(types.float32, tile)(w, x, types.intp, pairs, types.intp)
-    chains = min(4, 8 // tile)  # at most 8 accumulators of 16 ymm registers
+    outputs = tile * max(1, row_count)
+    sig = types.UniTuple(types.float32, outputs)(w, x, rows, pairs, types.intp)
+    chains = max(1, min(4, 8 // outputs))  # at most 8 accumulators of 16 ymm registers
 
     def codegen(context, builder, signature, args):
         w_type, x_type = signature.args[:2]
-        w, x, row, pair_ids, cols = args[0], args[1], args[2], args[3], args[4]
+        w, x, row_ids, pair_ids, cols = args[0], args[1], args[2], args[3], args[4]
+        row_ids = cgutils.unpack_tuple(builder, row_ids) if row_count else [row_ids]
         pair_ids = cgutils.unpack_tuple(builder, pair_ids)
         avx2 = Avx2Ir(builder)
-        w_ptr = element_ptr(builder, context, w_type, w, builder.mul(row, cols))
+        w_ptrs = [element_ptr(builder, context, w_type, w, builder.mul(r, cols)) for r in row_ids]
         x_ptrs = [element_ptr(builder, context, x_type, x, builder.mul(p, cols)) for p in pair_ids]
-        w_vectors = builder.bitcast(w_ptr, I16X8.as_pointer())
+        w_units = [builder.bitcast(ptr, I32X8.as_pointer()) for ptr in w_ptrs]
         x_vectors = [builder.bitcast(ptr, F32X8.as_pointer()) for ptr in x_ptrs]
         accs = [
             [cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)) for _ in range(chains)]
-            for _ in pair_ids
+            for _ in range(len(w_ptrs) * len(x_ptrs))
         ]
+        high_half = ir.Constant(I32X8, [-65536] * LANES)  # 0xFFFF0000
+        shift = ir.Constant(I32X8, [16] * LANES)
 
-        def widen(bits, wide_type, float_type):
-            """bfloat16 bits -> the float32 they are the top half of."""
-            shift = ir.Constant(wide_type, [16] * LANES if wide_type is I32X8 else 16)
-            return builder.bitcast(builder.shl(builder.zext(bits, wide_type), shift), float_type)
-
-        def vector_step(v, chain: int):
-            bits = builder.load(builder.gep(w_vectors, [v]), align=2)
-            weights = widen(bits, I32X8, F32X8)
-            for x_vec, acc in zip(x_vectors, accs, strict=True):
-                xv = builder.load(builder.gep(x_vec, [v]), align=4)
-                builder.store(avx2.fma(weights, xv, builder.load(acc[chain])), acc[chain])
+        def unit_step(u, chain: int):
+            """16 weights of each row: one 32-byte load, the even ones widened by a shift and
+            the odd ones by a mask, against the unit's even and odd activations (the wrapper
+            stores each 16 activations evens first)."""
+            halves = []
+            for wu in w_units:
+                bits = builder.load(builder.gep(wu, [u]), align=2)
+                even = builder.bitcast(builder.shl(bits, shift), F32X8)
+                odd = builder.bitcast(builder.and_(bits, high_half), F32X8)
+                halves.append((even, odd))
+            two_u = builder.mul(u, u.type(2))
+            xs = [
+                (
+                    builder.load(builder.gep(x_vec, [two_u]), align=4),
+                    builder.load(builder.gep(x_vec, [builder.add(two_u, u.type(1))]), align=4),
+                )
+                for x_vec in x_vectors
+            ]
+            for half in (0, 1):
+                for i, weights in enumerate(halves):
+                    for j, x_pair in enumerate(xs):
+                        acc = accs[i * len(xs) + j][(chain + half) % chains]
+                        builder.store(avx2.fma(weights[half], x_pair[half], builder.load(acc)), acc)
 
         one = cols.type(1)
-        vectors = builder.udiv(cols, cols.type(LANES))
-        with cgutils.for_range(builder, builder.udiv(vectors, cols.type(chains))) as loop:
-            first = builder.mul(loop.index, cols.type(chains))
-            vector_bytes = cols.type(2 * LANES)
-            ahead = builder.add(builder.mul(first, vector_bytes), cols.type(PREFETCH_BYTES))
-            avx2.prefetch(w_ptr, ahead)
-            for chain in range(chains):
-                vector_step(builder.add(first, cols.type(chain)), chain)
-        left_start = builder.sub(vectors, builder.urem(vectors, cols.type(chains)))
-        with cgutils.for_range_slice(builder, left_start, vectors, one) as (v, _):
-            vector_step(v, 0)
+        units = builder.udiv(cols, cols.type(UNIT))
+        # a step covers a cache line of each weight row and asks for one line ahead
+        unroll = max(chains // 2, CACHE_LINE // (2 * UNIT))
+        with cgutils.for_range(builder, builder.udiv(units, cols.type(unroll))) as loop:
+            first = builder.mul(loop.index, cols.type(unroll))
+            unit_bytes = cols.type(2 * UNIT)
+            ahead = builder.add(builder.mul(first, unit_bytes), cols.type(PREFETCH_BYTES))
+            for line in range(0, unroll * 2 * UNIT, CACHE_LINE):
+                for w_ptr in w_ptrs:
+                    avx2.prefetch(w_ptr, builder.add(ahead, cols.type(line)))
+            for i in range(unroll):
+                unit_step(builder.add(first, cols.type(i)), 2 * i % chains)
+        left_start = builder.sub(units, builder.urem(units, cols.type(unroll)))
+        with cgutils.for_range_slice(builder, left_start, units, one) as (u, _):
+            unit_step(u, 0)
         sums = [avx2.horizontal_sum(reduce(builder.fadd, map(builder.load, a))) for a in accs]
         tails = [cgutils.alloca_once_value(builder, s) for s in sums]
-        tail_start = builder.mul(vectors, cols.type(LANES))
+        tail_start = builder.mul(units, cols.type(UNIT))
         with cgutils.for_range_slice(builder, tail_start, cols, one) as (j, _):
-            bits = builder.load(builder.gep(w_ptr, [j]))
-            weight = widen(bits, ir.IntType(32), ir.FloatType())
-            for x_ptr, tail in zip(x_ptrs, tails, strict=True):
-                term = builder.fmul(weight, builder.load(builder.gep(x_ptr, [j])))
-                builder.store(builder.fadd(builder.load(tail), term), tail)
+            for i, w_ptr in enumerate(w_ptrs):
+                bits = builder.zext(builder.load(builder.gep(w_ptr, [j])), ir.IntType(32))
+                weight = builder.bitcast(builder.shl(bits, bits.type(16)), ir.FloatType())
+                for k, x_ptr in enumerate(x_ptrs):
+                    tail = tails[i * len(x_ptrs) + k]
+                    term = builder.fmul(weight, builder.load(builder.gep(x_ptr, [j])))
+                    builder.store(builder.fadd(builder.load(tail), term), tail)
         results = [builder.load(tail) for tail in tails]
         return context.make_tuple(builder, signature.return_type, results)
 
@@ -144,6 +199,7 @@ def _bf16_tile_dot_avx2(typingctx, w, x, row, pairs, cols):
 
 
 _bf16_pairs_avx2 = tiled_pairs(_bf16_tile_dot_avx2)
+_bf16_row_pairs_avx2 = tiled_pairs(_bf16_tile_dot_avx2, store_block)
 
 
 @njit(nogil=True, cache=True)
@@ -166,15 +222,23 @@ def _dot_plain(a, b):
 # [pairs, cols]. Chunks of rows and two kernels as in q8_0_gemv.
 @njit(parallel=True, nogil=True, cache=True)
 def grouped_gemv_bf16_avx2(w, x, order, group_start, group_expert, out):
-    """Tiles of up to 4 pairs of one expert through `_bf16_tile_dot_avx2`."""
+    """Tiles of up to 4 pairs of one expert, on one or two weight rows, through
+    `_bf16_tile_dot_avx2`; x holds each UNIT of values evens first (`interleaved`)."""
     _, rows, cols = w.shape
     w_flat, x_flat = w.reshape(-1), x.reshape(-1)
     for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
         for g in range(len(group_expert)):
             first, end = group_start[g], group_start[g + 1]
-            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
-                row = group_expert[g] * rows + r
-                _bf16_pairs_avx2(w_flat, x_flat, row, order, first, end, cols, out, r)
+            r, stop = c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)
+            base = group_expert[g] * rows
+            if end - first >= ROW_TILE_PAIRS:
+                while r + 2 <= stop:
+                    two, at = (base + r, base + r + 1), (r, r + 1)
+                    _bf16_row_pairs_avx2(w_flat, x_flat, two, order, first, end, cols, out, at)
+                    r += 2
+            while r < stop:
+                _bf16_pairs_avx2(w_flat, x_flat, base + r, order, first, end, cols, out, r)
+                r += 1
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -194,16 +258,43 @@ def grouped_gemv_bf16_plain(w, x, order, group_start, group_expert, out):
 GROUPED_GEMV_BF16 = {"avx2": grouped_gemv_bf16_avx2, "plain": grouped_gemv_bf16_plain}
 
 
+@njit(nogil=True, cache=True)
+def interleaved(x):
+    """x float32 [pairs, cols] -> an X_ALIGN_BYTES-aligned copy with each whole UNIT of values
+    stored evens first, then odds: the order in which the AVX2 kernel widens a 32-byte load of
+    bfloat16 weights (a shift puts the even ones in float32 lanes, a mask the odd ones). A
+    row's last cols % UNIT values stay put. (One compiled call: numpy's pieces cost ~30 us.)"""
+    pairs, cols = x.shape
+    spare = X_ALIGN_BYTES // 4
+    buffer = np.empty(pairs * cols + spare, np.float32)
+    start = (X_ALIGN_BYTES - buffer.ctypes.data % X_ALIGN_BYTES) % X_ALIGN_BYTES // 4
+    out = buffer[start : start + pairs * cols].reshape(pairs, cols)
+    whole = cols // UNIT * UNIT
+    for p in range(pairs):
+        for u in range(0, whole, UNIT):
+            for i in range(LANES):
+                out[p, u + i] = x[p, u + 2 * i]
+                out[p, u + LANES + i] = x[p, u + 2 * i + 1]
+        for j in range(whole, cols):
+            out[p, j] = x[p, j]
+    return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on an X_ALIGN_BYTES boundary."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = np.empty(nbytes + X_ALIGN_BYTES, np.uint8)
+    start = -buffer.ctypes.data % X_ALIGN_BYTES
+    return buffer[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def aligned_activations(x: np.ndarray) -> np.ndarray:
     """x as a C-contiguous float32 array starting on an X_ALIGN_BYTES boundary (a copy only
     where it is not one already)."""
     x = np.asarray(x, dtype=np.float32)
     if x.flags.c_contiguous and x.ctypes.data % X_ALIGN_BYTES == 0:
         return x
-    spare = X_ALIGN_BYTES // x.itemsize
-    buffer = np.empty(x.size + spare, np.float32)
-    start = -buffer.ctypes.data % X_ALIGN_BYTES // x.itemsize
-    aligned = buffer[start : start + x.size].reshape(x.shape)
+    aligned = aligned_empty(x.shape)
     aligned[...] = x
     return aligned
 
@@ -215,6 +306,7 @@ def grouped_bf16_gemv(
     -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
     groups = check_pairs(w.shape, x, pair_expert)
     out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    kernel = GROUPED_GEMV_BF16[path or host_kernel_path()]
-    kernel(w.values, aligned_activations(x), *groups, out)
+    path = path or host_kernel_path()
+    x = interleaved(np.asarray(x, np.float32)) if path == "avx2" else aligned_activations(x)
+    GROUPED_GEMV_BF16[path](w.values, x, *groups, out)
     return out

@@ -381,10 +381,19 @@ def _q8_row_dot_plain(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, bloc
     return acc
 
 
-def tiled_pairs(tile_dot):
+@njit(inline="always")
+def store_block(out, pairs, cols, values):
+    """out[pairs[j], cols[i]] = values[i * len(pairs) + j]: a tile over several weight rows."""
+    for i in range(len(cols)):
+        for j in range(len(pairs)):
+            out[pairs[j], cols[i]] = values[i * len(pairs) + j]
+
+
+def tiled_pairs(tile_dot, store=store_tile):
     """An inlined Numba function (weights, acts, row, order, first, end, n, out, col) that sets
     out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4 through
-    the intrinsic `tile_dot(weights, acts, row, tile, n)` of a format. Made per format at import
+    the intrinsic `tile_dot(weights, acts, row, tile, n)` of a format (with `store_block`, row
+    and col are tuples of weight rows and output columns run together). Made per format at import
     (a module global, like any other njit function), so the kernels that call it stay cached;
     a dispatcher passed in as an argument would not."""
 
@@ -393,17 +402,17 @@ def tiled_pairs(tile_dot):
         i = first
         while end - i >= 4:
             tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
-            store_tile(out, tile, col, tile_dot(weights, acts, row, tile, n))
+            store(out, tile, col, tile_dot(weights, acts, row, tile, n))
             i += 4
         if end - i == 3:
             tile3 = (order[i], order[i + 1], order[i + 2])
-            store_tile(out, tile3, col, tile_dot(weights, acts, row, tile3, n))
+            store(out, tile3, col, tile_dot(weights, acts, row, tile3, n))
         elif end - i == 2:
             tile2 = (order[i], order[i + 1])
-            store_tile(out, tile2, col, tile_dot(weights, acts, row, tile2, n))
+            store(out, tile2, col, tile_dot(weights, acts, row, tile2, n))
         elif end - i == 1:
             tile1 = (order[i],)
-            store_tile(out, tile1, col, tile_dot(weights, acts, row, tile1, n))
+            store(out, tile1, col, tile_dot(weights, acts, row, tile1, n))
 
     return pairs
 

@@ -17,14 +17,16 @@ from cpu_kernels.bf16_gemv import (
     _bf16_tile_dot_avx2,
     aligned_activations,
     grouped_bf16_gemv,
+    interleaved,
 )
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
 from cpu_kernels.quant_matrix import gemv
 
-# tokens per call: a single tile of 1 to 4, a full tile plus a tail, two full tiles plus one
-TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]
+# tokens per call: a single tile of 1 to 4, a full tile plus a tail, two full tiles plus one;
+# from ROW_TILE_PAIRS (8) on, two weight rows per tile (with an odd row count, one row alone)
+TOKEN_COUNTS = [1, 2, 3, 4, 5, 8, 9, 19]
 
 
 def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> BF16Matrix:
@@ -87,9 +89,12 @@ def test_bf16_dequantize_needs_an_index_for_experts_only():
 
 @pytest.mark.parametrize("path", available_kernel_paths())
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
-@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 96), (3, 7), (37, 200), (130, 256), (64, 2048)])
+@pytest.mark.parametrize(
+    "rows,cols", [(1, 1), (1, 96), (3, 7), (37, 200), (130, 256), (64, 2048), (5, 24)]
+)
 def test_bf16_gemv_matches_reference(path, tokens, rows, cols):
-    # cols: one value, whole 32-value steps, only a scalar tail, steps plus a vector and a tail
+    # cols: one value, whole 64-value steps, only a scalar tail, steps plus a 16-value unit and
+    # a tail, one unit and a tail
     rng = np.random.default_rng()
     w = random_bf16(rng, (rows, cols))
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
@@ -179,27 +184,56 @@ def test_grouped_bf16_gemv_rejects_bad_operands():
         grouped_bf16_gemv(BF16Matrix(w.values[0]), np.ones((1, 64), np.float32), np.array([0]))
 
 
-def tile_asm(tile: int) -> str:
-    """Machine code of `_bf16_tile_dot_avx2` on a tile of `tile` pairs (a fresh compile:
-    functions loaded from Numba's cache keep no assembly)."""
+def test_bf16_interleaved_puts_each_unit_evens_first():
+    x = np.arange(2 * 37, dtype=np.float32).reshape(2, 37)  # two 16-value units and 5 left over
+    got = interleaved(x)
+    for row in range(2):
+        for unit in range(2):
+            values = x[row, unit * 16 : (unit + 1) * 16]
+            want = np.concatenate([values[0::2], values[1::2]])
+            np.testing.assert_array_equal(got[row, unit * 16 : (unit + 1) * 16], want)
+        np.testing.assert_array_equal(got[row, 32:], x[row, 32:])
+    assert interleaved(np.zeros((0, 37), np.float32)).shape == (0, 37)
+
+
+def tile_asm(tile: int, rows: int) -> str:
+    """Machine code of `_bf16_tile_dot_avx2` on a tile of `tile` pairs and `rows` weight rows
+    (0: a lone row index; a fresh compile: functions loaded from Numba's cache keep no
+    assembly)."""
 
     def tile_dot(w, x, row, pairs, cols):
         return _bf16_tile_dot_avx2(w, x, row, pairs, cols)
 
     arrays = (np.zeros(8, np.uint16), np.zeros(8, np.float32))
-    sig = tuple(numba.typeof(a) for a in (*arrays, 0, tuple(range(tile)), 8))
+    row = tuple(range(rows)) if rows else 0
+    sig = tuple(numba.typeof(a) for a in (*arrays, row, tuple(range(tile)), 8))
     fresh = numba.njit(tile_dot)
     fresh.compile(sig)
     return fresh.inspect_asm(sig)
 
 
 @pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
-@pytest.mark.parametrize("tile", [1, 4])
-def test_bf16_avx2_tile_widens_each_weight_vector_once_in_ymm_registers(tile):
-    ops = [line.split() for line in tile_asm(tile).splitlines()]
+@pytest.mark.parametrize("tile,rows", [(1, 0), (4, 0), (4, 2), (1, 2)])
+def test_bf16_avx2_tile_widens_each_weight_load_once_in_ymm_registers(tile, rows):
+    ops = [line.split() for line in tile_asm(tile, rows).splitlines()]
     ymm = [op[0] for op in ops if op and any("%ymm" in arg for arg in op[1:])]
-    widens, shifts = ymm.count("vpmovzxwd"), ymm.count("vpslld")
+    shifts = ymm.count("vpslld")
+    # LLVM may keep the top halves by a blend with zero instead of an and
+    masks = sum(op in ("vpand", "vandps", "vpblendw") for op in ymm)
     fmas = sum(op.startswith("vfmadd") and op.endswith("ps") for op in ymm)
-    assert widens and widens == shifts
-    assert fmas == tile * widens
+    # each 32-byte load: one shift (evens) and one mask (odds), two multiply-adds per (row, pair)
+    assert shifts and shifts == masks
+    assert fmas == 2 * tile * shifts
     assert [op[0] for op in ops if op].count("prefetcht0")
+
+
+def test_bf16_matrix_starts_whole_line_rows_on_a_32_byte_boundary():
+    buffer = np.zeros(4096, np.uint8)
+    start = (16 - buffer.ctypes.data) % 32  # 16 bytes past a 32-byte boundary
+    for cols, moved in ((64, True), (7, False)):  # rows 128 bytes apart; 14 bytes apart
+        values = buffer[start : start + 2 * 3 * cols].view(np.uint16).reshape(3, cols)
+        values[...] = np.arange(values.size).reshape(values.shape)
+        w = BF16Matrix(values)
+        np.testing.assert_array_equal(w.values, values)
+        assert (w.values.ctypes.data % X_ALIGN_BYTES == 0) is moved
+        assert np.shares_memory(w.values, values) is not moved
