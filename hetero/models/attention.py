@@ -60,6 +60,5 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.batch_cos_sin(batch, x.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        history = batch.cached(self.layer_idx, k=k, v=v)
-        out = batch.attention(q, history["k"], history["v"], self.head_dim**-0.5)
+        out = batch.self_attention(self.layer_idx, q, k, v, self.head_dim**-0.5)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,6 +96,46 @@ class ForwardBatch:
             name: t.masked_fill(pad.view(*pad.shape, *([1] * (t.dim() - 2))), 0)
             for name, t in history.items()
         }
+
+    def self_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Store this step's keys and values (cache entries "k" and "v") and attend: causal
+        attention of each sequence's new tokens over its history. q: [tokens, q_heads, d];
+        k: [tokens, kv_heads, d]; v: [tokens, kv_heads, dv] -> [tokens, q_heads, dv].
+
+        A step where every sequence decodes one token, over a float32 cache in CPU memory and
+        without autograd, runs `paged_decode_attention`: one Numba call reading the history in
+        place, where the torch path gathers a copy of it per layer."""
+        if self._cpu_decode_step(q, layer):
+            # imported here: Numba's import costs ~80 MB and a model torch runs may never decode
+            from cpu_kernels.attention import paged_decode_attention
+
+            self.kv.write(layer, self.write_slots, {"k": k, "v": v})
+            store = self.kv.storage[layer]
+            out = np.empty((q.shape[0], q.shape[1], v.shape[-1]), np.float32)
+            paged_decode_attention(
+                q.detach().contiguous().numpy(),
+                store["k"].numpy(),
+                store["v"].numpy(),
+                self.read_slots.numpy(),
+                self.lengths.numpy(),
+                np.float32(scale),
+                out,
+            )
+            return torch.from_numpy(out)
+        history = self.cached(layer, k=k, v=v)
+        return self.attention(q, history["k"], history["v"], scale)
+
+    def _cpu_decode_step(self, q: torch.Tensor, layer: int) -> bool:
+        if self.kv is None or len(self.decoding) != len(self.slices):
+            return False
+        if q.dtype != torch.float32 or q.device.type != "cpu":
+            return False
+        if q.requires_grad and torch.is_grad_enabled():
+            return False
+        stores = self.kv.storage[layer].values()
+        return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in stores)
 
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
