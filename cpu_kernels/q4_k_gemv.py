@@ -275,8 +275,22 @@ GROUPED_GEMV_Q4_K = {"avx2": grouped_gemv_q4_k_avx2, "plain": grouped_gemv_q4_k_
 def q4_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x: float32 [tokens, k] -> int8 values, float32 block scales and block sums (value units)."""
     x_q, x_scales = quantize_q8_activations(x)
-    blocks = x_q.reshape(*x_scales.shape, QK8_0).sum(axis=-1, dtype=np.int32)
-    return x_q, x_scales, (blocks * x_scales).astype(np.float32)
+    sums = np.empty_like(x_scales)
+    _block_sums(x_q, x_scales, sums)
+    return x_q, x_scales, sums
+
+
+@njit(nogil=True, cache=True)
+def _block_sums(x_q, x_scales, sums):
+    """sums[t, b] = x_scales[t, b] * the int sum of 32-block b of x_q[t] (one compiled call:
+    the numpy version cost ~8 us a GEMV)."""
+    tokens, blocks = x_scales.shape
+    for t in range(tokens):
+        for b in range(blocks):
+            total = 0
+            for j in range(QK8_0):
+                total += x_q[t, b * QK8_0 + j]
+            sums[t, b] = np.float32(total) * x_scales[t, b]
 
 
 def grouped_q4_k_gemv(

@@ -325,10 +325,27 @@ def q6_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     order (per super-block the even sub-blocks, then the odd ones)."""
     x_q, x_scales = quantize_q8_activations(x)
     tokens, k = x_q.shape
-    sums = x_q.reshape(tokens, k // QK_K, BLOCKS, 2, 16).sum(axis=-1, dtype=np.int32)
-    sums = sums.astype(np.float32) * x_scales.reshape(tokens, k // QK_K, BLOCKS, 1)
-    offsets = np.float32(-32) * sums.transpose(0, 1, 3, 2).reshape(tokens, k // 16)
+    offsets = np.empty((tokens, k // 16), np.float32)
+    _q6_k_offsets(x_q, x_scales, offsets)
     return x_q, x_scales, offsets
+
+
+@njit(nogil=True, cache=True)
+def _q6_k_offsets(x_q, x_scales, offsets):
+    """offsets[t, s * 16 + half * 8 + b] = -32 * x_scales[t, s * 8 + b] * the int sum of
+    values 16 * half .. 16 * half + 15 of 32-block b of super-block s (one compiled call: the
+    numpy version cost ~14 us a GEMV)."""
+    tokens, k = x_q.shape
+    for t in range(tokens):
+        for s in range(k // QK_K):
+            for b in range(BLOCKS):
+                for half in range(2):
+                    start = (s * BLOCKS + b) * QK8_0 + half * 16
+                    total = 0
+                    for j in range(16):
+                        total += x_q[t, start + j]
+                    scale = np.float32(-32) * x_scales[t, s * BLOCKS + b]
+                    offsets[t, s * SUBS + half * BLOCKS + b] = np.float32(total) * scale
 
 
 def grouped_q6_k_gemv(

@@ -58,8 +58,12 @@ def available_kernel_paths() -> tuple[str, ...]:
 
 def host_kernel_path() -> str:
     """The fastest path this CPU runs, unless HETERO_CPU_KERNEL_PATH names one."""
+    return _kernel_path(os.environ.get(PATH_ENV))
+
+
+@functools.cache  # every GEMV call asks: resolved once per setting
+def _kernel_path(forced: str | None) -> str:
     available = available_kernel_paths()
-    forced = os.environ.get(PATH_ENV)
     if forced:
         if forced not in available:
             raise ValueError(
@@ -334,9 +338,12 @@ def store_tile(out, pairs, col, values):
 @njit(nogil=True, cache=True)
 def group_pairs_by_expert(pair_expert, experts):
     """Counting sort of the pairs by expert -> (order: pair indices, each expert's together in
-    pair order; group_start: int64 [groups + 1] into order; group_expert: int64 [groups])."""
+    pair order; group_start: int64 [groups + 1] into order; group_expert: int64 [groups]), or
+    None where an id is outside 0..experts - 1."""
     counts = np.zeros(experts, np.int64)
     for e in pair_expert:
+        if not 0 <= e < experts:
+            return None
         counts[e] += 1
     group_expert = np.flatnonzero(counts)
     group_start = np.zeros(len(group_expert) + 1, np.int64)
@@ -526,9 +533,12 @@ def check_pairs(shape: tuple[int, ...], x: np.ndarray, pair_expert: np.ndarray):
             f"x has shape {x.shape} and pair_expert {pair_expert.shape}; expected "
             f"[pairs, {cols}] and [pairs]"
         )
-    if len(pair_expert) and not 0 <= pair_expert.min() <= pair_expert.max() < experts:
+    if pair_expert.dtype != np.int64:
+        pair_expert = pair_expert.astype(np.int64)
+    groups = group_pairs_by_expert(pair_expert, experts)
+    if groups is None:
         raise ValueError(f"pair_expert holds ids outside 0..{experts - 1}")
-    return group_pairs_by_expert(pair_expert.astype(np.int64), experts)
+    return groups
 
 
 def grouped_q8_0_gemv(
