@@ -53,18 +53,29 @@ def test_quant_linear_matches_torch_linear_on_dequantised_weights(ggml_type, tok
     assert relative_rms(got, want) < (1e-5 if exact else 2e-2)
 
 
-@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_K, T.Q6_K, T.BF16])
+JOINED_FORMATS = {
+    "Q8_0": [T.Q8_0] * 3,
+    "Q4_K": [T.Q4_K] * 3,
+    "Q6_K": [T.Q6_K] * 3,
+    "BF16": [T.BF16] * 3,
+    "Q4_K q/k, Q6_K v": [T.Q4_K, T.Q4_K, T.Q6_K],
+    "Q6_K between Q4_K": [T.Q4_K, T.Q6_K, T.Q4_K],
+}
+
+
+@pytest.mark.parametrize("formats", JOINED_FORMATS.values(), ids=JOINED_FORMATS.keys())
 @pytest.mark.parametrize("tokens", [1, DECODE_MAX_TOKENS + 3])
-def test_joined_projections_equal_the_separate_ones(ggml_type, tokens):
+def test_joined_projections_equal_the_separate_ones(formats, tokens):
     rng = np.random.default_rng()
     parts = [
         QuantLinear(
             quantize_matrix(rng.standard_normal((rows, 256), dtype=np.float32), ggml_type),
             torch.nn.Parameter(torch.randn(rows), requires_grad=False),
         )
-        for rows in (128, 32, 32)
+        for rows, ggml_type in zip((128, 32, 32), formats, strict=True)
     ]
     joined = JoinedQuantLinear(parts)
+    assert len(joined.passes) == len(set(formats))
     x = torch.randn(tokens, 256)
     got = joined(x)
     assert [g.shape for g in got] == [(tokens, 128), (tokens, 32), (tokens, 32)]
@@ -92,15 +103,13 @@ def expected_kernel_modules(source) -> tuple[int, int]:
 
 
 def kernel_modules(model) -> tuple[int, int]:
-    """(expert blocks, dense layers) on the kernels; a joined module counts its parts."""
+    """(expert blocks, dense layers) on the kernels; a joined module counts its parts (not
+    the passes it runs them in)."""
     modules = list(model.net.modules())
-    return (
-        sum(isinstance(m, NumbaExperts) for m in modules),
-        sum(
-            len(m.sizes) if isinstance(m, JoinedQuantLinear) else isinstance(m, QuantLinear)
-            for m in modules
-        ),
-    )
+    joined = [m for m in modules if isinstance(m, JoinedQuantLinear)]
+    linears = sum(isinstance(m, QuantLinear) for m in modules)
+    linears += sum(len(m.sizes) - len(m.passes) for m in joined)
+    return sum(isinstance(m, NumbaExperts) for m in modules), linears
 
 
 @pytest.mark.parametrize("file_type", ["q8_0", "q4_k_m"])
@@ -112,8 +121,11 @@ def test_gguf_quantised_tensors_run_on_the_kernels(wide_model, tmp_path, file_ty
     experts, linears = kernel_modules(kernels)
     assert (experts, linears) == expected_kernel_modules(source)
     assert kernel_modules(dequantised) == (0, 0)
-    # q/k/v of one format read the input once
-    assert kernels.net.layers[0].self_attn.qkv_proj is not None or file_type != "q8_0"
+    # q/k/v read the input once per format among them (Q4_K_M: Q4_K q/k, maybe a Q6_K v)
+    attention = kernels.net.layers[0].self_attn
+    assert attention.qkv_proj is not None
+    formats = {type(p.qweight) for p in attention.qkv_proj.passes}
+    assert len(attention.qkv_proj.passes) == len(formats)
     assert not any(isinstance(m, TorchExperts) for m in kernels.net.modules())
     assert kernels.dtype == torch.float32
     assert kernels.quant_report.modules == experts + linears

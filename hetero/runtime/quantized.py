@@ -77,20 +77,40 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {name}"
 
 
-class JoinedQuantLinear(QuantLinear):
-    """Linears that read the same input (q/k/v, gate/up) as one matrix: one GEMV pass per call
-    instead of one per projection; returns each projection's output, in order."""
+class JoinedQuantLinear(nn.Module):
+    """Linears that read the same input (q/k/v, gate/up) in as few GEMV passes as their formats
+    allow: parts of one format and width (and all or none with a bias) are stacked into one
+    matrix that a single pass reads, e.g. Q4_K q/k beside a Q6_K v in a Q4_K_M file. Returns
+    each part's output, in order."""
 
     def __init__(self, parts: list[QuantLinear], path: str | None = None):
-        biases = [p.bias for p in parts]
-        if any(b is None for b in biases) and any(b is not None for b in biases):
-            raise ValueError("joined projections need a bias on all or none of them")
-        bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
-        super().__init__(join_rows([p.qweight for p in parts]), bias, path)
+        super().__init__()
+        groups: dict[tuple, list[int]] = {}
+        for i, part in enumerate(parts):
+            key = (type(part.qweight), part.in_features, part.bias is None)
+            groups.setdefault(key, []).append(i)
+        self.passes = nn.ModuleList()
         self.sizes = [p.out_features for p in parts]
+        self._where: list[tuple[int, int, int]] = [(0, 0, 0)] * len(parts)  # pass, start, stop
+        for members in groups.values():
+            start = 0
+            for i in members:
+                self._where[i] = (len(self.passes), start, start + parts[i].out_features)
+                start += parts[i].out_features
+            biases = [parts[i].bias for i in members]
+            bias = None
+            if biases[0] is not None:
+                bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+            weight = join_rows([parts[i].qweight for i in members])
+            self.passes.append(QuantLinear(weight, bias, path))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.passes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return super().forward(x).split(self.sizes, dim=-1)
+        outs = [p(x) for p in self.passes]
+        return tuple(outs[k][..., start:stop] for k, start, stop in self._where)
 
 
 @dataclass
@@ -119,16 +139,15 @@ class QuantReport:
 
 def join_projections(net: nn.Module, report: QuantReport, path: str | None = None) -> None:
     """Join kernel linears that read the same input, where a module names them in `JOINABLE`
-    ({joined name: part names}) and they share a format and width."""
+    ({joined name: part names}) and at least two of them share a format and width."""
     began = time.perf_counter()
     for module in list(net.modules()):
         for name, part_names in getattr(module, "JOINABLE", {}).items():
             parts = [getattr(module, p, None) for p in part_names]
             if not all(isinstance(p, QuantLinear) for p in parts):
                 continue
-            if len({(type(p.qweight), p.in_features) for p in parts}) != 1:
-                continue
-            if len({p.bias is None for p in parts}) != 1:
+            kinds = [(type(p.qweight), p.in_features, p.bias is None) for p in parts]
+            if len(set(kinds)) == len(kinds):  # nothing to join: as many passes either way
                 continue
             setattr(module, name, JoinedQuantLinear(parts, path))
             for part in part_names:
