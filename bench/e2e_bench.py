@@ -198,7 +198,7 @@ def main() -> None:
         "--skip",
         action="append",
         default=[],
-        help="skip an engine: hetero, llama.cpp, transformers",
+        help="skip an engine (hetero, llama.cpp, transformers) or hetero's bf16 runs (bf16)",
     )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -254,7 +254,7 @@ def main() -> None:
                     partial(run_llama_bench, binary, files[ggml], args.threads, *sizes),
                 )
             )
-    if "hetero" not in args.skip:
+    if "hetero" not in args.skip and "bf16" not in args.skip:
         for quant, dtype in (("auto", "auto"), ("none", "bfloat16")):
             jobs.append(
                 (

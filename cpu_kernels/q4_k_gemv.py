@@ -11,7 +11,6 @@ expert run in tiles of up to TOKEN_TILE, as in q8_0_gemv.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -25,6 +24,7 @@ from cpu_kernels.q8_0_gemv import (
     CACHE_LINE,
     F32X8,
     I8X32,
+    I32X8,
     PREFETCH_BYTES,
     QK8_0,
     ROW_CHUNK,
@@ -117,8 +117,10 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
 
     Each 32-byte nibble run is loaded and split once for the whole tile. Per sub-block and
     pair: pmaddubsw(nibbles, x) pairs (at most 2 * 15 * 127, no saturation), pmaddwd by the
-    6-bit scale, times the activation scale; per super-block: times d, minus dmin * mins *
-    activation block sums."""
+    6-bit scale, added to the super-block's int32 sums (at most 8 * 8 * 15 * 127 * 63 per
+    lane, far from overflow): the activations have one scale per super-block, as llama.cpp's
+    Q8_K, so the sub-blocks need no float work. Per super-block: the sums to float times
+    d * the activation scale, minus dmin * mins * activation block sums."""
     tile = tile_type(pairs)
     if tile is None:
         return None
@@ -146,7 +148,7 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
         tokens = [
             (
                 vector_ptr(builder, context, x_t, x, builder.mul(p, k), 32),
-                element_ptr(builder, context, dx_t, dx, builder.mul(p, subs)),
+                element_ptr(builder, context, dx_t, dx, builder.mul(p, nsuper)),
                 builder.bitcast(
                     element_ptr(builder, context, xs_t, xs, builder.mul(p, subs)),
                     F32X8.as_pointer(),
@@ -166,10 +168,7 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
             mins = builder.uitofp(builder.load(builder.gep(mn_ptr, [s]), align=1), F32X8)
             neg_dmin = builder.fneg(builder.load(builder.gep(dmin_ptr, [s])))
             min_terms = builder.fmul(mins, avx2.splat(neg_dmin))
-            # a small tile alternates sub-blocks between two sums per pair: one FMA chain
-            # would wait out the FMA latency every sub-block
-            chains = 2 if tile <= 2 else 1
-            sub_sums = [[ir.Constant(F32X8, None)] * chains for _ in range(tile)]
+            int_sums = [ir.Constant(I32X8, None)] * tile
             for run in range(SUBS // 2):
                 packed_idx = builder.add(builder.mul(s, s.type(SUBS // 2)), s.type(run))
                 packed = builder.load(builder.gep(q_ptr, [packed_idx]), align=1)
@@ -181,15 +180,14 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
                     j = 2 * run + half
                     scale = avx2.widen_byte(sc_table, j)
                     sub = builder.add(builder.mul(s, s.type(SUBS)), s.type(j))
-                    for t, (x_ptr, dx_ptr, _, _) in enumerate(tokens):
+                    for t, (x_ptr, _, _, _) in enumerate(tokens):
                         xv = builder.load(builder.gep(x_ptr, [sub]), align=1)
-                        dot = builder.sitofp(avx2.int_dot(nibbles, xv, scale), F32X8)
-                        x_scale = avx2.splat(builder.load(builder.gep(dx_ptr, [sub])))
-                        sums = sub_sums[t]
-                        sums[j % chains] = avx2.fma(dot, x_scale, sums[j % chains])
-            d_splat = avx2.splat(builder.load(builder.gep(d_ptr, [s])))
-            for (_, _, xs_ptr, acc), sums in zip(tokens, sub_sums, strict=True):
-                total = avx2.fma(reduce(builder.fadd, sums), d_splat, builder.load(acc))
+                        dot = avx2.int_dot(nibbles, xv, scale)
+                        int_sums[t] = builder.add(int_sums[t], dot)
+            d_w = builder.load(builder.gep(d_ptr, [s]))
+            for (_, dx_ptr, xs_ptr, acc), int_sum in zip(tokens, int_sums, strict=True):
+                scale = avx2.splat(builder.fmul(d_w, builder.load(builder.gep(dx_ptr, [s]))))
+                total = avx2.fma(builder.sitofp(int_sum, F32X8), scale, builder.load(acc))
                 block_sums = builder.load(builder.gep(xs_ptr, [s]), align=4)
                 builder.store(avx2.fma(min_terms, block_sums, total), acc)
         sums = [avx2.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
@@ -203,7 +201,7 @@ def _q4k_row_dot_plain(q, sc, mn, d, dmin, row, x, dx, xsum, pair, superblocks):
     """One pair's row dot in plain Numba, the same sums as `_q4k_tile_dot_avx2`."""
     acc = np.float32(0.0)
     for s in range(superblocks):
-        scaled, offset = np.float32(0.0), np.float32(0.0)
+        scaled, offset = 0, np.float32(0.0)
         for j in range(SUBS):
             run, half = j // 2, j % 2
             w_sub = (row * superblocks + s) * SUBS + j
@@ -216,9 +214,10 @@ def _q4k_row_dot_plain(q, sc, mn, d, dmin, row, x, dx, xsum, pair, superblocks):
                 ii = np.uint64(i)
                 nib = (np.int32(q[q_base + ii]) >> (4 * half)) & 15
                 dot += nib * np.int32(x[x_base + ii])
-            scaled += np.float32(dot * np.int32(sc[w_sub])) * dx[x_sub]
+            scaled += dot * np.int32(sc[w_sub])
             offset += np.float32(mn[w_sub]) * xsum[x_sub]
-        acc += d[row * superblocks + s] * scaled - dmin[row * superblocks + s] * offset
+        scale = d[row * superblocks + s] * dx[pair * superblocks + s]
+        acc += scale * np.float32(scaled) - dmin[row * superblocks + s] * offset
     return acc
 
 
@@ -273,24 +272,26 @@ GROUPED_GEMV_Q4_K = {"avx2": grouped_gemv_q4_k_avx2, "plain": grouped_gemv_q4_k_
 
 
 def q4_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x: float32 [tokens, k] -> int8 values, float32 block scales and block sums (value units)."""
-    x_q, x_scales = quantize_q8_activations(x)
-    sums = np.empty_like(x_scales)
+    """x: float32 [tokens, k] -> int8 values, float32 scales, one per 256-value super-block
+    (like GGUF's Q8_K: the kernel sums a super-block's sub-blocks in integers), and each
+    32-block's sum in value units (for the min term)."""
+    x_q, x_scales = quantize_q8_activations(x, QK_K)
+    sums = np.empty((x_q.shape[0], x_q.shape[1] // QK8_0), np.float32)
     _block_sums(x_q, x_scales, sums)
     return x_q, x_scales, sums
 
 
 @njit(nogil=True, cache=True)
 def _block_sums(x_q, x_scales, sums):
-    """sums[t, b] = x_scales[t, b] * the int sum of 32-block b of x_q[t] (one compiled call:
-    the numpy version cost ~8 us a GEMV)."""
-    tokens, blocks = x_scales.shape
+    """sums[t, b] = the int sum of 32-block b of x_q[t] times its super-block's scale (one
+    compiled call: the numpy version cost ~8 us a GEMV)."""
+    tokens, blocks = sums.shape
     for t in range(tokens):
         for b in range(blocks):
             total = 0
             for j in range(QK8_0):
                 total += x_q[t, b * QK8_0 + j]
-            sums[t, b] = np.float32(total) * x_scales[t, b]
+            sums[t, b] = np.float32(total) * x_scales[t, b // SUBS]
 
 
 def grouped_q4_k_gemv(

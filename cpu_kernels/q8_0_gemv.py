@@ -359,18 +359,21 @@ def group_pairs_by_expert(pair_expert, experts):
 
 @njit(nogil=True, cache=True)
 def quantize_activations_q8(x, x_q, x_scales):
-    """x: float32 [tokens, k] -> x_q int8 [tokens, k], x_scales float32 [tokens, k / 32]."""
+    """x: float32 [tokens, k] -> x_q int8 [tokens, k], x_scales float32 [tokens, k / block]:
+    symmetric int8 per block of k / x_scales.shape[1] values (32 for Q8_0, 256 for the
+    K-quants' kernels)."""
     tokens, k = x.shape
+    block = k // x_scales.shape[1]
     for t in range(tokens):
-        for b in range(k // QK8_0):
+        for b in range(k // block):
             amax = np.float32(0.0)
-            for j in range(QK8_0):
-                amax = max(amax, abs(x[t, b * QK8_0 + j]))
+            for j in range(block):
+                amax = max(amax, abs(x[t, b * block + j]))
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             x_scales[t, b] = d
-            for j in range(QK8_0):
-                x_q[t, b * QK8_0 + j] = np.int8(np.rint(x[t, b * QK8_0 + j] * inv))
+            for j in range(block):
+                x_q[t, b * block + j] = np.int8(np.rint(x[t, b * block + j] * inv))
 
 
 @njit(nogil=True, cache=True)
@@ -479,33 +482,34 @@ def grouped_gemv_q8_0_plain(
 GROUPED_GEMV_Q8_0 = {"avx2": grouped_gemv_q8_0_avx2, "plain": grouped_gemv_q8_0_plain}
 
 
-def quantize_q8_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x: float32 [tokens, k] -> (int8 [tokens, k], float32 scales [tokens, k / 32])."""
+def quantize_q8_activations(x: np.ndarray, block: int = QK8_0) -> tuple[np.ndarray, np.ndarray]:
+    """x: float32 [tokens, k] -> (int8 [tokens, k], float32 scales [tokens, k / block])."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     tokens, k = x.shape
-    if k % QK8_0:
-        raise ValueError(f"activation width {k} is not a multiple of the Q8_0 block ({QK8_0})")
+    if k % block:
+        raise ValueError(f"activation width {k} is not a multiple of the block ({block})")
     x_q = np.empty((tokens, k), np.int8)
-    x_scales = np.empty((tokens, k // QK8_0), np.float32)
+    x_scales = np.empty((tokens, k // block), np.float32)
     quantize_activations_q8(x, x_q, x_scales)
     return x_q, x_scales
 
 
-def activation_error_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+def activation_error_bound(w: np.ndarray, x: np.ndarray, block: int = QK8_0) -> np.ndarray:
     """The most `quantize_q8_activations` can change x @ w.T (rounding each value by at most
     half a step, amax / 254 of its block), plus float32 summation slack: [tokens, rows]."""
-    block_max = np.abs(x).reshape(x.shape[0], -1, QK8_0).max(axis=-1)
-    step = np.repeat(block_max / 254, QK8_0, axis=-1)
+    block_max = np.abs(x).reshape(x.shape[0], -1, block).max(axis=-1)
+    step = np.repeat(block_max / 254, block, axis=-1)
     return step @ np.abs(w).T + 1e-5 * np.abs(x) @ np.abs(w).T
 
 
 def gemv_error_bound(
-    w: np.ndarray, x: np.ndarray, magnitude: np.ndarray | None = None
+    w: np.ndarray, x: np.ndarray, magnitude: np.ndarray | None = None, block: int = QK8_0
 ) -> np.ndarray:
     """The most the GEMV kernels can differ from x @ w.T for weights w [rows, cols] exact in
     float32 (the dequantised blocks): [tokens, rows].
 
-    - int8 activations: x' = q * d with d = amax / 127 of the block; the float32 rounding of
+    - int8 activations: x' = q * d with d = amax / 127 of the block (`block` values: 32, or
+      256 for the K-quant kernels); the float32 rounding of
       x * (1 / d) before rint moves q by at most 127 * 2u past half a step (u = 2^-24), so
       |x - x'| <= amax / 254 * (1 + 2^-14) per value.
     - float32 arithmetic on exact integer block dots: each term t (a weight times x') passes
@@ -515,8 +519,8 @@ def gemv_error_bound(
       magnitude * |x'| and magnitude = |w| unless the kernel adds larger partial terms (Q4_K's
       d * scale * q and dmin * min, whose magnitudes are at most |w| + 2 dmin * min)."""
     magnitude = np.abs(w) if magnitude is None else magnitude
-    block_max = np.abs(x).reshape(x.shape[0], -1, QK8_0).max(axis=-1)
-    step = np.repeat(block_max / 254 * (1 + 2.0**-14), QK8_0, axis=-1)
+    block_max = np.abs(x).reshape(x.shape[0], -1, block).max(axis=-1)
+    step = np.repeat(block_max / 254 * (1 + 2.0**-14), block, axis=-1)
     blocks = x.shape[1] // QK8_0
     rounding = (blocks + 16) * 2.0**-24 * (np.abs(x) + step) @ magnitude.T
     return step @ np.abs(w).T + rounding

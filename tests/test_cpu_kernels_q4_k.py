@@ -2,9 +2,9 @@
 
 Error budget (`gemv_error_bound`): weights are exact (the reference dequantises the same blocks;
 d * scale and dmin * min are exact in float32) and the integer sub-block dots are exact; the
-kernel rounds activations to int8 per 32-block (the min term uses the rounded block sums too)
-and sums the scale and min terms apart in float32, so the rounding budget is taken on their
-magnitudes, |w| + 2 dmin * min per value."""
+kernel rounds activations to int8 per 256-value super-block (one scale each, as GGUF's Q8_K; the
+min term uses the rounded block sums too) and sums the scale and min terms apart in float32, so
+the rounding budget is taken on their magnitudes, |w| + 2 dmin * min per value."""
 
 import gguf.quants
 import numba
@@ -38,7 +38,7 @@ def assert_matches_reference(got: np.ndarray, w: Q4KMatrix, x: np.ndarray, exper
     magnitude = np.abs(dense) + 2 * np.repeat(offsets.reshape(len(dense), -1), 32, axis=-1)
     want = x.astype(np.float64) @ dense.T
     assert got.shape == want.shape
-    assert (np.abs(got - want) <= gemv_error_bound(dense, x, magnitude)).all()
+    assert (np.abs(got - want) <= gemv_error_bound(dense, x, magnitude, block=256)).all()
 
 
 def test_q4_k_dequantize_matches_gguf_bit_for_bit():

@@ -21,6 +21,7 @@ from cpu_kernels.q8_0_gemv import (
     grouped_q8_0_gemv,
     half_to_float32,
     host_kernel_path,
+    quantize_q8_activations,
 )
 from cpu_kernels.quant_matrix import gemv
 
@@ -196,3 +197,19 @@ def test_q8_0_avx2_tile_loads_each_weight_vector_once_for_4_pairs():
     absolutes = [op for op in lines if op[:1] == ["vpsignb"] and op[1] == op[2]]
     assert maddubs and "vpmaddwd" in asm
     assert len(maddubs) == 4 * len(absolutes)
+
+
+@pytest.mark.parametrize("block", [32, 256])
+def test_activations_round_to_int8_per_block_within_half_a_step(block):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 4 * block), dtype=np.float32)
+    x[1, :block] = 0  # an all-zero block: scale 0, values 0
+    x_q, scales = quantize_q8_activations(x, block)
+    assert x_q.dtype == np.int8 and scales.shape == (3, 4)
+    blocks = x.reshape(3, 4, block)
+    np.testing.assert_allclose(scales, np.abs(blocks).max(axis=-1) / 127, rtol=1e-6)
+    assert np.abs(x_q).max() <= 127 and not x_q[1, :block].any()
+    restored = x_q.reshape(3, 4, block) * scales[..., None]
+    assert (np.abs(restored - blocks) <= scales[..., None] * (0.5 + 2.0**-14)).all()
+    with pytest.raises(ValueError, match="multiple of the block"):
+        quantize_q8_activations(x[:, :-1], block)
