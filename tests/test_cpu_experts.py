@@ -13,9 +13,11 @@ from gguf import GGMLQuantizationType as T
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
+from hetero.config import RopeConfig
 from hetero.models.decoder import RMSNorm
+from hetero.models.rope import RotaryEmbedding
 from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
-from hetero.runtime.cpu_norms import NumbaRMSNorm
+from hetero.runtime.cpu_glue import NumbaRMSNorm, NumbaRotary
 from hetero.runtime.experts import TorchExperts
 
 # K-quants need 256-value rows: hidden and expert size both multiples of 256
@@ -166,3 +168,26 @@ def test_numba_rms_norm_matches_the_torch_module(shape):
     # other dtypes go to the torch module
     half = x.to(torch.bfloat16)
     torch.testing.assert_close(NumbaRMSNorm(norm)(half), norm(half))
+
+
+@pytest.mark.parametrize("rope", [RopeConfig(theta=1e6), RopeConfig(type="yarn", factor=4.0)])
+def test_numba_rotary_matches_the_torch_module(rope):
+    rotary = RotaryEmbedding(64, rope)
+    fast = NumbaRotary(rotary)
+    positions = torch.tensor([0, 1, 7, 4095, 40000])
+    x = torch.randn(5, 3, 64) * 4
+    cos, sin = rotary.cos_sin(positions, torch.float32)
+    fast_cos, fast_sin = fast.cos_sin(positions, torch.float32)
+    # float32 angles either way; sin/cos of float32 may differ in the last bit
+    torch.testing.assert_close(fast_cos, cos, rtol=0, atol=2e-6 * rotary.attention_scaling)
+    torch.testing.assert_close(fast_sin, sin, rtol=0, atol=2e-6 * rotary.attention_scaling)
+    torch.testing.assert_close(fast.apply(x, cos, sin), rotary.apply(x, cos, sin))
+    # autograd and other dtypes take the torch path
+    grad_x = x.clone().requires_grad_()
+    fast.apply(grad_x, cos, sin).sum().backward()
+    assert grad_x.grad is not None
+    half = x.to(torch.bfloat16)
+    half_cos, half_sin = fast.cos_sin(positions, torch.bfloat16)
+    assert half_cos.dtype == torch.bfloat16
+    want = rotary.apply(half, half_cos, half_sin)
+    torch.testing.assert_close(fast.apply(half, half_cos, half_sin), want)

@@ -131,9 +131,9 @@ class Model:
         if kernels:
             join_projections(net, report)
             if report.modules:
-                from hetero.runtime.cpu_norms import install_cpu_norms
+                from hetero.runtime.cpu_glue import install_cpu_glue
 
-                install_cpu_norms(net)
+                install_cpu_glue(net)
         net.eval().requires_grad_(False)
         model = cls(model_dir, family, config, net, tokenizer)
         model.quant_report = report
