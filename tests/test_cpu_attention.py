@@ -6,12 +6,13 @@ within ~n * 2^-24 of its float64 value relative to the sum of magnitudes; softma
 to 1, so the output moves by at most a few times 1e-6 of the largest |value|. 1e-5 * max |v|
 leaves room for that and for exp's own rounding."""
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 import hetero
-from cpu_kernels.attention import paged_decode_attention
+from cpu_kernels.attention import paged_decode_attention, softmax_numerators
 from hetero.runtime.batch import ForwardBatch, SequenceSlice
 from hetero.runtime.kv_cache import PagedKVCache
 
@@ -128,3 +129,23 @@ def test_demo_decode_matches_its_own_full_forward():
     result = model.generate(ids, max_new_tokens=8, ignore_eos=True)
     logits = model.logits(ids + result.token_ids[:-1])
     assert logits[len(ids) - 1 :].argmax(-1).tolist() == result.token_ids
+
+
+def test_softmax_numerators_match_exp():
+    @numba.njit
+    def numerators(row, top):
+        bits = np.empty(len(row), np.int32)
+        poly = np.empty(len(row), np.float32)
+        return softmax_numerators(row, top, bits, poly)
+
+    rng = np.random.default_rng()
+    # the whole range a shifted score takes, its ends, and arguments past e^-87
+    x = np.concatenate(
+        [-rng.exponential(8, 5000), [0.0, -1e-7, -0.3466, -0.3467, -86.9, -87.0, -100.0, -1e30]]
+    ).astype(np.float32)
+    row = x + np.float32(3.5)
+    total = numerators(row, np.float32(3.5))
+    want = np.exp(np.maximum(x.astype(np.float64), -87.0))
+    np.testing.assert_allclose(row, want, rtol=4e-7, atol=0)
+    # a float32 sum of n terms: within n * 2^-24 of the sum of their magnitudes
+    assert abs(total - want.sum()) <= len(x) * 2.0**-24 * want.sum()
