@@ -6,8 +6,8 @@ float32s of the even ones, a mask of the top halves the odd ones (one instructio
 weights). The wrapper stores each 16 activations evens first to match. It multiply-adds them
 into float32 accumulators for a tile of up to TOKEN_TILE pairs of one expert per weight load,
 and of two weight rows at a time where an expert has ROW_TILE_PAIRS pairs or more. The
-plain-Numba kernel widens a row into a per-thread buffer and
-dots it with each pair: slower, but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
+plain-Numba kernel widens a row into a per-thread buffer and dots it with each pair: slower,
+but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
 """
 
 from __future__ import annotations

@@ -129,12 +129,7 @@ class ForwardBatch:
     def _cpu_decode_step(self, q: torch.Tensor, layer: int) -> bool:
         if self.kv is None or len(self.decoding) != len(self.slices):
             return False
-        if q.dtype != torch.float32 or q.device.type != "cpu":
-            return False
-        if q.requires_grad and torch.is_grad_enabled():
-            return False
-        stores = self.kv.storage[layer].values()
-        return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in stores)
+        return all(cpu_kernel_input(t) for t in (q, *self.kv.storage[layer].values()))
 
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
@@ -166,6 +161,14 @@ class ForwardBatch:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
             out[start : start + s.new_len] = o.transpose(0, 1)
         return out
+
+
+def cpu_kernel_input(t: torch.Tensor) -> bool:
+    """Whether the Numba glue kernels may take `t`: float32 in CPU memory, and no gradient to
+    track (they return plain arrays, which autograd cannot run through)."""
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        return False
+    return not (t.requires_grad and torch.is_grad_enabled())
 
 
 def tensor(array: np.ndarray, device="cpu") -> torch.Tensor:

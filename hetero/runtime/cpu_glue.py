@@ -12,6 +12,7 @@ from cpu_kernels.norms import rms_norm
 from cpu_kernels.rope import rope_cos_sin, rope_rotate
 from hetero.models.decoder import RMSNorm
 from hetero.models.rope import RotaryEmbedding
+from hetero.runtime.batch import cpu_kernel_input
 
 
 class NumbaRMSNorm(nn.Module):
@@ -50,8 +51,7 @@ class NumbaRotary(RotaryEmbedding):
         return torch.from_numpy(cos)[:, None, :], torch.from_numpy(sin)[:, None, :]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        fast = x.dtype == torch.float32 and x.device.type == "cpu" and not self.interleaved
-        if not fast or (x.requires_grad and torch.is_grad_enabled()):
+        if self.interleaved or not cpu_kernel_input(x):
             return super().apply(x, cos, sin)
         out = rope_rotate(x.detach().contiguous().numpy(), cos[:, 0].numpy(), sin[:, 0].numpy())
         return torch.from_numpy(out)
