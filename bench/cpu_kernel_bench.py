@@ -4,7 +4,9 @@ Measures a Numba prange sum over a large float32 array (the ceiling), then each 
 and BF16 GEMV path over several distinct weight matrices much larger than cache (1 and 4 tokens on
 one matrix), then the grouped Q8_0, Q4_K and BF16 GEMVs on 1 and 16 decode tokens routed to top-8
 of 64 experts, and prints GB/s of weights read as a fraction of that ceiling. With BF16, torch's
-`F.linear` at the same shapes in bfloat16 and float32, for scale.
+`F.linear` at the same shapes in bfloat16 and float32, for scale, and the BF16 kernel on batches
+(16 to 256 tokens: batched decode, a prefill) in GMAC/s against torch's float32 matmul on the
+same weights widened (what a dequantise-then-matmul path would get at best).
 Run: .venv/bin/python bench/cpu_kernel_bench.py [--threads N] [--dram-gib 1.5] [--kernels q6_k]
 """
 
@@ -22,8 +24,8 @@ import torch.nn.functional as F
 
 from cpu_kernels.bf16_gemv import (
     GROUPED_GEMV_BF16,
+    PANEL_ROWS,
     BF16Matrix,
-    aligned_activations,
     grouped_bf16_gemv,
 )
 from cpu_kernels.q4_k_gemv import (
@@ -82,7 +84,7 @@ def random_q6_k(rows: int, cols: int, rng: np.random.Generator) -> Q6KMatrix:
 def random_bf16(rows: int, cols: int, rng: np.random.Generator) -> BF16Matrix:
     # the top halves of float32 weights: finite, no subnormals
     weights = rng.standard_normal((1, rows, cols), dtype=np.float32) * np.float32(0.02)
-    return BF16Matrix((weights.view(np.uint32) >> 16).astype(np.uint16))
+    return BF16Matrix.from_values((weights.view(np.uint32) >> 16).astype(np.uint16))
 
 
 def q8_0_runner(path: str, ws: list[Q8Matrix], x: np.ndarray):
@@ -126,13 +128,12 @@ def q6_k_runner(path: str, ws: list[Q6KMatrix], x: np.ndarray):
 
 def bf16_runner(path: str, ws: list[BF16Matrix], x: np.ndarray):
     groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
-    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
+    out = np.empty((x.shape[0], ws[0].panels.shape[-3] * PANEL_ROWS), np.float32)
     kernel = GROUPED_GEMV_BF16[path]
-    x = aligned_activations(x)
 
     def run():
         for w in ws:
-            kernel(w.values, x, *groups, out)
+            kernel(w.panels, x, *groups, out)
 
     return run
 
@@ -185,6 +186,8 @@ def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: i
             for f in dataclasses.fields(flat)
         },
     )
+    if isinstance(flat, BF16Matrix):  # rows sit in panels: repack them by expert
+        w = BF16Matrix.from_values(flat.values().reshape(experts, rows, cols))
     x = rng.standard_normal((tokens * top_k, cols), np.float32)
     evict = np.ones(2**24, np.float32)
     ROUTED[kernel](w, x, np.zeros(len(x), np.int64), path)  # compile
@@ -197,6 +200,22 @@ def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: i
         seconds = time.perf_counter() - start
         best = max(best, len(np.unique(pair_expert)) * w.nbytes / experts / seconds / 1e9)
     return best
+
+
+GEMM_SHAPE = (16384, 2048)  # 64 MiB of BF16 (a slice of a 151936-wide lm_head)
+
+
+def bf16_gemm_gmac_s(tokens: int) -> tuple[float, float]:
+    """(BF16 kernel, torch float32 matmul) GMAC/s: `tokens` rows times GEMM_SHAPE, best of 5."""
+    rng = np.random.default_rng(0)
+    w = random_bf16(*GEMM_SHAPE, rng)
+    x = rng.standard_normal((tokens, GEMM_SHAPE[1]), np.float32)
+    wide, xt = torch.from_numpy(w.dequantize(0)), torch.from_numpy(x)
+    macs = tokens * GEMM_SHAPE[0] * GEMM_SHAPE[1] / 1e9
+    ours = best_seconds(lambda: grouped_bf16_gemv(w, x, np.zeros(tokens, np.int64)), 5)
+    with torch.inference_mode():
+        theirs = best_seconds(lambda: F.linear(xt, wide), 5)
+    return macs / ours, macs / theirs
 
 
 def experts_step_gb_s(experts: int = 64, top_k: int = 8, hidden: int = 2048, size: int = 768):
@@ -252,6 +271,11 @@ def main() -> None:
             label = f"{kernel} grouped, top-8 of 64 experts"
             rows.append((label, host_kernel_path(), SHAPES[0], tokens, gb_s))
     experts_gb_s = experts_step_gb_s()
+    gemm = (
+        {tokens: bf16_gemm_gmac_s(tokens) for tokens in (16, 64, 256)}
+        if "bf16" in args.kernels
+        else {}
+    )
     # other processes on a shared machine disturb single runs: the ceiling is the best of a
     # measurement before and after the kernels
     ceiling = max(ceiling, measure_dram_read_gbs(int(args.dram_gib * 2**30)))
@@ -267,6 +291,12 @@ def main() -> None:
         f"| NumbaExperts q8_0, 1 token, top-8 of 64 | {host_kernel_path()} | 2048/768 | 1 | "
         f"{experts_gb_s:.1f} | {experts_gb_s / ceiling:.2f} |"
     )
+    if gemm:
+        print(f"\nBF16 kernel on batches, {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} ({host_kernel_path()})")
+        print("| tokens | BF16 kernel GMAC/s | torch float32 matmul GMAC/s | ratio |")
+        print("|---|---|---|---|")
+        for tokens, (ours, theirs) in gemm.items():
+            print(f"| {tokens} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""BF16 decode GEMV: y[p, r] = sum_k W[e_p, r, k] * x[p, k], bfloat16 weights, float32 activations.
+"""BF16 GEMV/GEMM: y[p, r] = sum_k W[e_p, r, k] * x[p, k], bfloat16 weights, float32 activations.
 
-A bfloat16 is the top half of a float32, so widening one is exact. The AVX2 kernel loads 16
-weights (32 bytes) at a time and widens them in two registers: a 32-bit shift left by 16 makes
-float32s of the even ones, a mask of the top halves the odd ones (one instruction per 8
-weights). The wrapper stores each 16 activations evens first to match. It multiply-adds them
-into float32 accumulators for a tile of up to TOKEN_TILE pairs of one expert per weight load,
-and of two weight rows at a time where an expert has ROW_TILE_PAIRS pairs or more. The
-plain-Numba kernel widens a row into a per-thread buffer and dots it with each pair: slower,
-but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
+A bfloat16 is the top half of a float32, so widening one is exact. Weights are repacked at load
+into panels of 16 rows stored column by column: one 32-byte load is one column of a panel, and
+a shift (even lanes) and a mask (odd lanes) widen it into the float32 weights of the panel's
+first and last 8 rows. The AVX2 kernel multiply-adds each such column into a tile of up to
+PANEL_TILE pairs (one broadcast activation each): 12 accumulators and no horizontal sums, so a
+batch of tokens runs near the FMA peak and one token at the DRAM ceiling. The plain-Numba kernel
+widens a panel into a per-thread buffer: slower, but it runs on any CPU
+(HETERO_CPU_KERNEL_PATH=plain forces it).
 """
 
 from __future__ import annotations
@@ -33,173 +33,243 @@ from cpu_kernels.q8_0_gemv import (
     element_ptr,
     expert_slice,
     host_kernel_path,
-    store_block,
-    tile_type,
-    tiled_pairs,
 )
 
 LANES = 8  # float32 lanes of an AVX2 register
-# Activations and weights start on a 32-byte boundary: a ymm load across a cache line costs
-# two, which took 10 to 25% off 4-token tiles (run from L2) with numpy's 16-byte aligned
-# activations.
-X_ALIGN_BYTES = 32
-UNIT = 2 * LANES  # weights per 32-byte load of the AVX2 kernel
-# Groups of at least this many pairs run two weight rows per tile (each activation vector loaded
-# once for both): from L2 that doubled the multiply-adds per load. Below it the one-row tiles
-# are as fast or faster, since a few pairs leave the kernel bound by reading the weights.
-ROW_TILE_PAIRS = 8
+PANEL_ROWS = 2 * LANES  # rows of a panel: one 32-byte load holds a column of it
+# Pairs that share a pass over a panel: two accumulators each (first and last 8 rows), 12 of
+# the 16 ymm registers, the rest for the widened column and a broadcast activation. Against the
+# dot-product tiles this replaced (2 rows x 4 pairs, activations reloaded for every row), 16
+# tokens on a 151936x2048 matrix went from ~60 to ~88 GMAC/s and 294 tokens on 1536x2048 from
+# ~59 to ~97 (2-core Zen 3, in one run).
+PANEL_TILE = 6
+PANEL_CHUNK = ROW_CHUNK // PANEL_ROWS  # panels a thread runs, expert after expert
+PANEL_ALIGN_BYTES = 64  # panels start on a cache line: every 32-byte load stays within one
 
 
 @dataclass(frozen=True)
 class BF16Matrix:
-    """BF16 weights [..., rows, cols] (one matrix, or one per expert) as raw bfloat16 bits."""
+    """BF16 weights [..., rows, cols] (one matrix, or one per expert) as raw bfloat16 bits in
+    panels of PANEL_ROWS rows: panels[..., n, k, 2i] is row 16n + i, [..., n, k, 2i + 1] row
+    16n + 8 + i, of column k. Rows past `rows` (the last panel's padding) are zero."""
 
-    values: np.ndarray  # uint16 [..., rows, cols]
+    panels: np.ndarray  # uint16 [..., ceil(rows / 16), cols, 16]
+    rows: int
 
-    def __post_init__(self):
-        # the AVX2 kernel reads 32 bytes at a time: where rows are whole 32-byte lines apart,
-        # a misaligned start (numpy's 16-byte alignment) split every other load across two
-        # cache lines, about 5-15% of a one-token GEMV. A mapped GGUF is 32-byte aligned.
-        values = self.values
-        if values.ctypes.data % X_ALIGN_BYTES and values.shape[-1] * 2 % X_ALIGN_BYTES == 0:
-            aligned = aligned_empty(values.shape, values.dtype)
-            aligned[...] = values
-            object.__setattr__(self, "values", aligned)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.values.shape
-
-    @property
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        """The kernels' weight arguments, in their order."""
-        return (self.values,)
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes
+    @classmethod
+    def from_values(cls, values: np.ndarray) -> BF16Matrix:
+        """values: uint16 [..., rows, cols], bfloat16 bits row by row -> panels (a copy)."""
+        if values.dtype != np.uint16 or values.ndim < 2:
+            raise ValueError(
+                f"BF16 values of dtype {values.dtype} and shape {values.shape}: "
+                "expected uint16 [..., rows, cols]"
+            )
+        *lead, rows, cols = values.shape
+        panels = aligned_empty((*lead, -(-rows // PANEL_ROWS), cols, PANEL_ROWS), np.uint16)
+        flat = (math.prod(lead), *panels.shape[-3:])
+        _pack_panels(
+            np.ascontiguousarray(values).reshape(flat[0], rows, cols), panels.reshape(flat)
+        )
+        return cls(panels, rows)
 
     @classmethod
     def from_blocks(cls, blocks: np.ndarray) -> BF16Matrix:
-        """blocks: uint8 [..., rows, cols * 2], a GGUF BF16 tensor as stored (little-endian).
-        Contiguous blocks are viewed, not copied: a memory-mapped file stays in the page cache."""
+        """blocks: uint8 [..., rows, cols * 2], a GGUF BF16 tensor as stored (little-endian)."""
         if blocks.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] % 2:
             raise ValueError(
                 f"BF16 blocks of dtype {blocks.dtype} and shape {blocks.shape}: expected uint8 "
                 f"[..., rows, cols * 2] (2 bytes per value)"
             )
-        return cls(np.ascontiguousarray(blocks).view(np.uint16))
+        return cls.from_values(np.ascontiguousarray(blocks).view(np.uint16))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.panels.shape[:-3], self.rows, self.panels.shape[-2])
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The kernels' weight arguments, in their order."""
+        return (self.panels,)
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.nbytes
+
+    def values(self) -> np.ndarray:
+        """uint16 [..., rows, cols]: the bfloat16 bits row by row (a copy)."""
+        *lead, count, cols, _ = self.panels.shape
+        halves = self.panels.reshape(*lead, count, cols, LANES, 2)
+        # [..., panel, col, i, half] -> [..., panel, half, i, col]: row 16 * panel + 8 * half + i
+        rows = np.moveaxis(halves, (-3, -2, -1), (-1, -2, -3)).reshape(*lead, -1, cols)
+        return np.ascontiguousarray(rows[..., : self.rows, :])
 
     def dequantize(self, index: int | None = None) -> np.ndarray:
         """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); exact."""
-        values = expert_slice(self.values, index)
-        return (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        one = BF16Matrix(expert_slice(self.panels, index, matrix_ndim=3), self.rows)
+        return (one.values().astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _pack_panels(values, panels):
+    """values uint16 [m, rows, cols] -> panels [m, ceil(rows / 16), cols, 16] (see BF16Matrix)."""
+    m, rows, cols = values.shape
+    count = panels.shape[1]
+    for job in prange(m * count):
+        e, n = job // count, job % count
+        for lane in range(PANEL_ROWS):
+            r = n * PANEL_ROWS + lane // 2 + LANES * (lane % 2)
+            if r < rows:
+                for k in range(cols):
+                    panels[e, n, k, lane] = values[e, r, k]
+            else:
+                for k in range(cols):
+                    panels[e, n, k, lane] = 0
 
 
 @intrinsic
-def _bf16_tile_dot_avx2(typingctx, w, x, rows, pairs, cols):
-    """(W[r] . x[p] for r in rows for p in pairs): w uint16 and x float32 flat (x in the
-    `interleaved` order), `cols` values per row; rows: one weight row, or a tuple of them run
-    together; pairs: a tuple of 1 to TOKEN_TILE activation rows -> a tuple of float32,
-    row-major over (rows, pairs).
+def _bf16_panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, out_start):
+    """out[p, out_start : out_start + 16] = the panel at w[w_start:] times x[p], for p in pairs:
+    w uint16 and x, out float32, all flat; x has `cols` values per pair, out `out_cols`; pairs:
+    a tuple of 1 to PANEL_TILE pair indices. Output lanes follow the panel's lanes (see
+    BF16Matrix): the shifted (even) half holds rows 0-7, the masked (odd) half rows 8-15.
 
-    Each 16-weight load is widened once for the whole tile, and with several weight rows each
-    activation vector is loaded once for all of them: two rows took 16 pairs from about 30 to
-    45-55 GMAC/s on weights in L2 (2-core Zen 3), where the activations of a 4-pair tile
-    (32 KB at 2048 columns) no longer fit L1 beside the weights. Every (row, pair) spreads its
-    vectors over `chains` accumulators so that the multiply-add latency (4 cycles on Zen 3)
-    does not serialise a single chain; a row's last cols % UNIT values go one at a time. Each
-    step covers a cache line of every row and prefetches PREFETCH_BYTES ahead (past a row's
-    end: the next row of the chunk)."""
-    tile = tile_type(pairs)
-    if isinstance(rows, types.Integer):
-        row_count = 0  # a lone row, not a tuple
-    elif isinstance(rows, types.UniTuple) and isinstance(rows.dtype, types.Integer):
-        row_count = rows.count
-    else:
+    Each step widens one 32-byte column once for the whole tile and multiply-adds it into two
+    accumulators per pair, against the pair's activation broadcast to all lanes. Small tiles
+    spread their steps over `chains` accumulator sets, so that the multiply-add latency (4
+    cycles on Zen 3) does not serialise one; each step of `unroll` columns prefetches
+    PREFETCH_BYTES ahead (past a panel's end: the chunk's next panel)."""
+    if not (isinstance(pairs, types.UniTuple) and isinstance(pairs.dtype, types.Integer)):
         return None
-    if tile is None:
+    tile = pairs.count
+    if not 1 <= tile <= PANEL_TILE:
         return None
-    outputs = tile * max(1, row_count)
-    sig = types.UniTuple(types.float32, outputs)(w, x, rows, pairs, types.intp)
-    chains = max(1, min(4, 8 // outputs))  # at most 8 accumulators of 16 ymm registers
+    sig = types.void(w, types.intp, x, pairs, types.intp, out, types.intp, types.intp)
+    chains = max(1, min(4, PANEL_TILE // tile))
 
     def codegen(context, builder, signature, args):
-        w_type, x_type = signature.args[:2]
-        w, x, row_ids, pair_ids, cols = args[0], args[1], args[2], args[3], args[4]
-        row_ids = cgutils.unpack_tuple(builder, row_ids) if row_count else [row_ids]
+        w_type, _, x_type, _, _, out_type, _, _ = signature.args
+        w, w_start, x, pair_ids, cols, out, out_cols, out_start = args
         pair_ids = cgutils.unpack_tuple(builder, pair_ids)
         avx2 = Avx2Ir(builder)
-        w_ptrs = [element_ptr(builder, context, w_type, w, builder.mul(r, cols)) for r in row_ids]
+        w_ptr = element_ptr(builder, context, w_type, w, w_start)
+        columns = builder.bitcast(w_ptr, I32X8.as_pointer())
         x_ptrs = [element_ptr(builder, context, x_type, x, builder.mul(p, cols)) for p in pair_ids]
-        w_units = [builder.bitcast(ptr, I32X8.as_pointer()) for ptr in w_ptrs]
-        x_vectors = [builder.bitcast(ptr, F32X8.as_pointer()) for ptr in x_ptrs]
         accs = [
-            [cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)) for _ in range(chains)]
-            for _ in range(len(w_ptrs) * len(x_ptrs))
+            [
+                [
+                    cgutils.alloca_once_value(builder, ir.Constant(F32X8, None))
+                    for _ in range(chains)
+                ]
+                for _ in range(2)
+            ]
+            for _ in pair_ids
         ]
         high_half = ir.Constant(I32X8, [-65536] * LANES)  # 0xFFFF0000
         shift = ir.Constant(I32X8, [16] * LANES)
 
-        def unit_step(u, chain: int):
-            """16 weights of each row: one 32-byte load, the even ones widened by a shift and
-            the odd ones by a mask, against the unit's even and odd activations (the wrapper
-            stores each 16 activations evens first)."""
-            halves = []
-            for wu in w_units:
-                bits = builder.load(builder.gep(wu, [u]), align=2)
-                even = builder.bitcast(builder.shl(bits, shift), F32X8)
-                odd = builder.bitcast(builder.and_(bits, high_half), F32X8)
-                halves.append((even, odd))
-            two_u = builder.mul(u, u.type(2))
-            xs = [
-                (
-                    builder.load(builder.gep(x_vec, [two_u]), align=4),
-                    builder.load(builder.gep(x_vec, [builder.add(two_u, u.type(1))]), align=4),
-                )
-                for x_vec in x_vectors
-            ]
-            for half in (0, 1):
-                for i, weights in enumerate(halves):
-                    for j, x_pair in enumerate(xs):
-                        acc = accs[i * len(xs) + j][(chain + half) % chains]
-                        builder.store(avx2.fma(weights[half], x_pair[half], builder.load(acc)), acc)
+        def step(k, chain: int):
+            bits = builder.load(builder.gep(columns, [k]), align=2)
+            halves = (
+                builder.bitcast(builder.shl(bits, shift), F32X8),
+                builder.bitcast(builder.and_(bits, high_half), F32X8),
+            )
+            for x_ptr, pair_accs in zip(x_ptrs, accs, strict=True):
+                xs = avx2.splat(builder.load(builder.gep(x_ptr, [k]), align=4))
+                for weights, acc_set in zip(halves, pair_accs, strict=True):
+                    acc = acc_set[chain]
+                    builder.store(avx2.fma(weights, xs, builder.load(acc)), acc)
 
-        one = cols.type(1)
-        units = builder.udiv(cols, cols.type(UNIT))
-        # a step covers a cache line of each weight row and asks for one line ahead
-        unroll = max(chains // 2, CACHE_LINE // (2 * UNIT))
-        with cgutils.for_range(builder, builder.udiv(units, cols.type(unroll))) as loop:
+        unroll = max(chains, CACHE_LINE // (2 * PANEL_ROWS))  # whole cache lines per step
+        steps = builder.udiv(cols, cols.type(unroll))
+        with cgutils.for_range(builder, steps) as loop:
             first = builder.mul(loop.index, cols.type(unroll))
-            unit_bytes = cols.type(2 * UNIT)
-            ahead = builder.add(builder.mul(first, unit_bytes), cols.type(PREFETCH_BYTES))
-            for line in range(0, unroll * 2 * UNIT, CACHE_LINE):
-                for w_ptr in w_ptrs:
-                    avx2.prefetch(w_ptr, builder.add(ahead, cols.type(line)))
+            ahead = builder.add(
+                builder.mul(first, cols.type(2 * PANEL_ROWS)), cols.type(PREFETCH_BYTES)
+            )
+            for line in range(0, unroll * 2 * PANEL_ROWS, CACHE_LINE):
+                avx2.prefetch(w_ptr, builder.add(ahead, cols.type(line)))
             for i in range(unroll):
-                unit_step(builder.add(first, cols.type(i)), 2 * i % chains)
-        left_start = builder.sub(units, builder.urem(units, cols.type(unroll)))
-        with cgutils.for_range_slice(builder, left_start, units, one) as (u, _):
-            unit_step(u, 0)
-        sums = [avx2.horizontal_sum(reduce(builder.fadd, map(builder.load, a))) for a in accs]
-        tails = [cgutils.alloca_once_value(builder, s) for s in sums]
-        tail_start = builder.mul(units, cols.type(UNIT))
-        with cgutils.for_range_slice(builder, tail_start, cols, one) as (j, _):
-            for i, w_ptr in enumerate(w_ptrs):
-                bits = builder.zext(builder.load(builder.gep(w_ptr, [j])), ir.IntType(32))
-                weight = builder.bitcast(builder.shl(bits, bits.type(16)), ir.FloatType())
-                for k, x_ptr in enumerate(x_ptrs):
-                    tail = tails[i * len(x_ptrs) + k]
-                    term = builder.fmul(weight, builder.load(builder.gep(x_ptr, [j])))
-                    builder.store(builder.fadd(builder.load(tail), term), tail)
-        results = [builder.load(tail) for tail in tails]
-        return context.make_tuple(builder, signature.return_type, results)
+                step(builder.add(first, cols.type(i)), i % chains)
+        left = builder.mul(steps, cols.type(unroll))
+        with cgutils.for_range_slice(builder, left, cols, cols.type(1)) as (k, _):
+            step(k, 0)
+        for p, pair_accs in zip(pair_ids, accs, strict=True):
+            start = builder.add(builder.mul(p, out_cols), out_start)
+            halves = builder.bitcast(
+                element_ptr(builder, context, out_type, out, start), F32X8.as_pointer()
+            )
+            for h, acc_set in enumerate(pair_accs):
+                total = reduce(builder.fadd, [builder.load(a) for a in acc_set])
+                builder.store(total, builder.gep(halves, [cols.type(h)]), align=4)
+        return context.get_dummy_value()
 
     return sig, codegen
 
 
-_bf16_pairs_avx2 = tiled_pairs(_bf16_tile_dot_avx2)
-_bf16_row_pairs_avx2 = tiled_pairs(_bf16_tile_dot_avx2, store_block)
+@njit(inline="always")
+def _panel_pairs_avx2(w, w_start, x, order, first, end, cols, out, out_cols, out_start):
+    """The panel at w[w_start:] times x[p] for the pairs p = order[first:end], in tiles of up
+    to PANEL_TILE of even size (14 pairs: 5, 5, 4 rather than 6, 6, 2)."""
+    i = first
+    while i < end:
+        tiles = -(-(end - i) // PANEL_TILE)
+        size = -(-(end - i) // tiles)
+        o = order
+        if size == 6:
+            tile6 = (o[i], o[i + 1], o[i + 2], o[i + 3], o[i + 4], o[i + 5])
+            _bf16_panel_tile_avx2(w, w_start, x, tile6, cols, out, out_cols, out_start)
+        elif size == 5:
+            tile5 = (o[i], o[i + 1], o[i + 2], o[i + 3], o[i + 4])
+            _bf16_panel_tile_avx2(w, w_start, x, tile5, cols, out, out_cols, out_start)
+        elif size == 4:
+            tile4 = (o[i], o[i + 1], o[i + 2], o[i + 3])
+            _bf16_panel_tile_avx2(w, w_start, x, tile4, cols, out, out_cols, out_start)
+        elif size == 3:
+            tile3 = (o[i], o[i + 1], o[i + 2])
+            _bf16_panel_tile_avx2(w, w_start, x, tile3, cols, out, out_cols, out_start)
+        elif size == 2:
+            _bf16_panel_tile_avx2(w, w_start, x, (o[i], o[i + 1]), cols, out, out_cols, out_start)
+        else:
+            _bf16_panel_tile_avx2(w, w_start, x, (o[i],), cols, out, out_cols, out_start)
+        i += size
+
+
+# Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
+# group_start[g + 1]] of expert e = group_expert[g]; panels uint16 [experts, count, cols, 16],
+# x float32 [pairs, cols], out float32 [pairs, count * 16] (the padding rows included).
+@njit(parallel=True, nogil=True, cache=True)
+def grouped_gemv_bf16_avx2(panels, x, order, group_start, group_expert, out):
+    """Each thread takes PANEL_CHUNK panels and runs them expert after expert, a panel's pairs
+    in tiles through `_bf16_panel_tile_avx2`."""
+    _, count, cols, _ = panels.shape
+    w, x_flat, out_flat, out_cols = panels.reshape(-1), x.reshape(-1), out.reshape(-1), out.shape[1]
+    for c in prange((count + PANEL_CHUNK - 1) // PANEL_CHUNK):
+        for g in range(len(group_expert)):
+            first, end = group_start[g], group_start[g + 1]
+            for n in range(c * PANEL_CHUNK, min(count, (c + 1) * PANEL_CHUNK)):
+                start = (group_expert[g] * count + n) * cols * PANEL_ROWS
+                _panel_pairs_avx2(
+                    w, start, x_flat, order, first, end, cols, out_flat, out_cols, n * PANEL_ROWS
+                )
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def grouped_gemv_bf16_plain(panels, x, order, group_start, group_expert, out):
+    """Each panel widened once into a per-thread float32 buffer, then one pass per pair."""
+    _, count, cols, _ = panels.shape
+    for n in prange(count):
+        wide = np.empty((cols, PANEL_ROWS), np.uint32)
+        panel_f32 = wide.view(np.float32)
+        acc = np.empty(PANEL_ROWS, np.float32)
+        for g in range(len(group_expert)):
+            _widen_bf16_plain(panels[group_expert[g], n].reshape(-1), wide.reshape(-1))
+            for p in order[group_start[g] : group_start[g + 1]]:
+                acc[:] = 0.0
+                for k in range(cols):
+                    for lane in range(PANEL_ROWS):
+                        acc[lane] += panel_f32[k, lane] * x[p, k]
+                for lane in range(PANEL_ROWS):
+                    out[p, n * PANEL_ROWS + lane // 2 + LANES * (lane % 2)] = acc[lane]
 
 
 @njit(nogil=True, cache=True)
@@ -209,94 +279,15 @@ def _widen_bf16_plain(bits, wide):
         wide[j] = np.uint32(bits[j]) << np.uint32(16)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
-def _dot_plain(a, b):
-    acc = np.float32(0.0)
-    for j in range(len(a)):
-        acc += a[j] * b[j]
-    return acc
-
-
-# Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
-# group_start[g + 1]] of expert e = group_expert[g]; w uint16 [experts, rows, cols], x float32
-# [pairs, cols]. Chunks of rows and two kernels as in q8_0_gemv.
-@njit(parallel=True, nogil=True, cache=True)
-def grouped_gemv_bf16_avx2(w, x, order, group_start, group_expert, out):
-    """Tiles of up to 4 pairs of one expert, on one or two weight rows, through
-    `_bf16_tile_dot_avx2`; x holds each UNIT of values evens first (`interleaved`)."""
-    _, rows, cols = w.shape
-    w_flat, x_flat = w.reshape(-1), x.reshape(-1)
-    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        for g in range(len(group_expert)):
-            first, end = group_start[g], group_start[g + 1]
-            r, stop = c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)
-            base = group_expert[g] * rows
-            if end - first >= ROW_TILE_PAIRS:
-                while r + 2 <= stop:
-                    two, at = (base + r, base + r + 1), (r, r + 1)
-                    _bf16_row_pairs_avx2(w_flat, x_flat, two, order, first, end, cols, out, at)
-                    r += 2
-            while r < stop:
-                _bf16_pairs_avx2(w_flat, x_flat, base + r, order, first, end, cols, out, r)
-                r += 1
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def grouped_gemv_bf16_plain(w, x, order, group_start, group_expert, out):
-    """Each row widened once into a per-thread float32 buffer, then one dot per pair."""
-    _, rows, cols = w.shape
-    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
-        wide = np.empty(cols, np.uint32)
-        row_f32 = wide.view(np.float32)
-        for g in range(len(group_expert)):
-            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
-                _widen_bf16_plain(w[group_expert[g], r], wide)
-                for p in order[group_start[g] : group_start[g + 1]]:
-                    out[p, r] = _dot_plain(row_f32, x[p])
-
-
 GROUPED_GEMV_BF16 = {"avx2": grouped_gemv_bf16_avx2, "plain": grouped_gemv_bf16_plain}
 
 
-@njit(nogil=True, cache=True)
-def interleaved(x):
-    """x float32 [pairs, cols] -> an X_ALIGN_BYTES-aligned copy with each whole UNIT of values
-    stored evens first, then odds: the order in which the AVX2 kernel widens a 32-byte load of
-    bfloat16 weights (a shift puts the even ones in float32 lanes, a mask the odd ones). A
-    row's last cols % UNIT values stay put. (One compiled call: numpy's pieces cost ~30 us.)"""
-    pairs, cols = x.shape
-    spare = X_ALIGN_BYTES // 4
-    buffer = np.empty(pairs * cols + spare, np.float32)
-    start = (X_ALIGN_BYTES - buffer.ctypes.data % X_ALIGN_BYTES) % X_ALIGN_BYTES // 4
-    out = buffer[start : start + pairs * cols].reshape(pairs, cols)
-    whole = cols // UNIT * UNIT
-    for p in range(pairs):
-        for u in range(0, whole, UNIT):
-            for i in range(LANES):
-                out[p, u + i] = x[p, u + 2 * i]
-                out[p, u + LANES + i] = x[p, u + 2 * i + 1]
-        for j in range(whole, cols):
-            out[p, j] = x[p, j]
-    return out
-
-
-def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """An uninitialised C-contiguous array starting on an X_ALIGN_BYTES boundary."""
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on a PANEL_ALIGN_BYTES boundary."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    buffer = np.empty(nbytes + X_ALIGN_BYTES, np.uint8)
-    start = -buffer.ctypes.data % X_ALIGN_BYTES
+    buffer = np.empty(nbytes + PANEL_ALIGN_BYTES, np.uint8)
+    start = -buffer.ctypes.data % PANEL_ALIGN_BYTES
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def aligned_activations(x: np.ndarray) -> np.ndarray:
-    """x as a C-contiguous float32 array starting on an X_ALIGN_BYTES boundary (a copy only
-    where it is not one already)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.flags.c_contiguous and x.ctypes.data % X_ALIGN_BYTES == 0:
-        return x
-    aligned = aligned_empty(x.shape)
-    aligned[...] = x
-    return aligned
 
 
 def grouped_bf16_gemv(
@@ -305,8 +296,7 @@ def grouped_bf16_gemv(
     """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
     -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
     groups = check_pairs(w.shape, x, pair_expert)
-    out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    path = path or host_kernel_path()
-    x = interleaved(np.asarray(x, np.float32)) if path == "avx2" else aligned_activations(x)
-    GROUPED_GEMV_BF16[path](w.values, x, *groups, out)
-    return out
+    out = np.empty((x.shape[0], w.panels.shape[-3] * PANEL_ROWS), np.float32)
+    kernel = GROUPED_GEMV_BF16[path or host_kernel_path()]
+    kernel(w.panels, np.ascontiguousarray(x, np.float32), *groups, out)
+    return np.ascontiguousarray(out[:, : w.rows])  # no copy unless rows pad the last panel

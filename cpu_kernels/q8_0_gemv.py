@@ -133,11 +133,12 @@ def half_to_float32(bits):
     return -value if bits & 0x8000 else value
 
 
-def expert_slice(array: np.ndarray, index: int | None) -> np.ndarray:
-    """One expert's [rows, ...] slice of a [experts, rows, ...] array, or a 2-D one as it is."""
-    if index is None and array.ndim != 2:
+def expert_slice(array: np.ndarray, index: int | None, matrix_ndim: int = 2) -> np.ndarray:
+    """One expert's slice of a [experts, ...] array, or one matrix's array (`matrix_ndim` axes:
+    [rows, cols], or [panels, cols, 16] for BF16) as it is."""
+    if index is None and array.ndim != matrix_ndim:
         raise ValueError(f"a matrix of {len(array)} experts needs an expert index")
-    if index is not None and array.ndim != 3:
+    if index is not None and array.ndim != matrix_ndim + 1:
         raise ValueError("a single [rows, cols] matrix takes no expert index")
     return array if index is None else array[index]
 

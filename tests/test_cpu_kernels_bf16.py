@@ -12,21 +12,20 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from cpu_kernels.bf16_gemv import (
-    X_ALIGN_BYTES,
+    PANEL_ALIGN_BYTES,
+    PANEL_ROWS,
     BF16Matrix,
-    _bf16_tile_dot_avx2,
-    aligned_activations,
+    _bf16_panel_tile_avx2,
     grouped_bf16_gemv,
-    interleaved,
 )
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
-from cpu_kernels.quant_matrix import gemv
+from cpu_kernels.quant_matrix import gemv, join_rows, row_slice
 
-# tokens per call: a single tile of 1 to 4, a full tile plus a tail, two full tiles plus one;
-# from ROW_TILE_PAIRS (8) on, two weight rows per tile (with an odd row count, one row alone)
-TOKEN_COUNTS = [1, 2, 3, 4, 5, 8, 9, 19]
+# tokens per call: one tile of each size 1 to 6 (PANEL_TILE), two tiles (7: 4 + 3), three
+# (13: 5 + 4 + 4), four (19)
+TOKEN_COUNTS = [1, 2, 3, 4, 5, 6, 7, 13, 19]
 
 
 def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> BF16Matrix:
@@ -59,14 +58,15 @@ def test_bf16_dequantize_matches_torch_bit_for_bit():
     for expert in range(3):
         want = torch_bf16_to_f32_bits(values[expert])
         np.testing.assert_array_equal(w.dequantize(expert).view(np.uint32), want)
-    np.testing.assert_array_equal(BF16Matrix(values[1]).dequantize(), w.dequantize(1))
+    np.testing.assert_array_equal(BF16Matrix.from_values(values[1]).dequantize(), w.dequantize(1))
 
 
 def test_bf16_from_blocks_reads_gguf_bf16_rows():
     x = np.random.default_rng().standard_normal((2, 5, 200), dtype=np.float32)
     blocks = quantize(x, T.BF16)  # uint8 [2, 5, 400]
     w = BF16Matrix.from_blocks(blocks)
-    assert w.shape == (2, 5, 200) and w.nbytes == blocks.nbytes
+    # 5 rows take a whole panel of 16 in memory
+    assert w.shape == (2, 5, 200) and w.nbytes == blocks.nbytes // 5 * PANEL_ROWS
     for expert in range(2):
         want = dequantize(blocks[expert], T.BF16)
         np.testing.assert_array_equal(w.dequantize(expert).view(np.uint32), want.view(np.uint32))
@@ -84,7 +84,7 @@ def test_bf16_dequantize_needs_an_index_for_experts_only():
     with pytest.raises(ValueError, match="expert index"):
         w.dequantize()
     with pytest.raises(ValueError, match="expert index"):
-        BF16Matrix(w.values[0]).dequantize(0)
+        BF16Matrix.from_values(w.values()[0]).dequantize(0)
 
 
 @pytest.mark.parametrize("path", available_kernel_paths())
@@ -93,8 +93,8 @@ def test_bf16_dequantize_needs_an_index_for_experts_only():
     "rows,cols", [(1, 1), (1, 96), (3, 7), (37, 200), (130, 256), (64, 2048), (5, 24)]
 )
 def test_bf16_gemv_matches_reference(path, tokens, rows, cols):
-    # cols: one value, whole 64-value steps, only a scalar tail, steps plus a 16-value unit and
-    # a tail, one unit and a tail
+    # rows: within one panel, several with a short last one, a chunk of whole panels; cols: one
+    # column, whole unrolled steps, only a tail, steps and a tail
     rng = np.random.default_rng()
     w = random_bf16(rng, (rows, cols))
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
@@ -117,28 +117,17 @@ def test_bf16_gemv_handles_zero_activations():
 
 
 def test_bf16_gemv_runs_on_read_only_memory_mapped_weights(tmp_path):
-    # a GGUF BF16 tensor is a view of the mapped file: from_blocks must not need to copy it
+    # a GGUF BF16 tensor is a view of the mapped file, repacked into panels
     rng = np.random.default_rng()
     blocks = quantize(rng.standard_normal((3, 10, 96), dtype=np.float32), T.BF16)
     blocks.tofile(tmp_path / "weights.bin")
     mapped = np.memmap(tmp_path / "weights.bin", np.uint8, "r", shape=blocks.shape)
     w = BF16Matrix.from_blocks(mapped)
-    assert np.shares_memory(w.values, mapped)
     x = rng.standard_normal((4, 96), dtype=np.float32)
     for path in available_kernel_paths():
         got = grouped_bf16_gemv(w, x, np.array([2, 0, 2, 1]), path)
         for p, expert in enumerate([2, 0, 2, 1]):
             assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
-
-
-def test_bf16_activations_are_aligned_copying_only_when_needed():
-    x = np.random.default_rng().standard_normal((3, 2 * 37))
-    for given in (x, x.astype(np.float32), x.astype(np.float32)[:, 1::2], x.astype(np.float32)[1:]):
-        aligned = aligned_activations(given)
-        assert aligned.dtype == np.float32 and aligned.flags.c_contiguous
-        assert aligned.ctypes.data % X_ALIGN_BYTES == 0
-        np.testing.assert_array_equal(aligned, given.astype(np.float32))
-        assert aligned_activations(aligned) is aligned
 
 
 def test_bf16_gemv_rejects_mismatched_width():
@@ -148,9 +137,9 @@ def test_bf16_gemv_rejects_mismatched_width():
 
 
 PAIR_EXPERTS = {
-    "one expert": [2] * 9,  # tiles of 4, 4 and 1
+    "one expert": [2] * 9,  # tiles of 5 and 4
     "distinct experts": [4, 0, 3, 1, 2],
-    # 6 pairs of expert 2 (a tile of 4 and one of 2), 3 of expert 0, none of expert 3
+    # 6 pairs of expert 2 (one tile), 3 of expert 0, none of expert 3
     "mixed": [2, 0, 2, 2, 1, 2, 0, 2, 2, 4, 0],
 }
 
@@ -159,7 +148,7 @@ PAIR_EXPERTS = {
 @pytest.mark.parametrize("pair_expert", PAIR_EXPERTS.values(), ids=PAIR_EXPERTS.keys())
 def test_grouped_bf16_gemv_matches_reference_per_expert(path, pair_expert):
     rng = np.random.default_rng()
-    experts, rows, cols = 5, 70, 200  # 70 rows: a chunk of 64 and a short one
+    experts, rows, cols = 5, 70, 200  # 70 rows: a chunk of 4 panels and a short one
     w = random_bf16(rng, (experts, rows, cols))
     x = rng.standard_normal((len(pair_expert), cols), dtype=np.float32)
     got = grouped_bf16_gemv(w, x, np.array(pair_expert), path)
@@ -181,59 +170,65 @@ def test_grouped_bf16_gemv_rejects_bad_operands():
     with pytest.raises(ValueError, match="expected"):
         grouped_bf16_gemv(w, np.ones((2, 64), np.float32), np.array([0]))
     with pytest.raises(ValueError, match="takes \\[experts, rows, cols\\]"):
-        grouped_bf16_gemv(BF16Matrix(w.values[0]), np.ones((1, 64), np.float32), np.array([0]))
+        one = BF16Matrix.from_values(w.values()[0])
+        grouped_bf16_gemv(one, np.ones((1, 64), np.float32), np.array([0]))
 
 
-def test_bf16_interleaved_puts_each_unit_evens_first():
-    x = np.arange(2 * 37, dtype=np.float32).reshape(2, 37)  # two 16-value units and 5 left over
-    got = interleaved(x)
-    for row in range(2):
-        for unit in range(2):
-            values = x[row, unit * 16 : (unit + 1) * 16]
-            want = np.concatenate([values[0::2], values[1::2]])
-            np.testing.assert_array_equal(got[row, unit * 16 : (unit + 1) * 16], want)
-        np.testing.assert_array_equal(got[row, 32:], x[row, 32:])
-    assert interleaved(np.zeros((0, 37), np.float32)).shape == (0, 37)
+def test_bf16_panels_hold_each_column_of_16_rows_first_and_last_eight_interleaved():
+    values = np.arange(2 * 35 * 3, dtype=np.uint16).reshape(
+        2, 35, 3
+    )  # 3 panels, 3 rows in the last
+    w = BF16Matrix.from_values(values)
+    assert w.shape == (2, 35, 3) and w.panels.shape == (2, 3, 3, PANEL_ROWS)
+    for n in range(3):
+        for i in range(8):
+            for half in (0, 1):
+                row = n * PANEL_ROWS + half * 8 + i
+                want = values[:, row] if row < 35 else 0  # padding rows are zero
+                np.testing.assert_array_equal(w.panels[:, n, :, 2 * i + half], want)
+    np.testing.assert_array_equal(w.values(), values)
+    assert w.panels.ctypes.data % PANEL_ALIGN_BYTES == 0
 
 
-def tile_asm(tile: int, rows: int) -> str:
-    """Machine code of `_bf16_tile_dot_avx2` on a tile of `tile` pairs and `rows` weight rows
-    (0: a lone row index; a fresh compile: functions loaded from Numba's cache keep no
-    assembly)."""
+def test_bf16_join_and_slice_rows_across_panels():
+    rng = np.random.default_rng()
+    parts = [random_bf16(rng, (rows, 40)) for rows in (20, 3, 16)]
+    joined = join_rows(parts)
+    want = np.concatenate([p.dequantize() for p in parts])
+    np.testing.assert_array_equal(joined.dequantize(), want)
+    np.testing.assert_array_equal(row_slice(joined, 5, 30).dequantize(), want[5:30])
+    x = rng.standard_normal((3, 40), dtype=np.float32)
+    for path in available_kernel_paths():
+        assert_matches_reference(gemv(joined, x, path), want, x)
 
-    def tile_dot(w, x, row, pairs, cols):
-        return _bf16_tile_dot_avx2(w, x, row, pairs, cols)
 
-    arrays = (np.zeros(8, np.uint16), np.zeros(8, np.float32))
-    row = tuple(range(rows)) if rows else 0
-    sig = tuple(numba.typeof(a) for a in (*arrays, row, tuple(range(tile)), 8))
-    fresh = numba.njit(tile_dot)
+def tile_asm(tile: int) -> str:
+    """Machine code of `_bf16_panel_tile_avx2` on a tile of `tile` pairs (a fresh compile:
+    functions loaded from Numba's cache keep no assembly)."""
+
+    def tile_run(w, x, pairs, out):
+        _bf16_panel_tile_avx2(w, 0, x, pairs, 8, out, 16, 0)
+
+    w, x = np.zeros(8, np.uint16), np.zeros(8, np.float32)
+    sig = tuple(numba.typeof(a) for a in (w, x, tuple(range(tile)), x))
+    fresh = numba.njit(tile_run)
     fresh.compile(sig)
     return fresh.inspect_asm(sig)
 
 
 @pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
-@pytest.mark.parametrize("tile,rows", [(1, 0), (4, 0), (4, 2), (1, 2)])
-def test_bf16_avx2_tile_widens_each_weight_load_once_in_ymm_registers(tile, rows):
-    ops = [line.split() for line in tile_asm(tile, rows).splitlines()]
+@pytest.mark.parametrize("tile", [1, 2, 6])
+def test_bf16_avx2_tile_widens_each_column_once_for_all_pairs(tile):
+    ops = [line.split() for line in tile_asm(tile).splitlines()]
     ymm = [op[0] for op in ops if op and any("%ymm" in arg for arg in op[1:])]
     shifts = ymm.count("vpslld")
     # LLVM may keep the top halves by a blend with zero instead of an and
     masks = sum(op in ("vpand", "vandps", "vpblendw") for op in ymm)
     fmas = sum(op.startswith("vfmadd") and op.endswith("ps") for op in ymm)
-    # each 32-byte load: one shift (evens) and one mask (odds), two multiply-adds per (row, pair)
+    broadcasts = ymm.count("vbroadcastss")
+    # each 32-byte column: one shift (rows 0-7) and one mask (rows 8-15), and per pair one
+    # broadcast activation and two multiply-adds; no horizontal sums
     assert shifts and shifts == masks
-    assert fmas == 2 * tile * shifts
+    assert fmas == 2 * tile * shifts and broadcasts == tile * shifts
+    assert not any(op.startswith(("vhaddps", "vextractf128")) for op in ymm)
     assert [op[0] for op in ops if op].count("prefetcht0")
-
-
-def test_bf16_matrix_starts_whole_line_rows_on_a_32_byte_boundary():
-    buffer = np.zeros(4096, np.uint8)
-    start = (16 - buffer.ctypes.data) % 32  # 16 bytes past a 32-byte boundary
-    for cols, moved in ((64, True), (7, False)):  # rows 128 bytes apart; 14 bytes apart
-        values = buffer[start : start + 2 * 3 * cols].view(np.uint16).reshape(3, cols)
-        values[...] = np.arange(values.size).reshape(values.shape)
-        w = BF16Matrix(values)
-        np.testing.assert_array_equal(w.values, values)
-        assert (w.values.ctypes.data % X_ALIGN_BYTES == 0) is moved
-        assert np.shares_memory(w.values, values) is not moved

@@ -2,7 +2,8 @@
 
 Same call as `TorchExperts`, so the runtime can swap a layer's `mlp.experts` for it. Decode (few
 tokens) runs the grouped GEMV over all (token, expert) pairs at once, parallel over rows;
-prefill (many tokens) dequantises one expert at a time and uses torch's matmul."""
+prefill (many tokens) dequantises one expert at a time and uses torch's matmul, except where
+the format's kernel is the faster GEMM too (`runs_many_rows`: BF16 on AVX2)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from torch import nn
 from cpu_kernels.bf16_gemv import BF16Matrix
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
 from cpu_kernels.gguf_quants import dequantize
-from cpu_kernels.quant_matrix import QuantMatrix, grouped_gemv, quantize_matrix, repack
+from cpu_kernels.quant_matrix import (
+    QuantMatrix,
+    grouped_gemv,
+    quantize_matrix,
+    repack,
+    runs_many_rows,
+)
 from hetero.runtime.experts import TorchExperts, run_grouped_by_expert
 
 
@@ -39,7 +46,7 @@ def matrix_from_weights(
     their bits (nothing rounded); anything else is quantised from float32."""
     if ggml_type == T.BF16 and all(w.dtype == torch.bfloat16 for w in weights):
         arrays = [w.detach().view(torch.int16).numpy().view(np.uint16) for w in weights]
-        return BF16Matrix(np.stack(arrays) if stacked else arrays[0])
+        return BF16Matrix.from_values(np.stack(arrays) if stacked else arrays[0])
     arrays = [w.detach().float().numpy() for w in weights]
     return quantize_matrix(np.stack(arrays) if stacked else arrays[0], ggml_type)
 
@@ -111,7 +118,7 @@ class NumbaExperts(nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
-        if x.shape[0] > DECODE_MAX_TOKENS:
+        if x.shape[0] > DECODE_MAX_TOKENS and not runs_many_rows(self.gate_up, self.path):
             return self._prefill(x, expert_ids, expert_weights)
         top_k = expert_ids.shape[1]
         pair_expert = expert_ids.reshape(-1).numpy().astype(np.int64)

@@ -22,6 +22,7 @@ from cpu_kernels.quant_matrix import (
     one_expert,
     repack,
     row_slice,
+    runs_many_rows,
 )
 from hetero.loading.weights import file_name
 from hetero.runtime.cpu_experts import (
@@ -49,7 +50,6 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self._stacked = one_expert(weight)  # the GEMV's [1, rows, cols] view, made once
-        self._expert_zero = np.zeros(DECODE_MAX_TOKENS, np.int64)
 
     @property
     def nbytes(self) -> int:
@@ -58,8 +58,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         flat = x.detach().reshape(-1, self.in_features).float()
-        if flat.shape[0] <= DECODE_MAX_TOKENS:
-            pair_expert = self._expert_zero[: flat.shape[0]]
+        if flat.shape[0] <= DECODE_MAX_TOKENS or runs_many_rows(self.qweight, self.path):
+            pair_expert = np.zeros(flat.shape[0], np.int64)
             y = torch.from_numpy(grouped_gemv(self._stacked, flat.numpy(), pair_expert, self.path))
         else:
             y = flat.new_empty(flat.shape[0], self.out_features)
