@@ -179,15 +179,16 @@ def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: i
     rng = np.random.default_rng(0)
     rows, cols = SHAPES[0]
     flat = KERNELS[kernel][0](experts * rows, cols, rng)
-    w = dataclasses.replace(
-        flat,
-        **{
-            f.name: getattr(flat, f.name).reshape(experts, rows, -1)
-            for f in dataclasses.fields(flat)
-        },
-    )
     if isinstance(flat, BF16Matrix):  # rows sit in panels: repack them by expert
         w = BF16Matrix.from_values(flat.values().reshape(experts, rows, cols))
+    else:
+        w = dataclasses.replace(
+            flat,
+            **{
+                f.name: getattr(flat, f.name).reshape(experts, rows, -1)
+                for f in dataclasses.fields(flat)
+            },
+        )
     x = rng.standard_normal((tokens * top_k, cols), np.float32)
     evict = np.ones(2**24, np.float32)
     ROUTED[kernel](w, x, np.zeros(len(x), np.int64), path)  # compile
