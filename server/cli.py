@@ -74,9 +74,6 @@ def check_port_free(host: str, port: int) -> None:
             raise InvalidRequestError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
-SWITCH_INTERVAL_S = 0.0002
-
-
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -121,11 +118,6 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     name = args.served_model_name or ("demo" if args.model == "demo" else model.name)
     state = ServerState(model, engine, name, context, api_key=args.api_key)
-    # The engine thread drops the GIL around every torch op and kernel call; while the event
-    # loop holds it (writing streamed chunks), the engine waited out Python's 5 ms switch
-    # interval each time. At 16 streams on the bench model a step took ~300 ms in the server
-    # against ~215 ms alone; at 0.2 ms it took ~213 ms.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     weights = sum(p.numel() * p.element_size() for p in model.net.parameters())
     tokens = kv.num_blocks * kv.block_size

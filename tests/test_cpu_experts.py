@@ -170,6 +170,23 @@ def test_numba_rms_norm_matches_the_torch_module(shape):
     torch.testing.assert_close(NumbaRMSNorm(norm)(half), norm(half))
 
 
+def test_numba_rms_norm_passes_gradients_through_the_torch_path():
+    norm = RMSNorm(96, 1e-6)
+    x = torch.randn(4, 96, requires_grad=True)
+    y = torch.randn(4, 96)
+    (NumbaRMSNorm(norm)(x) * y).sum().backward()
+    got_x, got_w = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    (norm(x) * y).sum().backward()
+    torch.testing.assert_close(got_x, x.grad)
+    torch.testing.assert_close(got_w, norm.weight.grad)
+    # a frozen weight and an input taking a gradient: the input still gets one
+    norm.weight.requires_grad_(False)
+    x.grad = None
+    (NumbaRMSNorm(norm)(x) * y).sum().backward()
+    torch.testing.assert_close(x.grad, got_x)
+
+
 @pytest.mark.parametrize("rope", [RopeConfig(theta=1e6), RopeConfig(type="yarn", factor=4.0)])
 def test_numba_rotary_matches_the_torch_module(rope):
     rotary = RotaryEmbedding(64, rope)

@@ -3,12 +3,15 @@ chunked, prefixes are shared through the cache, cancelled requests free their bl
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 import torch
 
 import hetero
 from hetero.demo import write_demo
-from hetero.runtime.engine import Engine, QueueFullError, Request
+from hetero.runtime.engine import SWITCH_INTERVAL_S, Engine, QueueFullError, Request
 from hetero.runtime.sampling import SamplingParams
 
 
@@ -176,3 +179,27 @@ def test_request_joining_a_decoding_batch_gets_its_lone_reply(demo):
     while len(results) < 3:
         engine.step()
     assert [results[i] for i in range(3)] == lone
+
+
+def test_engine_thread_serves_requests_and_lowers_the_switch_interval(demo):
+    engine = Engine(demo.net, demo.tokenizer, demo.new_kv_cache(64, 1))
+    before = sys.getswitchinterval()
+    done = threading.Event()
+    texts = []
+
+    def listen(event):
+        texts.append(event.text)
+        if event.result is not None:
+            done.set()
+
+    try:
+        engine.start()
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL_S))
+        engine.submit(Request(demo.tokenizer.encode("hello"), 4), listen)
+        assert done.wait(60)
+    finally:
+        engine.shutdown()
+        sys.setswitchinterval(before)
+    lone = Engine(demo.net, demo.tokenizer, demo.new_kv_cache(64, 1))
+    want = run_all(lone, [Request(demo.tokenizer.encode("hello"), 4)])
+    assert "".join(texts) == want[0].text

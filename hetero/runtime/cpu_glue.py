@@ -16,8 +16,9 @@ from hetero.runtime.batch import cpu_kernel_input
 
 
 class NumbaRMSNorm(nn.Module):
-    """`RMSNorm` (no autograd) whose float32 CPU inputs go to the Numba kernel; other inputs to
-    the torch module it replaced."""
+    """`RMSNorm` whose float32 CPU inputs without autograd go to the Numba kernel (with the
+    weight as it was when swapped in); other inputs, and any call while the weight itself
+    takes a gradient, go to the torch module it replaced."""
 
     def __init__(self, norm: RMSNorm):
         super().__init__()
@@ -25,7 +26,8 @@ class NumbaRMSNorm(nn.Module):
         self._weight = norm.weight.detach().float().contiguous().numpy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        weight = self.torch_norm.weight
+        if not cpu_kernel_input(x) or (weight.requires_grad and torch.is_grad_enabled()):
             return self.torch_norm(x)
         rows = x.detach().reshape(-1, x.shape[-1])
         out = rms_norm(rows.contiguous().numpy(), self._weight, self.torch_norm.eps)
