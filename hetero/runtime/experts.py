@@ -59,18 +59,22 @@ def run_grouped_by_expert(
     """Group (token, slot) pairs by expert so each expert runs once over all its tokens:
     run_expert(e, x[its tokens]) -> their outputs. Sums outputs with the routing weights."""
     tokens, top_k = expert_ids.shape
+    if tokens == 0:
+        return x.new_zeros(x.shape)
     flat_ids = expert_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    # each pair's expert output lands in its own row: no scatter-add (torch's index_add_
-    # is slow on CPU under load), and the sum over slots has a fixed order per token
-    outputs = x.new_empty(tokens * top_k, x.shape[1])
-    start = 0
+    # the pairs' inputs gathered once in expert order; each expert takes a slice (a view) and
+    # the outputs, concatenated in the same order, go back to pair order in one index. Each
+    # pair's output has its own row: no scatter-add (torch's index_add_ is slow on CPU under
+    # load), and the sum over slots has a fixed order per token.
+    sorted_x = x[order // top_k]
+    outputs, start = [], 0
     for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start : start + count]
-        start += count
-        outputs[pairs] = run_expert(expert, x[pairs // top_k])
+        if count:
+            outputs.append(run_expert(expert, sorted_x[start : start + count]))
+            start += count
+    by_pair = x.new_empty(tokens * top_k, x.shape[1])
+    by_pair[order] = torch.cat(outputs)
     weights = expert_weights.to(x.dtype).unsqueeze(-1)
-    return (outputs.view(tokens, top_k, -1) * weights).sum(dim=1)
+    return (by_pair.view(tokens, top_k, -1) * weights).sum(dim=1)
