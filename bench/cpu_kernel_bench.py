@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpu_kernels.bf16_gemv import (
-    GROUPED_GEMV_BF16,
+from cpu_kernels.panel_gemv import (
+    GROUPED_GEMV_PANELS,
     PANEL_ROWS,
     BF16Matrix,
-    grouped_bf16_gemv,
+    grouped_panel_gemv,
 )
 from cpu_kernels.q4_k_gemv import (
     GROUPED_GEMV_Q4_K,
@@ -129,7 +129,7 @@ def q6_k_runner(path: str, ws: list[Q6KMatrix], x: np.ndarray):
 def bf16_runner(path: str, ws: list[BF16Matrix], x: np.ndarray):
     groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
     out = np.empty((x.shape[0], ws[0].panels.shape[-3] * PANEL_ROWS), np.float32)
-    kernel = GROUPED_GEMV_BF16[path]
+    kernel = GROUPED_GEMV_PANELS[path]
 
     def run():
         for w in ws:
@@ -167,7 +167,7 @@ def torch_linear_gb_s(dtype: torch.dtype, shape: tuple[int, int], matrices: int,
         return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
 
 
-ROUTED = {"q8_0": grouped_q8_0_gemv, "q4_k": grouped_q4_k_gemv, "bf16": grouped_bf16_gemv}
+ROUTED = {"q8_0": grouped_q8_0_gemv, "q4_k": grouped_q4_k_gemv, "bf16": grouped_panel_gemv}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
@@ -213,7 +213,7 @@ def bf16_gemm_gmac_s(tokens: int) -> tuple[float, float]:
     x = rng.standard_normal((tokens, GEMM_SHAPE[1]), np.float32)
     wide, xt = torch.from_numpy(w.dequantize(0)), torch.from_numpy(x)
     macs = tokens * GEMM_SHAPE[0] * GEMM_SHAPE[1] / 1e9
-    ours = best_seconds(lambda: grouped_bf16_gemv(w, x, np.zeros(tokens, np.int64)), 5)
+    ours = best_seconds(lambda: grouped_panel_gemv(w, x, np.zeros(tokens, np.int64)), 5)
     with torch.inference_mode():
         theirs = best_seconds(lambda: F.linear(xt, wide), 5)
     return macs / ours, macs / theirs

@@ -10,24 +10,32 @@ from collections.abc import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.bf16_gemv import BF16Matrix, grouped_bf16_gemv
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import FORMATS, dequantize
+from cpu_kernels.panel_gemv import BF16Matrix, F32Matrix, PanelMatrix, grouped_panel_gemv
 from cpu_kernels.q4_k_gemv import Q4KMatrix, grouped_q4_k_gemv
 from cpu_kernels.q6_k_gemv import Q6KMatrix, grouped_q6_k_gemv
-from cpu_kernels.q8_0_gemv import Q8Matrix, grouped_q8_0_gemv, host_cpu_features, host_kernel_path
+from cpu_kernels.q8_0_gemv import (
+    Q8Matrix,
+    grouped_q8_0_gemv,
+    host_cpu_features,
+    host_kernel_path,
+)
 
-QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix
+QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix | F32Matrix
 
 # GGML type -> (repacked matrix class, grouped GEMV)
 KERNELS: dict[T, tuple[type, Callable[..., np.ndarray]]] = {
     T.Q8_0: (Q8Matrix, grouped_q8_0_gemv),
     T.Q4_K: (Q4KMatrix, grouped_q4_k_gemv),
     T.Q6_K: (Q6KMatrix, grouped_q6_k_gemv),
-    T.BF16: (BF16Matrix, grouped_bf16_gemv),
+    T.BF16: (BF16Matrix, grouped_panel_gemv),
+    T.F32: (F32Matrix, grouped_panel_gemv),
 }
 FALLBACK_TYPE = T.Q8_0  # what a type without a kernel is requantised to
-FLOAT_TYPES = (T.F32, T.F16)  # run by torch (BF16 has a kernel: 2 bytes read per weight)
+# a GGUF file's float tensors that stay with torch (F32 runs on the panel kernel only when a
+# float32 checkpoint is converted at load; BF16 has a kernel: 2 bytes read per weight)
+FLOAT_TYPES = (T.F32, T.F16)
 
 
 def native_bf16_matmul() -> bool:
@@ -97,7 +105,7 @@ def runs_many_rows(w: QuantMatrix, path: str | None = None) -> bool:
     """Whether the kernel also beats dequantising for torch's matmul on many rows at once (a
     prefill): BF16's AVX2 panel tiles do (~90 GMAC/s on two Zen 3 cores, where torch's float32
     GEMM reaches ~80 and the dequantised copy costs a pass over memory besides)."""
-    return isinstance(w, BF16Matrix) and (path or host_kernel_path()) == "avx2"
+    return isinstance(w, PanelMatrix) and (path or host_kernel_path()) == "avx2"
 
 
 def one_expert(w: QuantMatrix) -> QuantMatrix:
@@ -110,8 +118,8 @@ def join_rows(matrices: list[QuantMatrix]) -> QuantMatrix:
     first = matrices[0]
     if any(type(m) is not type(first) or m.shape[1:] != first.shape[1:] for m in matrices):
         raise ValueError("only matrices of one format and width join")
-    if isinstance(first, BF16Matrix):  # rows sit in panels of 16: repack them together
-        return BF16Matrix.from_values(np.concatenate([m.values() for m in matrices]))
+    if isinstance(first, PanelMatrix):  # rows sit in panels of 16: repack them together
+        return type(first).from_values(np.concatenate([m.values() for m in matrices]))
     return dataclasses.replace(
         first,
         **{
@@ -122,9 +130,9 @@ def join_rows(matrices: list[QuantMatrix]) -> QuantMatrix:
 
 
 def row_slice(w: QuantMatrix, start: int, stop: int) -> QuantMatrix:
-    """Rows [start, stop) of a 2-D kernel matrix, as views (BF16: repacked)."""
-    if isinstance(w, BF16Matrix):
-        return BF16Matrix.from_values(w.values()[start:stop])
+    """Rows [start, stop) of a 2-D kernel matrix, as views (panels: repacked)."""
+    if isinstance(w, PanelMatrix):
+        return type(w).from_values(w.values()[start:stop])
     return _map_fields(w, lambda a: a[start:stop])
 
 

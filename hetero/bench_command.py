@@ -28,18 +28,19 @@ def add_bench_command(commands, add_model_options) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from placement.policy import plan_for_model
+    from placement.policy import plan_for_model, saved_plan
 
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeat < 1:
         raise InvalidRequestError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeat >= 1")
+    saved = saved_plan(args.plan)
     model = load_from_args(args)
     context = args.prompt_tokens + args.new_tokens
     if context >= model.config.context_limit:
         raise InvalidRequestError(
             f"prompt plus new tokens ({context}) exceed the context ({model.config.context_limit})"
         )
-    plan = plan_for_model(
-        args.model, model.path, args.plan, args.vram_budget, args.dram_budget, context, 1
+    plan = saved or plan_for_model(
+        args.model, model.path, args.vram_budget, args.dram_budget, context, 1
     )
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), generator=generator)

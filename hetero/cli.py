@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from hetero import __version__
 from hetero.bench_command import add_bench_command
-from hetero.errors import HeteroError
+from hetero.errors import HeteroError, InvalidRequestError
 from hetero.model_options import add_load_options
 from placement.cli import add_placement_commands
 from server.cli import add_serve_command
@@ -44,6 +44,21 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=args.stop,
+    )
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """The sampling flags' values, checked before the model loads (a typo fails at once)."""
+    from hetero.runtime.sampling import SamplingParams
+
+    if args.max_new_tokens < 0:
+        raise InvalidRequestError(f"max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
     )
 
 
@@ -111,6 +126,7 @@ def stream_to_stdout(text: str) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    check_sampling_args(args)
     model = load_model(args)
     prompt: str | list[int] = args.prompt
     if args.chat:
@@ -125,6 +141,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from hetero.reasoning import prompt_opens_reasoning, split_reasoning
 
+    check_sampling_args(args)
     model = load_model(args)
     system = args.system
     history: list[dict] = []
@@ -172,7 +189,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     import hetero
     from hetero.loading.gguf_writer import write_gguf
 
-    model = hetero.load(args.model, progress=True)
+    model = hetero.load(args.model, progress=True, quant="none")  # the float weights, as loaded
     for path in write_gguf(model, Path(args.out).expanduser(), args.type):
         print(path)
     return 0

@@ -381,19 +381,21 @@ def _predict(
     )
 
 
+def saved_plan(plan_file: str | None) -> Plan | None:
+    """The plan of `--plan FILE`, read before the model loads so that a bad file fails fast."""
+    return load_plan(plan_file) if plan_file else None
+
+
 def plan_for_model(
     model_arg: str,
     model_path: Path,
-    plan_file: str | None,
     vram_budget: str | None,
     dram_budget: str | None,
     context: int,
     concurrency: int,
 ) -> Plan:
-    """The plan a run follows: a saved one (`--plan FILE`), or one made now for the budgets
-    given (defaults: this machine's free VRAM and available DRAM)."""
-    if plan_file:
-        return load_plan(plan_file)
+    """The plan a run without `--plan` follows, made now for the budgets given (defaults: this
+    machine's free VRAM and available DRAM)."""
     budgets = resolve_budgets(vram_budget, dram_budget, None, machine_memory())
     workload = Workload(context, concurrency, 512, "bf16")
     source = "demo" if model_arg == "demo" else str(model_path)

@@ -78,13 +78,14 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hetero.runtime.engine import Engine
-    from placement.policy import plan_for_model
+    from placement.policy import plan_for_model, saved_plan
     from server.app import create_app
     from server.state import ServerState
 
     if args.max_concurrency < 1 or args.max_queue < 0:
         raise InvalidRequestError("--max-concurrency must be >= 1 and --max-queue >= 0")
     check_port_free(args.host, args.port)
+    saved = saved_plan(args.plan)
     model = load_from_args(args)
     if args.chat_template:
         template = Path(args.chat_template)
@@ -95,10 +96,9 @@ def run_serve(args: argparse.Namespace) -> int:
     context = min(args.context_length or min(limit, DEFAULT_CONTEXT), limit)
     if context < 2:
         raise InvalidRequestError("--context-length must be at least 2")
-    plan = plan_for_model(
+    plan = saved or plan_for_model(
         args.model,
         model.path,
-        args.plan,
         args.vram_budget,
         args.dram_budget,
         context,

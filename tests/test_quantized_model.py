@@ -17,6 +17,7 @@ from conftest import make_checkpoint
 from gguf import GGMLQuantizationType as T
 
 import hetero
+from cpu_kernels.q8_0_gemv import available_kernel_paths
 from cpu_kernels.quant_matrix import quantize_matrix
 from hetero.errors import InvalidRequestError
 from hetero.loading.gguf_writer import write_gguf
@@ -182,5 +183,29 @@ def test_bf16_checkpoint_runs_on_the_bf16_kernel_without_native_bf16(
     ids = some_ids(source.config.vocab_size, 40)
     # the same weights in float32 math: only summation order differs
     assert relative_rms(model.logits(ids), source.logits(ids)) < 1e-4
+    ours = model.generate(ids[:8], max_new_tokens=6, ignore_eos=True)
+    assert ours.token_ids == source.generate(ids[:8], max_new_tokens=6, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("kernel_path", ["avx2", "plain"])
+def test_float32_checkpoint_runs_on_the_f32_kernel_where_avx2_runs(
+    tmp_path, monkeypatch, kernel_path
+):
+    import cpu_kernels.quant_matrix
+
+    if kernel_path not in available_kernel_paths():
+        pytest.skip(f"CPU without the {kernel_path} path")
+    monkeypatch.setattr(cpu_kernels.quant_matrix, "host_kernel_path", lambda: kernel_path)
+    make_checkpoint(tmp_path, "qwen3_moe", **WIDE).save_pretrained(tmp_path)  # float32
+    source = hetero.load(tmp_path, quant="none", progress=False)
+    model = hetero.load(tmp_path, progress=False)
+    if kernel_path == "plain":  # the plain kernels are slower than torch: torch keeps them
+        assert kernel_modules(model) == (0, 0)
+        return
+    assert kernel_modules(model) == expected_kernel_modules(source)
+    assert model.quant_report.types == {"F32Matrix": model.quant_report.modules}
+    ids = some_ids(source.config.vocab_size, 40)
+    # the same weights and math: only summation order differs
+    assert relative_rms(model.logits(ids), source.logits(ids)) < 1e-5
     ours = model.generate(ids[:8], max_new_tokens=6, ignore_eos=True)
     assert ours.token_ids == source.generate(ids[:8], max_new_tokens=6, ignore_eos=True).token_ids

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
-from cpu_kernels.bf16_gemv import BF16Matrix
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
 from cpu_kernels.gguf_quants import dequantize
+from cpu_kernels.panel_gemv import BF16Matrix
 from cpu_kernels.quant_matrix import (
     QuantMatrix,
     grouped_gemv,

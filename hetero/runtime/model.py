@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_BLOCK_TOKENS = 16
-# "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do bf16
-# checkpoints on CPUs without native bf16 matmul; "none": torch runs everything in the model
+# "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do float
+# checkpoints where `auto_kernel_type` says so; "none": torch runs everything in the model
 # dtype; a type: quantise float weights at load (hetero.runtime.quantized.QUANT_TYPES)
-QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16")
+QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f32")
 
 
 class Model:
@@ -68,9 +68,10 @@ class Model:
     ) -> Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
         lazily). `quant`: "auto" runs a GGUF file's quantised and BF16 tensors on the CPU
-        kernels as stored, and a bf16 checkpoint's weights on the BF16 kernel where the CPU has
-        no native bf16 matmul (both with float32 compute); "none" runs everything in torch in
-        `dtype`; "q8_0" / "q4_k" / "bf16" convert float weights at load (experts and dense
+        kernels as stored, a bf16 checkpoint's weights on the BF16 kernel where the CPU has no
+        native bf16 matmul, and a float32 checkpoint's on the F32 kernel where AVX2 runs (all
+        with float32 compute; `auto_kernel_type`); "none" runs everything in torch in `dtype`;
+        "q8_0" / "q4_k" / "bf16" / "f32" convert float weights at load (experts and dense
         layers)."""
         model_dir = Path(path).expanduser()
         gguf = model_dir.suffix == ".gguf" or model_dir.is_file()
@@ -90,8 +91,8 @@ class Model:
         family = family_for(raw)
         config = family.parse_config(raw)
         quant_type = None if quant in ("auto", "none") else quant
-        if quant == "auto" and not gguf and dtype == "auto" and bf16_on_kernels(raw):
-            quant_type = "bf16"
+        if quant == "auto" and not gguf and dtype == "auto":
+            quant_type = auto_kernel_type(raw)
         kernels = quant_type is not None or (gguf and quant == "auto")
         if kernels:  # imported only here: the kernels' module pulls in Numba
             from hetero.runtime.quantized import (
@@ -266,14 +267,20 @@ def cast_parameters(
             param.data = param.data.to(dtype)
 
 
-def bf16_on_kernels(raw_config: dict[str, Any]) -> bool:
-    """A bfloat16 checkpoint runs on our BF16 GEMV (2 bytes read per weight, float32 math)
-    unless the CPU multiplies bf16 natively."""
-    if resolve_dtype("auto", raw_config) != torch.bfloat16:
-        return False
-    from cpu_kernels.quant_matrix import native_bf16_matmul
+def auto_kernel_type(raw_config: dict[str, Any]) -> str | None:
+    """The kernel format a float checkpoint's weights run on under quant="auto", or None for
+    torch. bfloat16: the BF16 kernel (2 bytes read per weight, float32 math) unless the CPU
+    multiplies bf16 natively. float32: the F32 panel kernel where the AVX2 kernels run (for one
+    token torch's F.linear read float32 weights at 0.4-0.65 of the DRAM ceiling, and it runs a
+    MoE layer's experts one call each). float16: torch."""
+    from cpu_kernels.quant_matrix import host_kernel_path, native_bf16_matmul
 
-    return not native_bf16_matmul()
+    dtype = resolve_dtype("auto", raw_config)
+    if dtype == torch.bfloat16 and not native_bf16_matmul():
+        return "bf16"
+    if dtype == torch.float32 and host_kernel_path() == "avx2":
+        return "f32"
+    return None
 
 
 def set_threads(threads: int) -> None:

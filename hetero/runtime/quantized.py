@@ -33,7 +33,7 @@ from hetero.runtime.cpu_experts import (
 )
 from hetero.runtime.experts import TorchExperts
 
-QUANT_TYPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K, "bf16": T.BF16}
+QUANT_TYPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K, "bf16": T.BF16, "f32": T.F32}
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
 ROUTER_SUFFIXES = (".mlp.gate", "shared_expert_gate")  # kept float: they decide routing

@@ -1,4 +1,5 @@
-"""BF16 GEMV kernels against a float64 reference on the dequantised weights.
+"""Panel GEMV kernels (BF16 and F32 weights) against a float64 reference on the dequantised
+weights.
 
 Error budget (`gemv_error_bound`): the weights widen exactly and the activations stay float32, so
 the kernels differ from the float64 dot only by float32 summation: in any order, a sum of n
@@ -11,15 +12,16 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.bf16_gemv import (
+from cpu_kernels.gguf_quantize import quantize
+from cpu_kernels.gguf_quants import dequantize
+from cpu_kernels.panel_gemv import (
     PANEL_ALIGN_BYTES,
     PANEL_ROWS,
     BF16Matrix,
-    _bf16_panel_tile_avx2,
-    grouped_bf16_gemv,
+    F32Matrix,
+    _panel_tile_avx2,
+    grouped_panel_gemv,
 )
-from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
 from cpu_kernels.quant_matrix import gemv, join_rows, row_slice
 
@@ -28,8 +30,16 @@ from cpu_kernels.quant_matrix import gemv, join_rows, row_slice
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 6, 7, 13, 19]
 
 
+FORMATS = {"bf16": (BF16Matrix, T.BF16), "f32": (F32Matrix, T.F32)}
+
+
+def random_matrix(rng: np.random.Generator, shape: tuple[int, ...], fmt: str = "bf16"):
+    cls, ggml_type = FORMATS[fmt]
+    return cls.from_blocks(quantize(rng.standard_normal(shape, dtype=np.float32), ggml_type))
+
+
 def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> BF16Matrix:
-    return BF16Matrix.from_blocks(quantize(rng.standard_normal(shape, dtype=np.float32), T.BF16))
+    return random_matrix(rng, shape, "bf16")
 
 
 def gemv_error_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -87,23 +97,25 @@ def test_bf16_dequantize_needs_an_index_for_experts_only():
         BF16Matrix.from_values(w.values()[0]).dequantize(0)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("path", available_kernel_paths())
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize(
     "rows,cols", [(1, 1), (1, 96), (3, 7), (37, 200), (130, 256), (64, 2048), (5, 24)]
 )
-def test_bf16_gemv_matches_reference(path, tokens, rows, cols):
+def test_panel_gemv_matches_reference(fmt, path, tokens, rows, cols):
     # rows: within one panel, several with a short last one, a chunk of whole panels; cols: one
     # column, whole unrolled steps, only a tail, steps and a tail
     rng = np.random.default_rng()
-    w = random_bf16(rng, (rows, cols))
+    w = random_matrix(rng, (rows, cols), fmt)
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
     assert_matches_reference(gemv(w, x, path), w.dequantize(), x)
 
 
-def test_bf16_gemv_paths_agree():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_panel_gemv_paths_agree(fmt):
     rng = np.random.default_rng()
-    w = random_bf16(rng, (50, 333))
+    w = random_matrix(rng, (50, 333), fmt)
     x = rng.standard_normal((6, 333), dtype=np.float32)
     results = [gemv(w, x, path) for path in available_kernel_paths()]
     for got in results[1:]:
@@ -125,7 +137,7 @@ def test_bf16_gemv_runs_on_read_only_memory_mapped_weights(tmp_path):
     w = BF16Matrix.from_blocks(mapped)
     x = rng.standard_normal((4, 96), dtype=np.float32)
     for path in available_kernel_paths():
-        got = grouped_bf16_gemv(w, x, np.array([2, 0, 2, 1]), path)
+        got = grouped_panel_gemv(w, x, np.array([2, 0, 2, 1]), path)
         for p, expert in enumerate([2, 0, 2, 1]):
             assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
 
@@ -144,34 +156,35 @@ PAIR_EXPERTS = {
 }
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("path", available_kernel_paths())
 @pytest.mark.parametrize("pair_expert", PAIR_EXPERTS.values(), ids=PAIR_EXPERTS.keys())
-def test_grouped_bf16_gemv_matches_reference_per_expert(path, pair_expert):
+def test_grouped_panel_gemv_matches_reference_per_expert(fmt, path, pair_expert):
     rng = np.random.default_rng()
     experts, rows, cols = 5, 70, 200  # 70 rows: a chunk of 4 panels and a short one
-    w = random_bf16(rng, (experts, rows, cols))
+    w = random_matrix(rng, (experts, rows, cols), fmt)
     x = rng.standard_normal((len(pair_expert), cols), dtype=np.float32)
-    got = grouped_bf16_gemv(w, x, np.array(pair_expert), path)
+    got = grouped_panel_gemv(w, x, np.array(pair_expert), path)
     for p, expert in enumerate(pair_expert):
         assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
 
 
-def test_grouped_bf16_gemv_with_no_pairs():
+def test_grouped_panel_gemv_with_no_pairs():
     w = random_bf16(np.random.default_rng(), (3, 4, 64))
     for path in available_kernel_paths():
-        got = grouped_bf16_gemv(w, np.zeros((0, 64), np.float32), np.zeros(0, np.int64), path)
+        got = grouped_panel_gemv(w, np.zeros((0, 64), np.float32), np.zeros(0, np.int64), path)
         assert got.shape == (0, 4)
 
 
-def test_grouped_bf16_gemv_rejects_bad_operands():
+def test_grouped_panel_gemv_rejects_bad_operands():
     w = random_bf16(np.random.default_rng(), (3, 4, 64))
     with pytest.raises(ValueError, match="outside 0..2"):
-        grouped_bf16_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
+        grouped_panel_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
     with pytest.raises(ValueError, match="expected"):
-        grouped_bf16_gemv(w, np.ones((2, 64), np.float32), np.array([0]))
+        grouped_panel_gemv(w, np.ones((2, 64), np.float32), np.array([0]))
     with pytest.raises(ValueError, match="takes \\[experts, rows, cols\\]"):
         one = BF16Matrix.from_values(w.values()[0])
-        grouped_bf16_gemv(one, np.ones((1, 64), np.float32), np.array([0]))
+        grouped_panel_gemv(one, np.ones((1, 64), np.float32), np.array([0]))
 
 
 def test_bf16_panels_hold_each_column_of_16_rows_first_and_last_eight_interleaved():
@@ -190,9 +203,25 @@ def test_bf16_panels_hold_each_column_of_16_rows_first_and_last_eight_interleave
     assert w.panels.ctypes.data % PANEL_ALIGN_BYTES == 0
 
 
-def test_bf16_join_and_slice_rows_across_panels():
+def test_f32_panels_hold_each_column_of_16_rows_in_order():
+    values = np.arange(35 * 3, dtype=np.float32).reshape(35, 3)  # 3 panels, 3 rows in the last
+    w = F32Matrix.from_values(values)
+    assert w.shape == (35, 3) and w.panels.shape == (3, 3, PANEL_ROWS)
+    for n in range(3):
+        for lane in range(PANEL_ROWS):
+            row = n * PANEL_ROWS + lane
+            want = values[row] if row < 35 else 0
+            np.testing.assert_array_equal(w.panels[n, :, lane], want)
+    np.testing.assert_array_equal(w.values(), values)
+    np.testing.assert_array_equal(w.dequantize(), values)
+    with pytest.raises(ValueError, match="expected float32"):
+        F32Matrix.from_values(values.astype(np.float64))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_panel_join_and_slice_rows_across_panels(fmt):
     rng = np.random.default_rng()
-    parts = [random_bf16(rng, (rows, 40)) for rows in (20, 3, 16)]
+    parts = [random_matrix(rng, (rows, 40), fmt) for rows in (20, 3, 16)]
     joined = join_rows(parts)
     want = np.concatenate([p.dequantize() for p in parts])
     np.testing.assert_array_equal(joined.dequantize(), want)
@@ -202,14 +231,14 @@ def test_bf16_join_and_slice_rows_across_panels():
         assert_matches_reference(gemv(joined, x, path), want, x)
 
 
-def tile_asm(tile: int) -> str:
-    """Machine code of `_bf16_panel_tile_avx2` on a tile of `tile` pairs (a fresh compile:
+def tile_asm(tile: int, storage=np.uint16) -> str:
+    """Machine code of `_panel_tile_avx2` on a tile of `tile` pairs (a fresh compile:
     functions loaded from Numba's cache keep no assembly)."""
 
     def tile_run(w, x, pairs, out):
-        _bf16_panel_tile_avx2(w, 0, x, pairs, 8, out, 16, 0)
+        _panel_tile_avx2(w, 0, x, pairs, 8, out, 16, 0)
 
-    w, x = np.zeros(8, np.uint16), np.zeros(8, np.float32)
+    w, x = np.zeros(8, storage), np.zeros(8, np.float32)
     sig = tuple(numba.typeof(a) for a in (w, x, tuple(range(tile)), x))
     fresh = numba.njit(tile_run)
     fresh.compile(sig)
@@ -232,3 +261,15 @@ def test_bf16_avx2_tile_widens_each_column_once_for_all_pairs(tile):
     assert fmas == 2 * tile * shifts and broadcasts == tile * shifts
     assert not any(op.startswith(("vhaddps", "vextractf128")) for op in ymm)
     assert [op[0] for op in ops if op].count("prefetcht0")
+
+
+@pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
+@pytest.mark.parametrize("tile", [1, 6])
+def test_f32_avx2_tile_multiplies_each_column_into_all_pairs(tile):
+    ops = [line.split() for line in tile_asm(tile, np.float32).splitlines()]
+    ymm = [op[0] for op in ops if op and any("%ymm" in arg for arg in op[1:])]
+    fmas = sum(op.startswith("vfmadd") and op.endswith("ps") for op in ymm)
+    broadcasts = ymm.count("vbroadcastss")
+    # two multiply-adds (rows 0-7, 8-15) per pair and column, against one broadcast each
+    assert broadcasts and fmas == 2 * broadcasts
+    assert not any(op.startswith(("vhaddps", "vextractf128", "vpslld")) for op in ymm)

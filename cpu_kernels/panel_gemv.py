@@ -1,13 +1,12 @@
-"""BF16 GEMV/GEMM: y[p, r] = sum_k W[e_p, r, k] * x[p, k], bfloat16 weights, float32 activations.
+"""GEMV/GEMM on float weights in row panels: y[p, r] = sum_k W[e_p, r, k] * x[p, k], float32 x.
 
-A bfloat16 is the top half of a float32, so widening one is exact. Weights are repacked at load
-into panels of 16 rows stored column by column: one 32-byte load is one column of a panel, and
-a shift (even lanes) and a mask (odd lanes) widen it into the float32 weights of the panel's
-first and last 8 rows. The AVX2 kernel multiply-adds each such column into a tile of up to
-PANEL_TILE pairs (one broadcast activation each): 12 accumulators and no horizontal sums, so a
-batch of tokens runs near the FMA peak and one token at the DRAM ceiling. The plain-Numba kernel
-widens a panel into a per-thread buffer: slower, but it runs on any CPU
-(HETERO_CPU_KERNEL_PATH=plain forces it).
+BF16 and F32 weights are repacked at load into panels of 16 rows stored column by column. A
+BF16 column is one 32-byte load, widened exactly (a bfloat16 is the top half of a float32) into
+rows 0-7 by a shift of its even lanes and rows 8-15 by a mask of its odd ones; an F32 column is
+two loads. The AVX2 kernel multiply-adds each column into a tile of up to PANEL_TILE pairs (one
+broadcast activation each): 12 accumulators and no horizontal sums, so a batch of tokens runs
+near the FMA peak and one token at the DRAM ceiling. The plain-Numba kernel widens a panel into
+a per-thread buffer: slower, but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
 """
 
 from __future__ import annotations
@@ -15,12 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import reduce
+from typing import ClassVar
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from cpu_kernels.q8_0_gemv import (
     CACHE_LINE,
@@ -48,39 +48,32 @@ PANEL_ALIGN_BYTES = 64  # panels start on a cache line: every 32-byte load stays
 
 
 @dataclass(frozen=True)
-class BF16Matrix:
-    """BF16 weights [..., rows, cols] (one matrix, or one per expert) as raw bfloat16 bits in
-    panels of PANEL_ROWS rows: panels[..., n, k, 2i] is row 16n + i, [..., n, k, 2i + 1] row
-    16n + 8 + i, of column k. Rows past `rows` (the last panel's padding) are zero."""
+class PanelMatrix:
+    """Weights [..., rows, cols] (one matrix, or one per expert) in panels of PANEL_ROWS rows
+    stored column by column: panels[..., n, k, lane] is column k of row 16n + ROW_OF_LANE[lane]
+    (see the formats below). Rows past `rows` (the last panel's padding) are zero."""
 
-    panels: np.ndarray  # uint16 [..., ceil(rows / 16), cols, 16]
+    panels: np.ndarray  # [..., ceil(rows / 16), cols, 16] of STORAGE
     rows: int
 
+    STORAGE: ClassVar[type]
+    INTERLEAVED: ClassVar[bool]  # lane 2i: row i, lane 2i + 1: row 8 + i; else lane i: row i
+
     @classmethod
-    def from_values(cls, values: np.ndarray) -> BF16Matrix:
-        """values: uint16 [..., rows, cols], bfloat16 bits row by row -> panels (a copy)."""
-        if values.dtype != np.uint16 or values.ndim < 2:
+    def from_values(cls, values: np.ndarray) -> PanelMatrix:
+        """values: [..., rows, cols] of STORAGE, row by row -> panels (a copy)."""
+        if values.dtype != cls.STORAGE or values.ndim < 2:
             raise ValueError(
-                f"BF16 values of dtype {values.dtype} and shape {values.shape}: "
-                "expected uint16 [..., rows, cols]"
+                f"{cls.__name__} values of dtype {values.dtype} and shape {values.shape}: "
+                f"expected {np.dtype(cls.STORAGE).name} [..., rows, cols]"
             )
         *lead, rows, cols = values.shape
-        panels = aligned_empty((*lead, -(-rows // PANEL_ROWS), cols, PANEL_ROWS), np.uint16)
+        panels = aligned_empty((*lead, -(-rows // PANEL_ROWS), cols, PANEL_ROWS), cls.STORAGE)
         flat = (math.prod(lead), *panels.shape[-3:])
         _pack_panels(
             np.ascontiguousarray(values).reshape(flat[0], rows, cols), panels.reshape(flat)
         )
         return cls(panels, rows)
-
-    @classmethod
-    def from_blocks(cls, blocks: np.ndarray) -> BF16Matrix:
-        """blocks: uint8 [..., rows, cols * 2], a GGUF BF16 tensor as stored (little-endian)."""
-        if blocks.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] % 2:
-            raise ValueError(
-                f"BF16 blocks of dtype {blocks.dtype} and shape {blocks.shape}: expected uint8 "
-                f"[..., rows, cols * 2] (2 bytes per value)"
-            )
-        return cls.from_values(np.ascontiguousarray(blocks).view(np.uint16))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -96,28 +89,73 @@ class BF16Matrix:
         return self.panels.nbytes
 
     def values(self) -> np.ndarray:
-        """uint16 [..., rows, cols]: the bfloat16 bits row by row (a copy)."""
+        """[..., rows, cols] of STORAGE, row by row (a copy)."""
         *lead, count, cols, _ = self.panels.shape
-        halves = self.panels.reshape(*lead, count, cols, LANES, 2)
-        # [..., panel, col, i, half] -> [..., panel, half, i, col]: row 16 * panel + 8 * half + i
-        rows = np.moveaxis(halves, (-3, -2, -1), (-1, -2, -3)).reshape(*lead, -1, cols)
+        if self.INTERLEAVED:
+            halves = self.panels.reshape(*lead, count, cols, LANES, 2)
+            # [..., panel, col, i, half] -> [..., panel, half, i, col]: row 16 panel + 8 half + i
+            rows = np.moveaxis(halves, (-3, -2, -1), (-1, -2, -3))
+        else:
+            rows = np.moveaxis(self.panels, -1, -2)  # [..., panel, lane, col]
+        rows = rows.reshape(*lead, -1, cols)
         return np.ascontiguousarray(rows[..., : self.rows, :])
+
+    def _one(self, index: int | None) -> PanelMatrix:
+        return type(self)(expert_slice(self.panels, index, matrix_ndim=3), self.rows)
+
+
+class BF16Matrix(PanelMatrix):
+    """BF16 weights as raw bfloat16 bits; a column of a panel is one 32-byte load, widened by a
+    shift (even lanes: rows 0-7) and a mask (odd lanes: rows 8-15)."""
+
+    STORAGE = np.uint16
+    INTERLEAVED = True
+
+    @classmethod
+    def from_blocks(cls, blocks: np.ndarray) -> BF16Matrix:
+        """blocks: uint8 [..., rows, cols * 2], a GGUF BF16 tensor as stored (little-endian)."""
+        if blocks.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] % 2:
+            raise ValueError(
+                f"BF16 blocks of dtype {blocks.dtype} and shape {blocks.shape}: expected uint8 "
+                f"[..., rows, cols * 2] (2 bytes per value)"
+            )
+        return cls.from_values(np.ascontiguousarray(blocks).view(np.uint16))
 
     def dequantize(self, index: int | None = None) -> np.ndarray:
         """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); exact."""
-        one = BF16Matrix(expert_slice(self.panels, index, matrix_ndim=3), self.rows)
-        return (one.values().astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return (self._one(index).values().astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class F32Matrix(PanelMatrix):
+    """float32 weights; a column of a panel is two 32-byte loads (rows 0-7, rows 8-15)."""
+
+    STORAGE = np.float32
+    INTERLEAVED = False
+
+    @classmethod
+    def from_blocks(cls, blocks: np.ndarray) -> F32Matrix:
+        """blocks: uint8 [..., rows, cols * 4], a GGUF F32 tensor as stored (little-endian)."""
+        if blocks.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] % 4:
+            raise ValueError(
+                f"F32 blocks of dtype {blocks.dtype} and shape {blocks.shape}: expected uint8 "
+                f"[..., rows, cols * 4] (4 bytes per value)"
+            )
+        return cls.from_values(np.ascontiguousarray(blocks).view(np.float32))
+
+    def dequantize(self, index: int | None = None) -> np.ndarray:
+        """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None)."""
+        return self._one(index).values()
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _pack_panels(values, panels):
-    """values uint16 [m, rows, cols] -> panels [m, ceil(rows / 16), cols, 16] (see BF16Matrix)."""
+    """values [m, rows, cols] -> panels [m, ceil(rows / 16), cols, 16] (see PanelMatrix)."""
     m, rows, cols = values.shape
     count = panels.shape[1]
     for job in prange(m * count):
         e, n = job // count, job % count
         for lane in range(PANEL_ROWS):
-            r = n * PANEL_ROWS + lane // 2 + LANES * (lane % 2)
+            r = n * PANEL_ROWS + _lane_row(panels, lane)
             if r < rows:
                 for k in range(cols):
                     panels[e, n, k, lane] = values[e, r, k]
@@ -127,19 +165,24 @@ def _pack_panels(values, panels):
 
 
 @intrinsic
-def _bf16_panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, out_start):
+def _panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, out_start):
     """out[p, out_start : out_start + 16] = the panel at w[w_start:] times x[p], for p in pairs:
-    w uint16 and x, out float32, all flat; x has `cols` values per pair, out `out_cols`; pairs:
-    a tuple of 1 to PANEL_TILE pair indices. Output lanes follow the panel's lanes (see
-    BF16Matrix): the shifted (even) half holds rows 0-7, the masked (odd) half rows 8-15.
+    w uint16 (BF16 panels) or float32 (F32 panels), x and out float32, all flat; x has `cols`
+    values per pair, out `out_cols`; pairs: a tuple of 1 to PANEL_TILE pair indices. A BF16
+    column is widened into rows 0-7 by a shift of its even lanes and rows 8-15 by a mask of its
+    odd ones; an F32 column is rows 0-7 then 8-15, two loads.
 
-    Each step widens one 32-byte column once for the whole tile and multiply-adds it into two
+    Each step reads one column once for the whole tile and multiply-adds it into two
     accumulators per pair, against the pair's activation broadcast to all lanes. Small tiles
     spread their steps over `chains` accumulator sets, so that the multiply-add latency (4
     cycles on Zen 3) does not serialise one; each step of `unroll` columns prefetches
     PREFETCH_BYTES ahead (past a panel's end: the chunk's next panel)."""
     if not (isinstance(pairs, types.UniTuple) and isinstance(pairs.dtype, types.Integer)):
         return None
+    if w.dtype not in (types.uint16, types.float32):
+        return None
+    wide = w.dtype == types.float32
+    column_bytes = PANEL_ROWS * (4 if wide else 2)
     tile = pairs.count
     if not 1 <= tile <= PANEL_TILE:
         return None
@@ -152,7 +195,7 @@ def _bf16_panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, 
         pair_ids = cgutils.unpack_tuple(builder, pair_ids)
         avx2 = Avx2Ir(builder)
         w_ptr = element_ptr(builder, context, w_type, w, w_start)
-        columns = builder.bitcast(w_ptr, I32X8.as_pointer())
+        columns = builder.bitcast(w_ptr, (F32X8 if wide else I32X8).as_pointer())
         x_ptrs = [element_ptr(builder, context, x_type, x, builder.mul(p, cols)) for p in pair_ids]
         accs = [
             [
@@ -167,26 +210,36 @@ def _bf16_panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, 
         high_half = ir.Constant(I32X8, [-65536] * LANES)  # 0xFFFF0000
         shift = ir.Constant(I32X8, [16] * LANES)
 
-        def step(k, chain: int):
+        def column(k):
+            """Column k of the panel as float32 rows 0-7 and rows 8-15."""
+            if wide:
+                first = builder.mul(k, k.type(2))
+                return tuple(
+                    builder.load(builder.gep(columns, [builder.add(first, k.type(h))]), align=4)
+                    for h in (0, 1)
+                )
             bits = builder.load(builder.gep(columns, [k]), align=2)
-            halves = (
+            return (
                 builder.bitcast(builder.shl(bits, shift), F32X8),
                 builder.bitcast(builder.and_(bits, high_half), F32X8),
             )
+
+        def step(k, chain: int):
+            halves = column(k)
             for x_ptr, pair_accs in zip(x_ptrs, accs, strict=True):
                 xs = avx2.splat(builder.load(builder.gep(x_ptr, [k]), align=4))
                 for weights, acc_set in zip(halves, pair_accs, strict=True):
                     acc = acc_set[chain]
                     builder.store(avx2.fma(weights, xs, builder.load(acc)), acc)
 
-        unroll = max(chains, CACHE_LINE // (2 * PANEL_ROWS))  # whole cache lines per step
+        unroll = max(chains, CACHE_LINE // column_bytes)  # whole cache lines per step
         steps = builder.udiv(cols, cols.type(unroll))
         with cgutils.for_range(builder, steps) as loop:
             first = builder.mul(loop.index, cols.type(unroll))
             ahead = builder.add(
-                builder.mul(first, cols.type(2 * PANEL_ROWS)), cols.type(PREFETCH_BYTES)
+                builder.mul(first, cols.type(column_bytes)), cols.type(PREFETCH_BYTES)
             )
-            for line in range(0, unroll * 2 * PANEL_ROWS, CACHE_LINE):
+            for line in range(0, unroll * column_bytes, CACHE_LINE):
                 avx2.prefetch(w_ptr, builder.add(ahead, cols.type(line)))
             for i in range(unroll):
                 step(builder.add(first, cols.type(i)), i % chains)
@@ -207,7 +260,7 @@ def _bf16_panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, 
 
 
 @njit(inline="always")
-def _panel_pairs_avx2(w, w_start, x, order, first, end, cols, out, out_cols, out_start):
+def panel_pairs_avx2(w, w_start, x, order, first, end, cols, out, out_cols, out_start):
     """The panel at w[w_start:] times x[p] for the pairs p = order[first:end], in tiles of up
     to PANEL_TILE of even size (14 pairs: 5, 5, 4 rather than 6, 6, 2)."""
     i = first
@@ -217,20 +270,20 @@ def _panel_pairs_avx2(w, w_start, x, order, first, end, cols, out, out_cols, out
         o = order
         if size == 6:
             tile6 = (o[i], o[i + 1], o[i + 2], o[i + 3], o[i + 4], o[i + 5])
-            _bf16_panel_tile_avx2(w, w_start, x, tile6, cols, out, out_cols, out_start)
+            _panel_tile_avx2(w, w_start, x, tile6, cols, out, out_cols, out_start)
         elif size == 5:
             tile5 = (o[i], o[i + 1], o[i + 2], o[i + 3], o[i + 4])
-            _bf16_panel_tile_avx2(w, w_start, x, tile5, cols, out, out_cols, out_start)
+            _panel_tile_avx2(w, w_start, x, tile5, cols, out, out_cols, out_start)
         elif size == 4:
             tile4 = (o[i], o[i + 1], o[i + 2], o[i + 3])
-            _bf16_panel_tile_avx2(w, w_start, x, tile4, cols, out, out_cols, out_start)
+            _panel_tile_avx2(w, w_start, x, tile4, cols, out, out_cols, out_start)
         elif size == 3:
             tile3 = (o[i], o[i + 1], o[i + 2])
-            _bf16_panel_tile_avx2(w, w_start, x, tile3, cols, out, out_cols, out_start)
+            _panel_tile_avx2(w, w_start, x, tile3, cols, out, out_cols, out_start)
         elif size == 2:
-            _bf16_panel_tile_avx2(w, w_start, x, (o[i], o[i + 1]), cols, out, out_cols, out_start)
+            _panel_tile_avx2(w, w_start, x, (o[i], o[i + 1]), cols, out, out_cols, out_start)
         else:
-            _bf16_panel_tile_avx2(w, w_start, x, (o[i],), cols, out, out_cols, out_start)
+            _panel_tile_avx2(w, w_start, x, (o[i],), cols, out, out_cols, out_start)
         i += size
 
 
@@ -238,9 +291,9 @@ def _panel_pairs_avx2(w, w_start, x, order, first, end, cols, out, out_cols, out
 # group_start[g + 1]] of expert e = group_expert[g]; panels uint16 [experts, count, cols, 16],
 # x float32 [pairs, cols], out float32 [pairs, count * 16] (the padding rows included).
 @njit(parallel=True, nogil=True, cache=True)
-def grouped_gemv_bf16_avx2(panels, x, order, group_start, group_expert, out):
+def grouped_gemv_panels_avx2(panels, x, order, group_start, group_expert, out):
     """Each thread takes PANEL_CHUNK panels and runs them expert after expert, a panel's pairs
-    in tiles through `_bf16_panel_tile_avx2`."""
+    in tiles through `_panel_tile_avx2`."""
     _, count, cols, _ = panels.shape
     w, x_flat, out_flat, out_cols = panels.reshape(-1), x.reshape(-1), out.reshape(-1), out.shape[1]
     for c in prange((count + PANEL_CHUNK - 1) // PANEL_CHUNK):
@@ -248,38 +301,63 @@ def grouped_gemv_bf16_avx2(panels, x, order, group_start, group_expert, out):
             first, end = group_start[g], group_start[g + 1]
             for n in range(c * PANEL_CHUNK, min(count, (c + 1) * PANEL_CHUNK)):
                 start = (group_expert[g] * count + n) * cols * PANEL_ROWS
-                _panel_pairs_avx2(
+                panel_pairs_avx2(
                     w, start, x_flat, order, first, end, cols, out_flat, out_cols, n * PANEL_ROWS
                 )
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def grouped_gemv_bf16_plain(panels, x, order, group_start, group_expert, out):
+def grouped_gemv_panels_plain(panels, x, order, group_start, group_expert, out):
     """Each panel widened once into a per-thread float32 buffer, then one pass per pair."""
     _, count, cols, _ = panels.shape
     for n in prange(count):
-        wide = np.empty((cols, PANEL_ROWS), np.uint32)
-        panel_f32 = wide.view(np.float32)
+        panel_f32 = np.empty((cols, PANEL_ROWS), np.float32)
         acc = np.empty(PANEL_ROWS, np.float32)
         for g in range(len(group_expert)):
-            _widen_bf16_plain(panels[group_expert[g], n].reshape(-1), wide.reshape(-1))
+            _widen_plain(panels[group_expert[g], n].reshape(-1), panel_f32.reshape(-1))
             for p in order[group_start[g] : group_start[g + 1]]:
                 acc[:] = 0.0
                 for k in range(cols):
                     for lane in range(PANEL_ROWS):
                         acc[lane] += panel_f32[k, lane] * x[p, k]
                 for lane in range(PANEL_ROWS):
-                    out[p, n * PANEL_ROWS + lane // 2 + LANES * (lane % 2)] = acc[lane]
+                    out[p, n * PANEL_ROWS + _lane_row(panels, lane)] = acc[lane]
 
 
-@njit(nogil=True, cache=True)
-def _widen_bf16_plain(bits, wide):
-    """bits: uint16 [n] -> wide: uint32 [n], the float32 bit patterns (a loop LLVM vectorises)."""
-    for j in range(len(bits)):
-        wide[j] = np.uint32(bits[j]) << np.uint32(16)
+def _lane_row(panels, lane):
+    """The row within its panel that a lane holds (in Numba; the layout follows the storage
+    type: BF16 uint16 bits interleaved, F32 in order, as PanelMatrix.INTERLEAVED says)."""
 
 
-GROUPED_GEMV_BF16 = {"avx2": grouped_gemv_bf16_avx2, "plain": grouped_gemv_bf16_plain}
+@overload(_lane_row, jit_options={"nogil": True})
+def _lane_row_numba(panels, lane):
+    if panels.dtype == types.uint16:
+        return lambda panels, lane: lane // 2 + LANES * (lane % 2)
+    return lambda panels, lane: lane
+
+
+def _widen_plain(stored, wide):
+    """stored: uint16 bfloat16 bits or float32 [n] -> wide: float32 [n] (in Numba)."""
+
+
+@overload(_widen_plain, jit_options={"nogil": True})
+def _widen_plain_numba(stored, wide):
+    if stored.dtype == types.uint16:
+
+        def widen_bits(stored, wide):
+            bits = wide.view(np.uint32)
+            for j in range(len(stored)):  # a loop LLVM vectorises
+                bits[j] = np.uint32(stored[j]) << np.uint32(16)
+
+        return widen_bits
+
+    def copy(stored, wide):
+        wide[:] = stored
+
+    return copy
+
+
+GROUPED_GEMV_PANELS = {"avx2": grouped_gemv_panels_avx2, "plain": grouped_gemv_panels_plain}
 
 
 def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -290,13 +368,13 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def grouped_bf16_gemv(
-    w: BF16Matrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
+def grouped_panel_gemv(
+    w: PanelMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
 ) -> np.ndarray:
     """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
     -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
     groups = check_pairs(w.shape, x, pair_expert)
     out = np.empty((x.shape[0], w.panels.shape[-3] * PANEL_ROWS), np.float32)
-    kernel = GROUPED_GEMV_BF16[path or host_kernel_path()]
+    kernel = GROUPED_GEMV_PANELS[path or host_kernel_path()]
     kernel(w.panels, np.ascontiguousarray(x, np.float32), *groups, out)
     return np.ascontiguousarray(out[:, : w.rows])  # no copy unless rows pad the last panel
