@@ -1,8 +1,8 @@
 """Decode GEMV kernels against this machine's DRAM read bandwidth.
 
-Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0, Q4_K, Q6_K
-and BF16 GEMV path over several distinct weight matrices much larger than cache (1 and 4 tokens on
-one matrix), then the grouped Q8_0, Q4_K and BF16 GEMVs on 1 and 16 decode tokens routed to top-8
+Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0, Q4_K,
+Q6_K, BF16 and F32 GEMV path over several distinct weight matrices much larger than cache (1
+and 4 tokens on one matrix), then the grouped GEMVs on 1 and 16 decode tokens routed to top-8
 of 64 experts, and prints GB/s of weights read as a fraction of that ceiling. With BF16, torch's
 `F.linear` at the same shapes in bfloat16 and float32, for scale, and the BF16 kernel on batches
 (16 to 256 tokens: batched decode, a prefill) in GMAC/s against torch's float32 matmul on the
@@ -26,6 +26,8 @@ from cpu_kernels.panel_gemv import (
     GROUPED_GEMV_PANELS,
     PANEL_ROWS,
     BF16Matrix,
+    F32Matrix,
+    PanelMatrix,
     grouped_panel_gemv,
 )
 from cpu_kernels.q4_k_gemv import (
@@ -126,7 +128,11 @@ def q6_k_runner(path: str, ws: list[Q6KMatrix], x: np.ndarray):
     return run
 
 
-def bf16_runner(path: str, ws: list[BF16Matrix], x: np.ndarray):
+def random_f32(rows: int, cols: int, rng: np.random.Generator) -> F32Matrix:
+    return F32Matrix.from_values(rng.standard_normal((1, rows, cols), dtype=np.float32) * 0.02)
+
+
+def panel_runner(path: str, ws: list[PanelMatrix], x: np.ndarray):
     groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
     out = np.empty((x.shape[0], ws[0].panels.shape[-3] * PANEL_ROWS), np.float32)
     kernel = GROUPED_GEMV_PANELS[path]
@@ -142,7 +148,8 @@ KERNELS = {
     "q8_0": (random_q8, q8_0_runner),
     "q4_k": (random_q4_k, q4_k_runner),
     "q6_k": (random_q6_k, q6_k_runner),
-    "bf16": (random_bf16, bf16_runner),
+    "bf16": (random_bf16, panel_runner),
+    "f32": (random_f32, panel_runner),
 }
 
 
@@ -167,7 +174,12 @@ def torch_linear_gb_s(dtype: torch.dtype, shape: tuple[int, int], matrices: int,
         return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
 
 
-ROUTED = {"q8_0": grouped_q8_0_gemv, "q4_k": grouped_q4_k_gemv, "bf16": grouped_panel_gemv}
+ROUTED = {
+    "q8_0": grouped_q8_0_gemv,
+    "q4_k": grouped_q4_k_gemv,
+    "bf16": grouped_panel_gemv,
+    "f32": grouped_panel_gemv,
+}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
@@ -179,8 +191,8 @@ def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: i
     rng = np.random.default_rng(0)
     rows, cols = SHAPES[0]
     flat = KERNELS[kernel][0](experts * rows, cols, rng)
-    if isinstance(flat, BF16Matrix):  # rows sit in panels: repack them by expert
-        w = BF16Matrix.from_values(flat.values().reshape(experts, rows, cols))
+    if isinstance(flat, PanelMatrix):  # rows sit in panels: repack them by expert
+        w = type(flat).from_values(flat.values().reshape(experts, rows, cols))
     else:
         w = dataclasses.replace(
             flat,
