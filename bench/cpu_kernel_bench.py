@@ -1,7 +1,7 @@
 """Decode GEMV kernels against this machine's DRAM read bandwidth.
 
 Measures a Numba prange sum over a large float32 array (the ceiling), then each Q8_0, Q4_K,
-Q6_K, BF16 and F32 GEMV path over several distinct weight matrices much larger than cache (1
+Q6_K, BF16, F16 and F32 GEMV path over several distinct weight matrices much larger than cache (1
 and 4 tokens on one matrix), then the grouped GEMVs on 1 and 16 decode tokens routed to top-8
 of 64 experts, and prints GB/s of weights read as a fraction of that ceiling. With BF16, torch's
 `F.linear` at the same shapes in bfloat16 and float32, for scale, and the BF16 kernel on batches
@@ -26,6 +26,7 @@ from cpu_kernels.panel_gemv import (
     GROUPED_GEMV_PANELS,
     PANEL_ROWS,
     BF16Matrix,
+    F16Matrix,
     F32Matrix,
     PanelMatrix,
     grouped_panel_gemv,
@@ -132,6 +133,11 @@ def random_f32(rows: int, cols: int, rng: np.random.Generator) -> F32Matrix:
     return F32Matrix.from_values(rng.standard_normal((1, rows, cols), dtype=np.float32) * 0.02)
 
 
+def random_f16(rows: int, cols: int, rng: np.random.Generator) -> F16Matrix:
+    weights = rng.standard_normal((1, rows, cols), dtype=np.float32) * np.float32(0.02)
+    return F16Matrix.from_values(weights.astype(np.float16).view(np.int16))
+
+
 def panel_runner(path: str, ws: list[PanelMatrix], x: np.ndarray):
     groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
     out = np.empty((x.shape[0], ws[0].panels.shape[-3] * PANEL_ROWS), np.float32)
@@ -149,6 +155,7 @@ KERNELS = {
     "q4_k": (random_q4_k, q4_k_runner),
     "q6_k": (random_q6_k, q6_k_runner),
     "bf16": (random_bf16, panel_runner),
+    "f16": (random_f16, panel_runner),
     "f32": (random_f32, panel_runner),
 }
 
@@ -178,6 +185,7 @@ ROUTED = {
     "q8_0": grouped_q8_0_gemv,
     "q4_k": grouped_q4_k_gemv,
     "bf16": grouped_panel_gemv,
+    "f16": grouped_panel_gemv,
     "f32": grouped_panel_gemv,
 }
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}

@@ -1,12 +1,13 @@
 """GEMV/GEMM on float weights in row panels: y[p, r] = sum_k W[e_p, r, k] * x[p, k], float32 x.
 
-BF16 and F32 weights are repacked at load into panels of 16 rows stored column by column. A
-BF16 column is one 32-byte load, widened exactly (a bfloat16 is the top half of a float32) into
-rows 0-7 by a shift of its even lanes and rows 8-15 by a mask of its odd ones; an F32 column is
-two loads. The AVX2 kernel multiply-adds each column into a tile of up to PANEL_TILE pairs (one
-broadcast activation each): 12 accumulators and no horizontal sums, so a batch of tokens runs
-near the FMA peak and one token at the DRAM ceiling. The plain-Numba kernel widens a panel into
-a per-thread buffer: slower, but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
+BF16, F16 and F32 weights are repacked at load into panels of 16 rows stored column by column.
+A BF16 column is one 32-byte load, widened exactly (a bfloat16 is the top half of a float32)
+into rows 0-7 by a shift of its even lanes and rows 8-15 by a mask of its odd ones; an F16
+column is one load and two vcvtph2ps; an F32 column is two loads. The AVX2 kernel multiply-adds
+each column into a tile of up to PANEL_TILE pairs (one broadcast activation each): 12
+accumulators and no horizontal sums, so a batch of tokens runs near the FMA peak and one token
+at the DRAM ceiling. The plain-Numba kernel widens a panel into a per-thread buffer: slower,
+but it runs on any CPU (HETERO_CPU_KERNEL_PATH=plain forces it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from numba.extending import intrinsic, overload
 from cpu_kernels.q8_0_gemv import (
     CACHE_LINE,
     F32X8,
+    I16X16,
     I32X8,
     PREFETCH_BYTES,
     ROW_CHUNK,
@@ -32,7 +34,9 @@ from cpu_kernels.q8_0_gemv import (
     check_pairs,
     element_ptr,
     expert_slice,
+    half_to_float32,
     host_kernel_path,
+    lane_mask,
 )
 
 LANES = 8  # float32 lanes of an AVX2 register
@@ -56,8 +60,21 @@ class PanelMatrix:
     panels: np.ndarray  # [..., ceil(rows / 16), cols, 16] of STORAGE
     rows: int
 
+    NAME: ClassVar[str]  # the GGUF type
     STORAGE: ClassVar[type]
     INTERLEAVED: ClassVar[bool]  # lane 2i: row i, lane 2i + 1: row 8 + i; else lane i: row i
+
+    @classmethod
+    def from_blocks(cls, blocks: np.ndarray) -> PanelMatrix:
+        """blocks: uint8 [..., rows, cols * value bytes], a GGUF tensor of this type as stored
+        (little-endian)."""
+        size = np.dtype(cls.STORAGE).itemsize
+        if blocks.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] % size:
+            raise ValueError(
+                f"{cls.NAME} blocks of dtype {blocks.dtype} and shape {blocks.shape}: expected "
+                f"uint8 [..., rows, cols * {size}] ({size} bytes per value)"
+            )
+        return cls.from_values(np.ascontiguousarray(blocks).view(cls.STORAGE))
 
     @classmethod
     def from_values(cls, values: np.ndarray) -> PanelMatrix:
@@ -108,18 +125,7 @@ class BF16Matrix(PanelMatrix):
     """BF16 weights as raw bfloat16 bits; a column of a panel is one 32-byte load, widened by a
     shift (even lanes: rows 0-7) and a mask (odd lanes: rows 8-15)."""
 
-    STORAGE = np.uint16
-    INTERLEAVED = True
-
-    @classmethod
-    def from_blocks(cls, blocks: np.ndarray) -> BF16Matrix:
-        """blocks: uint8 [..., rows, cols * 2], a GGUF BF16 tensor as stored (little-endian)."""
-        if blocks.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] % 2:
-            raise ValueError(
-                f"BF16 blocks of dtype {blocks.dtype} and shape {blocks.shape}: expected uint8 "
-                f"[..., rows, cols * 2] (2 bytes per value)"
-            )
-        return cls.from_values(np.ascontiguousarray(blocks).view(np.uint16))
+    NAME, STORAGE, INTERLEAVED = "BF16", np.uint16, True
 
     def dequantize(self, index: int | None = None) -> np.ndarray:
         """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); exact."""
@@ -129,22 +135,23 @@ class BF16Matrix(PanelMatrix):
 class F32Matrix(PanelMatrix):
     """float32 weights; a column of a panel is two 32-byte loads (rows 0-7, rows 8-15)."""
 
-    STORAGE = np.float32
-    INTERLEAVED = False
-
-    @classmethod
-    def from_blocks(cls, blocks: np.ndarray) -> F32Matrix:
-        """blocks: uint8 [..., rows, cols * 4], a GGUF F32 tensor as stored (little-endian)."""
-        if blocks.dtype != np.uint8 or blocks.ndim < 2 or blocks.shape[-1] % 4:
-            raise ValueError(
-                f"F32 blocks of dtype {blocks.dtype} and shape {blocks.shape}: expected uint8 "
-                f"[..., rows, cols * 4] (4 bytes per value)"
-            )
-        return cls.from_values(np.ascontiguousarray(blocks).view(np.float32))
+    NAME, STORAGE, INTERLEAVED = "F32", np.float32, False
 
     def dequantize(self, index: int | None = None) -> np.ndarray:
         """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None)."""
         return self._one(index).values()
+
+
+class F16Matrix(PanelMatrix):
+    """float16 weights as their bits, stored as int16: Numba has no float16 arrays, and the
+    signed type tells the kernels the format apart from BF16's uint16. A column of a panel is
+    one 32-byte load, widened exactly by two vcvtph2ps (rows 0-7, rows 8-15)."""
+
+    NAME, STORAGE, INTERLEAVED = "F16", np.int16, False
+
+    def dequantize(self, index: int | None = None) -> np.ndarray:
+        """float32 [rows, cols] of one expert (`index`) or of a 2-D matrix (None); exact."""
+        return self._one(index).values().view(np.float16).astype(np.float32)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -167,10 +174,11 @@ def _pack_panels(values, panels):
 @intrinsic
 def _panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, out_start):
     """out[p, out_start : out_start + 16] = the panel at w[w_start:] times x[p], for p in pairs:
-    w uint16 (BF16 panels) or float32 (F32 panels), x and out float32, all flat; x has `cols`
-    values per pair, out `out_cols`; pairs: a tuple of 1 to PANEL_TILE pair indices. A BF16
-    column is widened into rows 0-7 by a shift of its even lanes and rows 8-15 by a mask of its
-    odd ones; an F32 column is rows 0-7 then 8-15, two loads.
+    w uint16 (BF16 panels), int16 (F16) or float32 (F32), x and out float32, all flat; x has
+    `cols` values per pair, out `out_cols`; pairs: a tuple of 1 to PANEL_TILE pair indices. A
+    BF16 column is widened into rows 0-7 by a shift of its even lanes and rows 8-15 by a mask of
+    its odd ones; an F16 column is rows 0-15 in order, widened by two vcvtph2ps; an F32 column
+    is rows 0-7 then 8-15, two loads.
 
     Each step reads one column once for the whole tile and multiply-adds it into two
     accumulators per pair, against the pair's activation broadcast to all lanes. Small tiles
@@ -179,9 +187,9 @@ def _panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, out_s
     PREFETCH_BYTES ahead (past a panel's end: the chunk's next panel)."""
     if not (isinstance(pairs, types.UniTuple) and isinstance(pairs.dtype, types.Integer)):
         return None
-    if w.dtype not in (types.uint16, types.float32):
+    if w.dtype not in (types.uint16, types.int16, types.float32):
         return None
-    wide = w.dtype == types.float32
+    wide, half = w.dtype == types.float32, w.dtype == types.int16
     column_bytes = PANEL_ROWS * (4 if wide else 2)
     tile = pairs.count
     if not 1 <= tile <= PANEL_TILE:
@@ -195,7 +203,9 @@ def _panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, out_s
         pair_ids = cgutils.unpack_tuple(builder, pair_ids)
         avx2 = Avx2Ir(builder)
         w_ptr = element_ptr(builder, context, w_type, w, w_start)
-        columns = builder.bitcast(w_ptr, (F32X8 if wide else I32X8).as_pointer())
+        columns = builder.bitcast(
+            w_ptr, (F32X8 if wide else I16X16 if half else I32X8).as_pointer()
+        )
         x_ptrs = [element_ptr(builder, context, x_type, x, builder.mul(p, cols)) for p in pair_ids]
         accs = [
             [
@@ -219,6 +229,17 @@ def _panel_tile_avx2(typingctx, w, w_start, x, pairs, cols, out, out_cols, out_s
                     for h in (0, 1)
                 )
             bits = builder.load(builder.gep(columns, [k]), align=2)
+            if half:  # two vcvtph2ps
+                halves = builder.bitcast(bits, ir.VectorType(ir.HalfType(), PANEL_ROWS))
+                return tuple(
+                    builder.fpext(
+                        builder.shuffle_vector(
+                            halves, halves, lane_mask(range(h * LANES, (h + 1) * LANES))
+                        ),
+                        F32X8,
+                    )
+                    for h in (0, 1)
+                )
             return (
                 builder.bitcast(builder.shl(bits, shift), F32X8),
                 builder.bitcast(builder.and_(bits, high_half), F32X8),
@@ -337,7 +358,8 @@ def _lane_row_numba(panels, lane):
 
 
 def _widen_plain(stored, wide):
-    """stored: uint16 bfloat16 bits or float32 [n] -> wide: float32 [n] (in Numba)."""
+    """stored: [n] uint16 bfloat16 bits, int16 float16 bits or float32 -> wide: float32 [n]
+    (in Numba)."""
 
 
 @overload(_widen_plain, jit_options={"nogil": True})
@@ -350,6 +372,14 @@ def _widen_plain_numba(stored, wide):
                 bits[j] = np.uint32(stored[j]) << np.uint32(16)
 
         return widen_bits
+
+    if stored.dtype == types.int16:
+
+        def widen_halves(stored, wide):
+            for j in range(len(stored)):
+                wide[j] = half_to_float32(np.uint16(stored[j]))
+
+        return widen_halves
 
     def copy(stored, wide):
         wide[:] = stored

@@ -12,7 +12,13 @@ from gguf import GGMLQuantizationType as T
 
 from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.gguf_quants import FORMATS, dequantize
-from cpu_kernels.panel_gemv import BF16Matrix, F32Matrix, PanelMatrix, grouped_panel_gemv
+from cpu_kernels.panel_gemv import (
+    BF16Matrix,
+    F16Matrix,
+    F32Matrix,
+    PanelMatrix,
+    grouped_panel_gemv,
+)
 from cpu_kernels.q4_k_gemv import Q4KMatrix, grouped_q4_k_gemv
 from cpu_kernels.q6_k_gemv import Q6KMatrix, grouped_q6_k_gemv
 from cpu_kernels.q8_0_gemv import (
@@ -22,7 +28,7 @@ from cpu_kernels.q8_0_gemv import (
     host_kernel_path,
 )
 
-QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix | F32Matrix
+QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix | F16Matrix | F32Matrix
 
 # GGML type -> (repacked matrix class, grouped GEMV)
 KERNELS: dict[T, tuple[type, Callable[..., np.ndarray]]] = {
@@ -30,12 +36,10 @@ KERNELS: dict[T, tuple[type, Callable[..., np.ndarray]]] = {
     T.Q4_K: (Q4KMatrix, grouped_q4_k_gemv),
     T.Q6_K: (Q6KMatrix, grouped_q6_k_gemv),
     T.BF16: (BF16Matrix, grouped_panel_gemv),
+    T.F16: (F16Matrix, grouped_panel_gemv),
     T.F32: (F32Matrix, grouped_panel_gemv),
 }
 FALLBACK_TYPE = T.Q8_0  # what a type without a kernel is requantised to
-# a GGUF file's float tensors that stay with torch (F32 runs on the panel kernel only when a
-# float32 checkpoint is converted at load; BF16 has a kernel: 2 bytes read per weight)
-FLOAT_TYPES = (T.F32, T.F16)
 
 
 def native_bf16_matmul() -> bool:

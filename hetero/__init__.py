@@ -31,7 +31,7 @@ def load(path: str | Path, **options: Any):
     """Load a model directory (or "demo", the built-in demo model) and return a `Model`.
 
     Options: dtype ("auto", "float32", "bfloat16", "float16"), threads (CPU threads), quant
-    ("auto", "none", "q8_0", "q4_k", "bf16", "f32": which weights run on the CPU kernels; see
+    ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32": which weights run on the CPU kernels; see
     `Model.load`), progress (show a load progress bar)."""
     from hetero.demo import resolve_model_path
     from hetero.runtime.model import Model

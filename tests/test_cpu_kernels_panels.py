@@ -1,4 +1,4 @@
-"""Panel GEMV kernels (BF16 and F32 weights) against a float64 reference on the dequantised
+"""Panel GEMV kernels (BF16, F16 and F32 weights) against a float64 reference on the dequantised
 weights.
 
 Error budget (`gemv_error_bound`): the weights widen exactly and the activations stay float32, so
@@ -18,6 +18,7 @@ from cpu_kernels.panel_gemv import (
     PANEL_ALIGN_BYTES,
     PANEL_ROWS,
     BF16Matrix,
+    F16Matrix,
     F32Matrix,
     _panel_tile_avx2,
     grouped_panel_gemv,
@@ -30,7 +31,7 @@ from cpu_kernels.quant_matrix import gemv, join_rows, row_slice
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 6, 7, 13, 19]
 
 
-FORMATS = {"bf16": (BF16Matrix, T.BF16), "f32": (F32Matrix, T.F32)}
+FORMATS = {"bf16": (BF16Matrix, T.BF16), "f16": (F16Matrix, T.F16), "f32": (F32Matrix, T.F32)}
 
 
 def random_matrix(rng: np.random.Generator, shape: tuple[int, ...], fmt: str = "bf16"):
@@ -273,3 +274,28 @@ def test_f32_avx2_tile_multiplies_each_column_into_all_pairs(tile):
     # two multiply-adds (rows 0-7, 8-15) per pair and column, against one broadcast each
     assert broadcasts and fmas == 2 * broadcasts
     assert not any(op.startswith(("vhaddps", "vextractf128", "vpslld")) for op in ymm)
+
+
+def test_f16_dequantize_matches_numpy_for_every_bit_pattern():
+    bits = np.arange(2**16, dtype=np.uint16).reshape(4096, 16).view(np.int16)
+    w = F16Matrix.from_values(bits)
+    want = bits.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(w.dequantize(), want)  # NaNs compare equal here
+    x = np.ones((1, 16), np.float32)
+    finite = np.isfinite(want).all(axis=1)
+    for path in available_kernel_paths():
+        got = gemv(w, x, path)[0]
+        np.testing.assert_allclose(
+            got[finite], want[finite].astype(np.float64).sum(axis=1), rtol=1e-6, atol=1e-6
+        )
+
+
+@pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
+@pytest.mark.parametrize("tile", [1, 6])
+def test_f16_avx2_tile_widens_each_column_once_for_all_pairs(tile):
+    ops = [line.split() for line in tile_asm(tile, np.int16).splitlines()]
+    ymm = [op[0] for op in ops if op and any("%ymm" in arg for arg in op[1:])]
+    widened = ymm.count("vcvtph2ps")
+    fmas = sum(op.startswith("vfmadd") and op.endswith("ps") for op in ymm)
+    # each 32-byte column: two conversions (rows 0-7, 8-15), and per pair two multiply-adds
+    assert widened and fmas == tile * widened

@@ -242,6 +242,19 @@ def test_quantised_logits_within_budget(wide_qwen3_moe, tmp_path, file_type):
     assert relative_rms(model.logits(ids), source.logits(ids)) < LOGIT_BUDGETS[file_type]
 
 
+@pytest.mark.parametrize("file_type", ["f16", "bf16"])
+def test_float_gguf_runs_its_weights_on_the_panel_kernels(wide_qwen3_moe, tmp_path, file_type):
+    _, source = wide_qwen3_moe
+    (gguf_file,) = write_gguf(source, tmp_path / "model.gguf", file_type)
+    model = hetero.load(gguf_file, progress=False)
+    kinds = set(model.quant_report.types)
+    assert kinds == {"F16Matrix" if file_type == "f16" else "BF16Matrix"}
+    # the reference: the same weights widened for torch in float32
+    reference = hetero.load(gguf_file, dtype="float32", quant="none", progress=False)
+    ids = some_ids(model, 64)
+    assert relative_rms(model.logits(ids), reference.logits(ids)) < 1e-5
+
+
 def test_deepseek_kv_b_is_rejoined_from_k_b_and_v_b(tmp_path):
     make_checkpoint(tmp_path / "src", "deepseek_v2", **{k: WIDE[k] for k in ("hidden_size",)})
     source = hetero.load(tmp_path / "src", dtype="float32", progress=False)

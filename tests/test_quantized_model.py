@@ -188,22 +188,25 @@ def test_bf16_checkpoint_runs_on_the_bf16_kernel_without_native_bf16(
 
 
 @pytest.mark.parametrize("kernel_path", ["avx2", "plain"])
-def test_float32_checkpoint_runs_on_the_f32_kernel_where_avx2_runs(
-    tmp_path, monkeypatch, kernel_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float_checkpoint_runs_on_the_panel_kernel_where_avx2_runs(
+    tmp_path, monkeypatch, kernel_path, dtype
 ):
     import cpu_kernels.quant_matrix
 
     if kernel_path not in available_kernel_paths():
         pytest.skip(f"CPU without the {kernel_path} path")
     monkeypatch.setattr(cpu_kernels.quant_matrix, "host_kernel_path", lambda: kernel_path)
-    make_checkpoint(tmp_path, "qwen3_moe", **WIDE).save_pretrained(tmp_path)  # float32
-    source = hetero.load(tmp_path, quant="none", progress=False)
+    make_checkpoint(tmp_path, "qwen3_moe", **WIDE).to(dtype).save_pretrained(tmp_path)
+    # the reference: torch in float32 on the same weights
+    source = hetero.load(tmp_path, dtype="float32", quant="none", progress=False)
     model = hetero.load(tmp_path, progress=False)
     if kernel_path == "plain":  # the plain kernels are slower than torch: torch keeps them
         assert kernel_modules(model) == (0, 0)
         return
     assert kernel_modules(model) == expected_kernel_modules(source)
-    assert model.quant_report.types == {"F32Matrix": model.quant_report.modules}
+    name = "F32Matrix" if dtype == torch.float32 else "F16Matrix"
+    assert model.quant_report.types == {name: model.quant_report.modules}
     ids = some_ids(source.config.vocab_size, 40)
     # the same weights and math: only summation order differs
     assert relative_rms(model.logits(ids), source.logits(ids)) < 1e-5

@@ -36,7 +36,7 @@ KV_BLOCK_TOKENS = 16
 # "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do float
 # checkpoints where `auto_kernel_type` says so; "none": torch runs everything in the model
 # dtype; a type: quantise float weights at load (hetero.runtime.quantized.QUANT_TYPES)
-QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f32")
+QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32")
 
 
 class Model:
@@ -69,10 +69,10 @@ class Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
         lazily). `quant`: "auto" runs a GGUF file's quantised and BF16 tensors on the CPU
         kernels as stored, a bf16 checkpoint's weights on the BF16 kernel where the CPU has no
-        native bf16 matmul, and a float32 checkpoint's on the F32 kernel where AVX2 runs (all
-        with float32 compute; `auto_kernel_type`); "none" runs everything in torch in `dtype`;
-        "q8_0" / "q4_k" / "bf16" / "f32" convert float weights at load (experts and dense
-        layers)."""
+        native bf16 matmul, and a float16 or float32 checkpoint's on the F16 / F32 kernel where
+        AVX2 runs (all with float32 compute; `auto_kernel_type`); "none" runs everything in
+        torch in `dtype`; "q8_0" / "q4_k" / "bf16" / "f16" / "f32" convert float weights at load
+        (experts and dense layers)."""
         model_dir = Path(path).expanduser()
         gguf = model_dir.suffix == ".gguf" or model_dir.is_file()
         if not gguf and not model_dir.is_dir():
@@ -270,17 +270,16 @@ def cast_parameters(
 def auto_kernel_type(raw_config: dict[str, Any]) -> str | None:
     """The kernel format a float checkpoint's weights run on under quant="auto", or None for
     torch. bfloat16: the BF16 kernel (2 bytes read per weight, float32 math) unless the CPU
-    multiplies bf16 natively. float32: the F32 panel kernel where the AVX2 kernels run (for one
-    token torch's F.linear read float32 weights at 0.4-0.65 of the DRAM ceiling, and it runs a
-    MoE layer's experts one call each). float16: torch."""
+    multiplies bf16 natively. float16 and float32: the F16 / F32 panel kernels where the AVX2
+    kernels run (for one token torch's F.linear read float32 weights at 0.4-0.65 of the DRAM
+    ceiling, and it runs a MoE layer's experts one call each)."""
     from cpu_kernels.quant_matrix import host_kernel_path, native_bf16_matmul
 
     dtype = resolve_dtype("auto", raw_config)
     if dtype == torch.bfloat16 and not native_bf16_matmul():
         return "bf16"
-    if dtype == torch.float32 and host_kernel_path() == "avx2":
-        return "f32"
-    return None
+    avx2 = host_kernel_path() == "avx2"
+    return {torch.float16: "f16", torch.float32: "f32"}.get(dtype) if avx2 else None
 
 
 def set_threads(threads: int) -> None:

@@ -14,7 +14,6 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from cpu_kernels.quant_matrix import (
-    FLOAT_TYPES,
     QuantMatrix,
     grouped_gemv,
     join_rows,
@@ -33,7 +32,14 @@ from hetero.runtime.cpu_experts import (
 )
 from hetero.runtime.experts import TorchExperts
 
-QUANT_TYPES = {"q8_0": T.Q8_0, "q4_k": T.Q4_K, "q6_k": T.Q6_K, "bf16": T.BF16, "f32": T.F32}
+QUANT_TYPES = {
+    "q8_0": T.Q8_0,
+    "q4_k": T.Q4_K,
+    "q6_k": T.Q6_K,
+    "bf16": T.BF16,
+    "f16": T.F16,
+    "f32": T.F32,
+}
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
 ROUTER_SUFFIXES = (".mlp.gate", "shared_expert_gate")  # kept float: they decide routing
@@ -190,9 +196,6 @@ def install_gguf_kernels(
                 {p: tensor_name(f"{name}.{e}.{p}.weight") for p in PROJECTIONS}
                 for e in range(len(module))
             ]
-            _, ggml_type = checkpoint.raw_tensor(names[0]["gate_proj"])
-            if ggml_type in FLOAT_TYPES:
-                continue
             new: nn.Module = NumbaExperts.from_checkpoint(checkpoint, names, path)
         else:
             source = tensor_name(f"{name}.weight")
@@ -202,7 +205,7 @@ def install_gguf_kernels(
                 blocks, ggml_type = checkpoint.raw_tensor(source)
             except KeyError:  # joined from several stored tensors (MLA kv_b): stays float
                 continue
-            if ggml_type in FLOAT_TYPES or kernel_type(ggml_type, module.in_features) is None:
+            if kernel_type(ggml_type, module.in_features) is None:
                 continue
             new = QuantLinear(repack(blocks, ggml_type), module.bias, path)
         net.set_submodule(name, new)
