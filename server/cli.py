@@ -119,7 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or ("demo" if args.model == "demo" else model.name)
     state = ServerState(model, engine, name, context, api_key=args.api_key)
 
-    weights = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    weights = model.weight_bytes
     tokens = kv.num_blocks * kv.block_size
     log(
         f"model {name}: {model.config.model_type}, {weights / 2**30:.2f} GiB of weights, "

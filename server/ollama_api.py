@@ -149,9 +149,9 @@ def ollama_stream(
 
 def tags(state: ServerState) -> dict[str, Any]:
     model = state.model
-    size = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    size = model.weight_bytes
     family = model.config.model_type
-    billions = sum(p.numel() for p in model.net.parameters()) / 1e9
+    billions = model.parameter_count / 1e9
     return {
         "models": [
             {

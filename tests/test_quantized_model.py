@@ -207,6 +207,11 @@ def test_float_checkpoint_runs_on_the_panel_kernel_where_avx2_runs(
     assert kernel_modules(model) == expected_kernel_modules(source)
     name = "F32Matrix" if dtype == torch.float32 else "F16Matrix"
     assert model.quant_report.types == {name: model.quant_report.modules}
+    # the kernel matrices count as weights: as many values, as many bytes as held
+    assert model.parameter_count == source.parameter_count
+    kernel_bytes = model.quant_report.kernel_bytes
+    torch_bytes = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    assert model.weight_bytes == kernel_bytes + torch_bytes > kernel_bytes
     ids = some_ids(source.config.vocab_size, 40)
     # the same weights and math: only summation order differs
     assert relative_rms(model.logits(ids), source.logits(ids)) < 1e-5

@@ -70,6 +70,10 @@ class NumbaExperts(nn.Module):
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
+    @property
+    def matrices(self) -> tuple[QuantMatrix, ...]:
+        return self.gate_up, self.down
+
     @classmethod
     def from_gguf_blocks(
         cls,

@@ -3,6 +3,7 @@ chat templating) the CLI and server are built on."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -56,6 +57,25 @@ class Model:
         self.dtype = net.embed_tokens.weight.dtype
         self.name = path.name
         self.quant_report: QuantReport | None = None  # set by `load` when kernels run weights
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights as held: torch parameters plus the CPU kernels' repacked matrices."""
+        kernel = sum(m.nbytes for m in self._kernel_modules())
+        return kernel + sum(p.numel() * p.element_size() for p in self.net.parameters())
+
+    @property
+    def parameter_count(self) -> int:
+        """Weights in the model, kernel matrices included (as many values as the checkpoint's)."""
+        kernel = sum(math.prod(w.shape) for m in self._kernel_modules() for w in m.matrices)
+        return kernel + sum(p.numel() for p in self.net.parameters())
+
+    def _kernel_modules(self) -> list:
+        if self.quant_report is None:
+            return []
+        from hetero.runtime.quantized import NumbaExperts, QuantLinear
+
+        return [m for m in self.net.modules() if isinstance(m, (QuantLinear, NumbaExperts))]
 
     @classmethod
     def load(

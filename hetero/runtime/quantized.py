@@ -61,6 +61,10 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         return self.qweight.nbytes
 
+    @property
+    def matrices(self) -> tuple[QuantMatrix, ...]:
+        return (self.qweight,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         flat = x.detach().reshape(-1, self.in_features).float()
