@@ -54,8 +54,9 @@ PANEL_ALIGN_BYTES = 64  # panels start on a cache line: every 32-byte load stays
 @dataclass(frozen=True)
 class PanelMatrix:
     """Weights [..., rows, cols] (one matrix, or one per expert) in panels of PANEL_ROWS rows
-    stored column by column: panels[..., n, k, lane] is column k of row 16n + ROW_OF_LANE[lane]
-    (see the formats below). Rows past `rows` (the last panel's padding) are zero."""
+    stored column by column: panels[..., n, k, lane] is column k of one of rows 16n to 16n + 15
+    (INTERLEAVED: lane 2i holds row 16n + i and lane 2i + 1 row 16n + 8 + i; otherwise lane i
+    holds row 16n + i). Rows past `rows` (the last panel's padding) are zero."""
 
     panels: np.ndarray  # [..., ceil(rows / 16), cols, 16] of STORAGE
     rows: int
@@ -309,8 +310,9 @@ def panel_pairs_avx2(w, w_start, x, order, first, end, cols, out, out_cols, out_
 
 
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
-# group_start[g + 1]] of expert e = group_expert[g]; panels uint16 [experts, count, cols, 16],
-# x float32 [pairs, cols], out float32 [pairs, count * 16] (the padding rows included).
+# group_start[g + 1]] of expert e = group_expert[g]; panels [experts, count, cols, 16] (uint16
+# BF16, int16 F16 or float32), x float32 [pairs, cols], out float32 [pairs, count * 16] (the
+# padding rows included).
 @njit(parallel=True, nogil=True, cache=True)
 def grouped_gemv_panels_avx2(panels, x, order, group_start, group_expert, out):
     """Each thread takes PANEL_CHUNK panels and runs them expert after expert, a panel's pairs
@@ -347,7 +349,8 @@ def grouped_gemv_panels_plain(panels, x, order, group_start, group_expert, out):
 
 def _lane_row(panels, lane):
     """The row within its panel that a lane holds (in Numba; the layout follows the storage
-    type: BF16 uint16 bits interleaved, F32 in order, as PanelMatrix.INTERLEAVED says)."""
+    type: BF16's uint16 bits interleaved, F16 and F32 in order, as PanelMatrix.INTERLEAVED
+    says)."""
 
 
 @overload(_lane_row, jit_options={"nogil": True})

@@ -107,8 +107,8 @@ def gemv(w: QuantMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
 
 def runs_many_rows(w: QuantMatrix, path: str | None = None) -> bool:
     """Whether the kernel also beats dequantising for torch's matmul on many rows at once (a
-    prefill): BF16's AVX2 panel tiles do (~90 GMAC/s on two Zen 3 cores, where torch's float32
-    GEMM reaches ~80 and the dequantised copy costs a pass over memory besides)."""
+    prefill): the float formats' AVX2 panel tiles do (~90 GMAC/s on two Zen 3 cores, where
+    torch's float32 GEMM reaches 55-80 and a dequantised copy costs a pass over memory)."""
     return isinstance(w, PanelMatrix) and (path or host_kernel_path()) == "avx2"
 
 
