@@ -1,6 +1,7 @@
 """End-to-end prefill and decode tokens/s on the bench model (Qwen3-30B-A3B geometry, scaled
-down): hetero on the bf16 safetensors and on Q8_0 / Q4_K_M GGUF files, beside llama.cpp
-(llama-bench, same files, same threads) and HF transformers (bf16 safetensors), in one run.
+down): hetero on the bf16 safetensors and on GGUF files (Q8_0 and Q4_K_M unless --gguf says
+others), beside llama.cpp (llama-bench, same files, same threads) and HF transformers (bf16
+safetensors), in one run.
 
     .venv/bin/python bench/e2e_bench.py --dir /tmp/bench-qwen3moe --threads 2
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP_TOOL = ROOT.parent / "shared" / "tools" / "llama-cpp.sh"
-GGUF_TYPES = ("q8_0", "q4_k_m")
+GGUF_TYPES = ("q8_0", "q4_k_m")  # the default --gguf files; f16 and others on request
 
 
 def run_hetero(
@@ -137,7 +138,9 @@ def measure(kind: str, *args: str, threads: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def prepare(directory: Path, layers: int, experts: int) -> dict[str, Path]:
+def prepare(
+    directory: Path, layers: int, experts: int, gguf_types: tuple[str, ...]
+) -> dict[str, Path]:
     if not (directory / "model.safetensors").exists():
         subprocess.run(
             [
@@ -152,7 +155,7 @@ def prepare(directory: Path, layers: int, experts: int) -> dict[str, Path]:
             check=True,
         )
     files = {"bf16": directory}
-    for ggml in GGUF_TYPES:
+    for ggml in gguf_types:
         target = directory.with_name(f"{directory.name}-{ggml}.gguf")
         if not target.exists():
             subprocess.run(
@@ -200,6 +203,11 @@ def main() -> None:
         default=[],
         help="skip an engine (hetero, llama.cpp, transformers) or hetero's bf16 runs (bf16)",
     )
+    parser.add_argument(
+        "--gguf",
+        default=",".join(GGUF_TYPES),
+        help="GGUF file types to write and run (hetero quantize --type), comma-separated",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = (args.prompt_tokens, args.new_tokens, args.repeat)
@@ -214,7 +222,8 @@ def main() -> None:
 
     from placement.probe import measure_dram_read_gbs
 
-    files = prepare(args.dir, args.layers, args.experts)
+    gguf_types = tuple(args.gguf.split(",")) if args.gguf else ()
+    files = prepare(args.dir, args.layers, args.experts, gguf_types)
     load = os.getloadavg()[0]
     ceiling = measure_dram_read_gbs()
     common = [
@@ -229,7 +238,7 @@ def main() -> None:
     ]
     binary = llama_bench_binary() if "llama.cpp" not in args.skip else None
     jobs: list[tuple[str, str, Callable[[], dict]]] = []
-    for ggml in GGUF_TYPES:
+    for ggml in gguf_types:
         if "hetero" not in args.skip:
             jobs.append(
                 (
@@ -309,7 +318,7 @@ def main() -> None:
             f"{load_cell} |"
         )
     print()
-    for ggml in GGUF_TYPES:
+    for ggml in gguf_types:
         ours = [r for f, e, r in rows if f == ggml and e == "hetero"]
         peer = [r for f, e, r in rows if f == ggml and e == "llama.cpp"]
         if ours and peer:
