@@ -135,7 +135,7 @@ def half_to_float32(bits):
 
 def expert_slice(array: np.ndarray, index: int | None, matrix_ndim: int = 2) -> np.ndarray:
     """One expert's slice of a [experts, ...] array, or one matrix's array (`matrix_ndim` axes:
-    [rows, cols], or [panels, cols, 16] for BF16) as it is."""
+    [rows, cols], or [panels, cols, 16] for the panel formats) as it is."""
     if index is None and array.ndim != matrix_ndim:
         raise ValueError(f"a matrix of {len(array)} experts needs an expert index")
     if index is not None and array.ndim != matrix_ndim + 1:
@@ -392,19 +392,10 @@ def _q8_row_dot_plain(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, bloc
     return acc
 
 
-@njit(inline="always")
-def store_block(out, pairs, cols, values):
-    """out[pairs[j], cols[i]] = values[i * len(pairs) + j]: a tile over several weight rows."""
-    for i in range(len(cols)):
-        for j in range(len(pairs)):
-            out[pairs[j], cols[i]] = values[i * len(pairs) + j]
-
-
-def tiled_pairs(tile_dot, store=store_tile):
+def tiled_pairs(tile_dot):
     """An inlined Numba function (weights, acts, row, order, first, end, n, out, col) that sets
     out[p, col] = W[row] . x[p] for the pairs p = order[first:end], in tiles of up to 4 through
-    the intrinsic `tile_dot(weights, acts, row, tile, n)` of a format (with `store_block`, row
-    and col are tuples of weight rows and output columns run together). Made per format at import
+    the intrinsic `tile_dot(weights, acts, row, tile, n)` of a format. Made per format at import
     (a module global, like any other njit function), so the kernels that call it stay cached;
     a dispatcher passed in as an argument would not."""
 
@@ -413,17 +404,17 @@ def tiled_pairs(tile_dot, store=store_tile):
         i = first
         while end - i >= 4:
             tile = (order[i], order[i + 1], order[i + 2], order[i + 3])
-            store(out, tile, col, tile_dot(weights, acts, row, tile, n))
+            store_tile(out, tile, col, tile_dot(weights, acts, row, tile, n))
             i += 4
         if end - i == 3:
             tile3 = (order[i], order[i + 1], order[i + 2])
-            store(out, tile3, col, tile_dot(weights, acts, row, tile3, n))
+            store_tile(out, tile3, col, tile_dot(weights, acts, row, tile3, n))
         elif end - i == 2:
             tile2 = (order[i], order[i + 1])
-            store(out, tile2, col, tile_dot(weights, acts, row, tile2, n))
+            store_tile(out, tile2, col, tile_dot(weights, acts, row, tile2, n))
         elif end - i == 1:
             tile1 = (order[i],)
-            store(out, tile1, col, tile_dot(weights, acts, row, tile1, n))
+            store_tile(out, tile1, col, tile_dot(weights, acts, row, tile1, n))
 
     return pairs
 

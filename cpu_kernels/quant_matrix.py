@@ -141,7 +141,8 @@ def row_slice(w: QuantMatrix, start: int, stop: int) -> QuantMatrix:
 
 
 def _map_fields(w: QuantMatrix, fn: Callable[[np.ndarray], np.ndarray]) -> QuantMatrix:
-    # every array field of a kernel matrix has leading axes [..., rows] ([..., panels] in BF16)
+    # every array field of a kernel matrix has leading axes [..., rows] ([..., panels] in the
+    # panel formats; their row count is an int field, left as it is)
     arrays = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
     return dataclasses.replace(
         w, **{name: fn(a) for name, a in arrays.items() if isinstance(a, np.ndarray)}

@@ -3,7 +3,7 @@
 Same call as `TorchExperts`, so the runtime can swap a layer's `mlp.experts` for it. Decode (few
 tokens) runs the grouped GEMV over all (token, expert) pairs at once, parallel over rows;
 prefill (many tokens) dequantises one expert at a time and uses torch's matmul, except where
-the format's kernel is the faster GEMM too (`runs_many_rows`: BF16 on AVX2)."""
+the format's kernel is the faster GEMM too (`runs_many_rows`: the panel formats on AVX2)."""
 
 from __future__ import annotations
 

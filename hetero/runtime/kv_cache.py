@@ -151,13 +151,9 @@ class PagedKVCache:
         del self._block_of[self._hash_of.pop(block)]
         return block
 
-    def slots(self, seq: int, start: int, count: int) -> torch.Tensor:
-        """Flat storage rows of tokens start..start+count of `seq`."""
-        return torch.from_numpy(self.slot_array(seq, start, count))
-
     def slot_array(self, seq: int, start: int, count: int) -> np.ndarray:
-        """`slots` as an int64 numpy array (index arithmetic in numpy: a few us, where torch's
-        small ops cost ~5-40 us each on a 2-core CPU)."""
+        """Flat storage rows of tokens start..start+count of `seq`, int64 (index arithmetic in
+        numpy: a few us, where torch's small ops cost ~5-40 us each on a 2-core CPU)."""
         positions = np.arange(start, start + count)
         table = np.array(self._sequences[seq].table, dtype=np.int64)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size

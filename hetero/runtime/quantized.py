@@ -87,6 +87,11 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {name}"
 
 
+def join_key(part: QuantLinear) -> tuple:
+    """Kernel linears with equal keys (format, width, bias or none) stack into one matrix."""
+    return type(part.qweight), part.in_features, part.bias is None
+
+
 class JoinedQuantLinear(nn.Module):
     """Linears that read the same input (q/k/v, gate/up) in as few GEMV passes as their formats
     allow: parts of one format and width (and all or none with a bias) are stacked into one
@@ -97,8 +102,7 @@ class JoinedQuantLinear(nn.Module):
         super().__init__()
         groups: dict[tuple, list[int]] = {}
         for i, part in enumerate(parts):
-            key = (type(part.qweight), part.in_features, part.bias is None)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(join_key(part), []).append(i)
         self.passes = nn.ModuleList()
         self.sizes = [p.out_features for p in parts]
         self._where: list[tuple[int, int, int]] = [(0, 0, 0)] * len(parts)  # pass, start, stop
@@ -156,7 +160,7 @@ def join_projections(net: nn.Module, report: QuantReport, path: str | None = Non
             parts = [getattr(module, p, None) for p in part_names]
             if not all(isinstance(p, QuantLinear) for p in parts):
                 continue
-            kinds = [(type(p.qweight), p.in_features, p.bias is None) for p in parts]
+            kinds = [join_key(p) for p in parts]
             if len(set(kinds)) == len(kinds):  # nothing to join: as many passes either way
                 continue
             setattr(module, name, JoinedQuantLinear(parts, path))
