@@ -19,7 +19,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from cpu_kernels.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
 from cpu_kernels.q8_0_gemv import (
     CACHE_LINE,
     F32X8,
@@ -39,6 +38,7 @@ from cpu_kernels.q8_0_gemv import (
     tiled_pairs,
     vector_ptr,
 )
+from hetero.formats.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
 
 SUBS = QK_K // QK8_0  # sub-blocks of 32 per super-block
 

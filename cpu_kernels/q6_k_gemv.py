@@ -17,7 +17,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from cpu_kernels.gguf_quants import FORMATS, QK_K, split_fields
 from cpu_kernels.q8_0_gemv import (
     CACHE_LINE,
     F32X8,
@@ -37,6 +36,7 @@ from cpu_kernels.q8_0_gemv import (
     tiled_pairs,
     vector_ptr,
 )
+from hetero.formats.gguf_quants import FORMATS, QK_K, split_fields
 
 BLOCKS, SUBS = QK_K // QK8_0, QK_K // 16  # 32-value blocks and 16-value sub-blocks per super-block
 # A super-block's codes as stored here: per half (128 values, blocks 4h..4h+3), three 32-byte

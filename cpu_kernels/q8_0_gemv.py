@@ -24,7 +24,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from cpu_kernels.gguf_quants import FORMATS, split_fields
+from hetero.formats.gguf_quants import FORMATS, split_fields
 
 QK8_0 = 32  # GGUF Q8_0: 32 int8 values and one float16 scale per block
 KERNEL_PATHS = ("avx2", "plain")

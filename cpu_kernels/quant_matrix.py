@@ -10,8 +10,6 @@ from collections.abc import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import FORMATS, dequantize
 from cpu_kernels.panel_gemv import (
     BF16Matrix,
     F16Matrix,
@@ -27,6 +25,8 @@ from cpu_kernels.q8_0_gemv import (
     host_cpu_features,
     host_kernel_path,
 )
+from hetero.formats.gguf_quantize import quantize
+from hetero.formats.gguf_quants import FORMATS, dequantize
 
 QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix | F16Matrix | F32Matrix
 

@@ -10,9 +10,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from hetero.errors import ModelFormatError, UnsupportedModelError
+from hetero.errors import InvalidRequestError, ModelFormatError, UnsupportedModelError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# the KV cache is allocated in blocks of this many tokens; the planner sizes it in whole blocks
+KV_BLOCK_TOKENS = 16
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(dtype: str, raw_config: dict[str, Any]) -> str:
+    """'auto' names the checkpoint's dtype (zero-copy loading); otherwise one of DTYPE_NAMES."""
+    if dtype == "auto":
+        dtype = raw_config.get("torch_dtype") or raw_config.get("dtype") or "float32"
+    if dtype not in DTYPE_NAMES:
+        raise InvalidRequestError(
+            f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}"
+        )
+    return dtype
 
 
 @dataclass(frozen=True)

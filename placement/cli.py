@@ -77,12 +77,12 @@ def add_placement_commands(commands) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from hetero.runtime.routing_profile import RoutingProfile
     from placement.budgets import Workload, machine_memory, resolve_budgets
     from placement.hardware import load_hardware
     from placement.inventory import open_model
     from placement.policy import make_plan
     from placement.report import print_plan
+    from placement.routing_profile import RoutingProfile
     from placement.rules import load_rules, parse_rule
 
     rules = [parse_rule(text) for text in args.override]
@@ -121,7 +121,7 @@ def read_prompts(path: str) -> list[str]:
 
 def run_profile(args: argparse.Namespace) -> int:
     import hetero
-    from hetero.runtime.routing_profile import record_routing
+    from hetero.runtime.routing_recorder import record_routing
 
     prompts = read_prompts(args.prompts)
     model = hetero.load(args.model, dtype=args.dtype, threads=args.threads, progress=True)

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 from gguf import GGMLQuantizationType
 
-from cpu_kernels.gguf_quants import FORMATS
 from hetero.errors import ModelFormatError
+from hetero.formats.gguf_quants import FORMATS
 from hetero.loading.gguf_names import to_gguf
 from hetero.loading.quant_mix import FILE_TYPES, tensor_types
 from placement.errors import PlacementError
@@ -126,16 +126,12 @@ def inventory_from_config(
 ) -> ModelInventory:
     """The model of config.json `raw`, typed by the GGUF file type `quant`, or as hetero
     loads its checkpoint when None (the config's dtype; fp8 is dequantised to it)."""
-    import torch
-
+    from hetero.config import dtype_name
     from hetero.models import family_for
-    from hetero.runtime.model import resolve_dtype
 
     if quant is None:
         family = family_for(raw)
-        loaded = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[
-            resolve_dtype("auto", raw)
-        ]
+        loaded = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype_name("auto", raw)]
         float32 = tuple(getattr(family, "FLOAT32_PARAMETERS", ()))
 
         def as_loaded(module_name: str, gguf_name: str, shape: tuple[int, ...]):

@@ -10,8 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetero.runtime.model import KV_BLOCK_TOKENS  # the KV cache allocates whole blocks
-from hetero.runtime.routing_profile import RoutingProfile
+from hetero.config import KV_BLOCK_TOKENS
 from placement.budgets import (
     KV_BYTES,
     Budgets,
@@ -33,6 +32,7 @@ from placement.plan import (
     Plan,
     load_plan,
 )
+from placement.routing_profile import RoutingProfile
 from placement.rules import Rule, first_match
 from placement.sizes import MIB, gib
 

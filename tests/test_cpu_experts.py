@@ -11,14 +11,14 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
-from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q8_0_gemv import available_kernel_paths
 from hetero.config import RopeConfig
+from hetero.formats.gguf_quantize import quantize
 from hetero.models.decoder import RMSNorm
+from hetero.models.experts import TorchExperts
 from hetero.models.rope import RotaryEmbedding
 from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
 from hetero.runtime.cpu_glue import NumbaRMSNorm, NumbaRotary
-from hetero.runtime.experts import TorchExperts
 
 # K-quants need 256-value rows: hidden and expert size both multiples of 256
 EXPERTS, HIDDEN, SIZE, TOP_K = 6, 256, 256, 2

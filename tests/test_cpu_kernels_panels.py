@@ -12,8 +12,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.panel_gemv import (
     PANEL_ALIGN_BYTES,
     PANEL_ROWS,
@@ -25,6 +23,8 @@ from cpu_kernels.panel_gemv import (
 )
 from cpu_kernels.q8_0_gemv import available_kernel_paths
 from cpu_kernels.quant_matrix import gemv, join_rows, row_slice
+from hetero.formats.gguf_quantize import quantize
+from hetero.formats.gguf_quants import dequantize
 
 # tokens per call: one tile of each size 1 to 6 (PANEL_TILE), two tiles (7: 4 + 3), three
 # (13: 5 + 4 + 4), four (19)

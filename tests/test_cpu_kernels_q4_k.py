@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q4_k_gemv import (
     Q4KMatrix,
     _q4k_tile_dot_avx2,
@@ -20,6 +19,7 @@ from cpu_kernels.q4_k_gemv import (
 )
 from cpu_kernels.q8_0_gemv import available_kernel_paths, gemv_error_bound
 from cpu_kernels.quant_matrix import gemv
+from hetero.formats.gguf_quantize import quantize
 
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]  # a single tile of 1 to 4, then tiles of 4 plus a tail
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q6_k_gemv import (
     Q6KMatrix,
     grouped_gemv_q6_k_avx2,
@@ -18,6 +17,7 @@ from cpu_kernels.q6_k_gemv import (
 )
 from cpu_kernels.q8_0_gemv import activation_error_bound, available_kernel_paths
 from cpu_kernels.quant_matrix import gemv
+from hetero.formats.gguf_quantize import quantize
 
 SHAPES = [(1, 256, 1), (37, 512, 1), (130, 768, 3), (64, 2048, 5)]  # rows, cols, tokens
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.gguf_quantize import quantize
 from cpu_kernels.q8_0_gemv import (
     PATH_ENV,
     Q8Matrix,
@@ -24,6 +23,7 @@ from cpu_kernels.q8_0_gemv import (
     quantize_q8_activations,
 )
 from cpu_kernels.quant_matrix import gemv
+from hetero.formats.gguf_quantize import quantize
 
 
 @numba.njit

@@ -3,7 +3,7 @@ its experts' outputs, for any routing, and autograd runs through it."""
 
 import torch
 
-from hetero.runtime.experts import TorchExperts
+from hetero.models.experts import TorchExperts
 
 
 def per_token_reference(experts, x, ids, weights):

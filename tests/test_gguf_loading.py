@@ -16,9 +16,9 @@ from conftest import FAMILY_CONFIGS, make_checkpoint
 from gguf import GGMLQuantizationType as T
 
 import hetero
-from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import dequantize
 from hetero.errors import ModelFormatError, UnsupportedModelError
+from hetero.formats.gguf_quantize import quantize
+from hetero.formats.gguf_quants import dequantize
 from hetero.loading.gguf_checkpoint import GGUFCheckpoint, read_gguf
 from hetero.loading.gguf_config import ARCH_OF_MODEL_TYPE
 from hetero.loading.gguf_writer import write_gguf

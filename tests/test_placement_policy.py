@@ -10,12 +10,12 @@ import random
 import pytest
 from test_placement_sizes import PUBLISHED_Q4_K_M, inventory
 
-from hetero.runtime.routing_profile import RoutingProfile
 from placement.budgets import Budgets, Workload
 from placement.cost_model import LayerAttention, PlacedGroup, step_seconds
 from placement.errors import PlacementError
 from placement.hardware import default_hardware
 from placement.policy import make_plan
+from placement.routing_profile import RoutingProfile
 from placement.rules import parse_rule
 from placement.sizes import GIB
 

@@ -9,12 +9,8 @@ import torch
 
 import hetero
 from hetero.demo import write_demo
-from hetero.runtime.routing_profile import (
-    ProfileFormatError,
-    RecordingExperts,
-    RoutingProfile,
-    record_routing,
-)
+from hetero.runtime.routing_recorder import RecordingExperts, record_routing
+from placement.routing_profile import ProfileFormatError, RoutingProfile
 
 
 @pytest.fixture(scope="module")

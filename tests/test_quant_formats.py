@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import FORMATS, dequantize
+from hetero.formats.gguf_quantize import quantize
+from hetero.formats.gguf_quants import FORMATS, dequantize
 
 # relative RMS error of dequantize(quantize(x)) on Gaussian rows with random scales; measured
 # 0.0054, 0.0177, 0.0361, 0.0713 (Q8_0, Q6_K, Q5_K, Q4_K)

@@ -21,8 +21,8 @@ from cpu_kernels.q8_0_gemv import available_kernel_paths
 from cpu_kernels.quant_matrix import quantize_matrix
 from hetero.errors import InvalidRequestError
 from hetero.loading.gguf_writer import write_gguf
+from hetero.models.experts import TorchExperts
 from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
-from hetero.runtime.experts import TorchExperts
 from hetero.runtime.model import set_threads
 from hetero.runtime.quantized import JoinedQuantLinear, QuantLinear
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
 
-from cpu_kernels.gguf_quants import FORMATS, dequantize
 from hetero.errors import ModelFormatError, UnsupportedModelError
+from hetero.formats.gguf_quants import FORMATS, dequantize
 from hetero.loading.gguf_config import hf_config_from_gguf
 from hetero.loading.gguf_names import from_gguf, rope_permutation
 from hetero.loading.gguf_tokenizer import tokenizer_from_gguf

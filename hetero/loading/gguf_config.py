@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from gguf import ExpertGatingFuncType, Keys
 
-from cpu_kernels.gguf_quants import dequantize
 from hetero.config import RopeConfig, TransformerConfig
 from hetero.errors import ModelFormatError, UnsupportedModelError
+from hetero.formats.gguf_quants import dequantize
 from hetero.models.rope import llama3_frequency_factors
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_VERSION, GGUFWriter, Keys
 
-from cpu_kernels.gguf_quantize import quantize
-from cpu_kernels.gguf_quants import FORMATS
 from hetero.errors import InvalidRequestError, UnsupportedModelError
+from hetero.formats.gguf_quantize import quantize
+from hetero.formats.gguf_quants import FORMATS
 from hetero.loading.gguf_config import ROPE_FREQS, gguf_metadata
 from hetero.loading.gguf_names import rope_interleave, to_gguf
 from hetero.loading.gguf_tokenizer import gguf_tokenizer_metadata

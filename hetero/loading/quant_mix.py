@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
-from cpu_kernels.gguf_quants import FORMATS
+from hetero.formats.gguf_quants import FORMATS
 
 
 @dataclass(frozen=True)

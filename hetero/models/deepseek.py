@@ -14,9 +14,9 @@ from torch import nn
 from hetero.config import TransformerConfig, raise_unsupported
 from hetero.errors import ModelFormatError
 from hetero.models.decoder import CausalLM, DecoderLayer, RMSNorm
+from hetero.models.experts import GatedMLP, TorchExperts
 from hetero.models.rope import RotaryEmbedding, yarn_mscale
 from hetero.runtime.batch import ForwardBatch
-from hetero.runtime.experts import GatedMLP, TorchExperts
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 # the load-balancing bias decides expert choice; bf16 rounding would change it

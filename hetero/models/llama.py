@@ -9,7 +9,7 @@ from typing import Any
 from hetero.config import TransformerConfig, raise_unsupported
 from hetero.models.attention import SelfAttention
 from hetero.models.decoder import CausalLM, DecoderLayer
-from hetero.runtime.experts import GatedMLP
+from hetero.models.experts import GatedMLP
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hetero.runtime.experts import GatedMLP, TorchExperts
+from hetero.models.experts import GatedMLP, TorchExperts
 
 
 def softmax_topk(

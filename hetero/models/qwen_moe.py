@@ -10,8 +10,8 @@ from typing import Any
 from hetero.config import TransformerConfig, raise_unsupported
 from hetero.models.attention import SelfAttention
 from hetero.models.decoder import CausalLM, DecoderLayer
+from hetero.models.experts import GatedMLP
 from hetero.models.moe import SparseMoE
-from hetero.runtime.experts import GatedMLP
 
 MODEL_TYPES = ("qwen3_moe", "qwen2_moe")
 

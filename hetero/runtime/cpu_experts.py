@@ -16,7 +16,6 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
-from cpu_kernels.gguf_quants import dequantize
 from cpu_kernels.panel_gemv import BF16Matrix
 from cpu_kernels.quant_matrix import (
     QuantMatrix,
@@ -25,7 +24,8 @@ from cpu_kernels.quant_matrix import (
     repack,
     runs_many_rows,
 )
-from hetero.runtime.experts import TorchExperts, run_grouped_by_expert
+from hetero.formats.gguf_quants import dequantize
+from hetero.models.experts import TorchExperts, run_grouped_by_expert
 
 
 class RawTensorSource(Protocol):

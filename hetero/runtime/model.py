@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hetero.config import TransformerConfig, read_config_json
+from hetero.config import KV_BLOCK_TOKENS, TransformerConfig, dtype_name, read_config_json
 from hetero.errors import (
     InvalidRequestError,
     ModelFormatError,
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from hetero.runtime.quantized import QuantReport
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KV_BLOCK_TOKENS = 16
 # "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do float
 # checkpoints where `auto_kernel_type` says so; "none": torch runs everything in the model
 # dtype; a type: quantise float weights at load (hetero.runtime.quantized.QUANT_TYPES)
@@ -333,8 +332,4 @@ def fp8_block_size(raw_config: dict[str, Any]) -> tuple[int, int]:
 
 def resolve_dtype(dtype: str, raw_config: dict[str, Any]) -> torch.dtype:
     """'auto' keeps the checkpoint's dtype (zero-copy loading); otherwise a name from DTYPES."""
-    if dtype == "auto":
-        dtype = raw_config.get("torch_dtype") or raw_config.get("dtype") or "float32"
-    if dtype not in DTYPES:
-        raise InvalidRequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
+    return DTYPES[dtype_name(dtype, raw_config)]

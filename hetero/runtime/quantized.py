@@ -24,13 +24,13 @@ from cpu_kernels.quant_matrix import (
     runs_many_rows,
 )
 from hetero.loading.weights import file_name
+from hetero.models.experts import TorchExperts
 from hetero.runtime.cpu_experts import (
     DECODE_MAX_TOKENS,
     PROJECTIONS,
     NumbaExperts,
     matrix_from_weights,
 )
-from hetero.runtime.experts import TorchExperts
 
 QUANT_TYPES = {
     "q8_0": T.Q8_0,

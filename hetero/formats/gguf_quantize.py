@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.gguf_quants import FORMATS, QK_K
+from hetero.formats.gguf_quants import FORMATS, QK_K
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
