@@ -10,6 +10,7 @@ from hetero import __version__
 from hetero.bench_command import add_bench_command
 from hetero.errors import HeteroError, InvalidRequestError
 from hetero.model_options import add_load_options
+from hetero.profile_command import add_profile_command
 from placement.cli import add_placement_commands
 from server.cli import add_serve_command
 
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(commands)
     add_bench_command(commands, add_model_options)
     add_placement_commands(commands)
+    add_profile_command(commands)
 
     quant = commands.add_parser("quantize", help="write MODEL as a GGUF file (llama.cpp's mixes)")
     quant.add_argument("model", metavar="SRC", help='model directory, .gguf file, or "demo"')

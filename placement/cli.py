@@ -1,11 +1,11 @@
-"""`hetero plan`, `hetero profile` and `hetero probe`. Registered by hetero/cli.py; heavy
-imports wait until a command runs, so `hetero --help` stays fast."""
+"""`hetero plan` and `hetero probe`. Registered by hetero/cli.py; heavy imports wait until a
+command runs, so `hetero --help` stays fast. The planner runs no model: `hetero profile`, which
+does, is a front end of the runtime (hetero/profile_command.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from hetero.errors import InvalidRequestError
 
@@ -54,20 +54,6 @@ def add_placement_commands(commands) -> None:
     plan.add_argument("--save", default=None, metavar="FILE", help="write the plan as JSON")
     plan.set_defaults(run=run_plan)
 
-    profile = commands.add_parser(
-        "profile", help="run prompts and record how often each routed expert is chosen"
-    )
-    profile.add_argument("model", metavar="MODEL", help='model directory, or "demo"')
-    profile.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    profile.add_argument("--out", required=True, help="profile JSON to write")
-    profile.add_argument("-n", "--max-new-tokens", type=int, default=16)
-    profile.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    profile.add_argument("--threads", type=int, default=None)
-    profile.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    profile.set_defaults(run=run_profile)
-
     probe = commands.add_parser(
         "probe", help="measure this machine's bandwidths and compute rates for `hetero plan`"
     )
@@ -106,38 +92,6 @@ def run_plan(args: argparse.Namespace) -> int:
         print_plan(plan)
         if args.save:
             print(f"plan written to {args.save}")
-    return 0
-
-
-def read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise InvalidRequestError(f"prompts file {file} does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise InvalidRequestError(f"prompts file {file} holds no prompt (one per line)")
-    return prompts
-
-
-def run_profile(args: argparse.Namespace) -> int:
-    import hetero
-    from hetero.runtime.routing_recorder import record_routing
-
-    prompts = read_prompts(args.prompts)
-    model = hetero.load(args.model, dtype=args.dtype, threads=args.threads, progress=True)
-    with record_routing(model.net, model.name) as recorder:
-        if not recorder.layers:
-            raise InvalidRequestError(f"{model.name} has no MoE layers: nothing to profile")
-        for text in prompts:
-            prompt = model.encode_chat([{"role": "user", "content": text}]) if args.chat else text
-            model.generate(prompt, max_new_tokens=args.max_new_tokens)
-    profile = recorder.profile()
-    profile.save(args.out)
-    print(
-        f"{max(profile.tokens.values())} tokens routed through {len(profile.counts)} MoE "
-        f"layers; the busiest 10% of experts took {profile.hottest_share(0.1):.0%} of the "
-        f"activations; wrote {args.out}"
-    )
     return 0
 
 
