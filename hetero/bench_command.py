@@ -10,7 +10,7 @@ import psutil
 import torch
 
 from hetero.errors import InvalidRequestError
-from hetero.model_options import load_from_args
+from hetero.model_options import load_from_args, plan_from_args
 
 
 def add_bench_command(commands, add_model_options) -> None:
@@ -18,9 +18,6 @@ def add_bench_command(commands, add_model_options) -> None:
         "bench", help="measure prefill and decode tok/s against the plan's prediction"
     )
     add_model_options(bench)
-    bench.add_argument("--plan", default=None, metavar="PLAN.json", help="plan to follow")
-    bench.add_argument("--vram-budget", default=None, help="GPU budget when no plan is given")
-    bench.add_argument("--dram-budget", default=None, help="DRAM budget when no plan is given")
     bench.add_argument("--prompt-tokens", type=int, default=512)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--repeat", type=int, default=2, help="runs; the best is reported")
@@ -28,20 +25,15 @@ def add_bench_command(commands, add_model_options) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from placement.policy import plan_for_model, saved_plan
-
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeat < 1:
         raise InvalidRequestError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeat >= 1")
-    saved = saved_plan(args.plan)
-    model = load_from_args(args)
     context = args.prompt_tokens + args.new_tokens
+    plan = plan_from_args(args, context, 1)
+    model = load_from_args(args, plan)
     if context >= model.config.context_limit:
         raise InvalidRequestError(
             f"prompt plus new tokens ({context}) exceed the context ({model.config.context_limit})"
         )
-    plan = saved or plan_for_model(
-        args.model, model.path, args.vram_budget, args.dram_budget, context, 1
-    )
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), generator=generator)
     runs = [
@@ -57,7 +49,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{psutil.cpu_count(logical=False)} cores; every group runs on the CPU in this build"
+        f"{psutil.cpu_count(logical=False)} cores; {model.placement.log_lines()[0]}"
     )
     print(f"{'':8}{'measured':>12}{'predicted':>12}{'ratio':>8}")
     for name, measured, expected in (

@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(args: argparse.Namespace):
-    from hetero.model_options import load_from_args
+    from hetero.model_options import load_from_args, plan_from_args
 
-    return load_from_args(args)
+    return load_from_args(args, plan_from_args(args, None, 1))
 
 
 def print_stats(result) -> None:

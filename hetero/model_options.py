@@ -1,12 +1,18 @@
-"""Command-line options that say how to load a model (threads, dtype, quantisation), shared by
-every command that loads one, and the load that follows them."""
+"""Command-line options that say how to load a model (threads, dtype, quantisation, the
+placement plan to execute), shared by every command that loads one, and the load that follows
+them: the plan is read or made first, so a bad plan or budget fails before any weight loads."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
+from hetero.errors import InvalidRequestError
 from hetero.runtime.model import DTYPES, QUANT_CHOICES, Model
+
+if TYPE_CHECKING:
+    from placement.plan import Plan
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
@@ -25,14 +31,49 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         "without native bf16, run on the CPU kernels; none: torch runs all in --dtype; "
         "q8_0/q4_k/bf16: convert float weights at load",
     )
+    p.add_argument(
+        "--plan", default=None, metavar="PLAN.json", help="placement plan to execute (hetero plan)"
+    )
+    p.add_argument(
+        "--vram-budget", default=None, help="without --plan: GPU budget, e.g. 24GiB, 80%%"
+    )
+    p.add_argument(
+        "--dram-budget",
+        default=None,
+        help="without --plan: DRAM budget, e.g. 64GiB, 80%% (what does not fit stays on disk)",
+    )
 
 
-def load_from_args(args: argparse.Namespace) -> Model:
+def plan_from_args(args: argparse.Namespace, context: int | None, sequences: int) -> Plan:
+    """The plan a run executes: `--plan FILE`, or one made now for the budgets (default: this
+    machine's free VRAM and available DRAM), `context` tokens (None: the planner's default)
+    for `sequences` sequences."""
+    from placement.plan import load_plan
+    from placement.policy import plan_for_model
+
+    if args.plan:
+        if args.vram_budget or args.dram_budget:
+            raise InvalidRequestError(
+                "--plan and --vram-budget/--dram-budget exclude each other: the plan holds its "
+                "budgets (make another with `hetero plan MODEL --vram-budget ... --save FILE`)"
+            )
+        return load_plan(args.plan)
+    return plan_for_model(args.model, args.vram_budget, args.dram_budget, context, sequences)
+
+
+def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
     import hetero
 
     model = hetero.load(
-        args.model, dtype=args.dtype, threads=args.threads, quant=args.quant, progress=True
+        args.model,
+        dtype=args.dtype,
+        threads=args.threads,
+        quant=args.quant,
+        progress=True,
+        plan=plan,
     )
+    for line in model.placement.log_lines():
+        print(f"hetero: {line}", file=sys.stderr, flush=True)
     if model.quant_report is not None:
         print(f"hetero: {model.quant_report.summary()}", file=sys.stderr, flush=True)
     return model

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from placement.errors import PlacementError
 from placement.sizes import GIB, MIB, parse_size
 
+DEFAULT_CONTEXT = 4096  # tokens per sequence a plan sizes the KV cache for, unless told
+
 KV_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
 

@@ -8,8 +8,7 @@ import argparse
 import sys
 
 from hetero.errors import InvalidRequestError
-
-DEFAULT_CONTEXT = 4096
+from placement.budgets import DEFAULT_CONTEXT
 
 
 def add_placement_commands(commands) -> None:

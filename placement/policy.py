@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hetero.config import KV_BLOCK_TOKENS
 from placement.budgets import (
+    DEFAULT_CONTEXT,
     KV_BYTES,
     Budgets,
     Workload,
@@ -30,7 +30,6 @@ from placement.plan import (
     KVCachePlacement,
     ModelSummary,
     Plan,
-    load_plan,
 )
 from placement.routing_profile import RoutingProfile
 from placement.rules import Rule, first_match
@@ -381,24 +380,18 @@ def _predict(
     )
 
 
-def saved_plan(plan_file: str | None) -> Plan | None:
-    """The plan of `--plan FILE`, read before the model loads so that a bad file fails fast."""
-    return load_plan(plan_file) if plan_file else None
-
-
 def plan_for_model(
     model_arg: str,
-    model_path: Path,
     vram_budget: str | None,
     dram_budget: str | None,
-    context: int,
+    context: int | None,
     concurrency: int,
 ) -> Plan:
-    """The plan a run without `--plan` follows, made now for the budgets given (defaults: this
-    machine's free VRAM and available DRAM)."""
+    """The plan a run without `--plan` executes, made now for the budgets given (defaults: this
+    machine's free VRAM and available DRAM) and `context` tokens per sequence (None: the
+    default, at most the model's limit)."""
+    inventory = open_model(model_arg, None)
     budgets = resolve_budgets(vram_budget, dram_budget, None, machine_memory())
-    workload = Workload(context, concurrency, 512, "bf16")
-    source = "demo" if model_arg == "demo" else str(model_path)
-    return make_plan(
-        open_model(source, None), budgets, workload, load_hardware(None), [], None, None
-    )
+    tokens = min(context or DEFAULT_CONTEXT, inventory.context_limit)
+    workload = Workload(tokens, concurrency, 512, "bf16")
+    return make_plan(inventory, budgets, workload, load_hardware(None), [], None, None)

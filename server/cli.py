@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hetero.errors import InvalidRequestError
-from hetero.model_options import add_load_options, load_from_args
+from hetero.model_options import add_load_options, load_from_args, plan_from_args
 
 if TYPE_CHECKING:
     from placement import Plan
@@ -54,9 +54,6 @@ def add_serve_command(commands) -> None:
         metavar="FILE",
         help="Jinja chat template to use instead of the model's",
     )
-    p.add_argument("--plan", default=None, metavar="PLAN.json", help="placement plan to follow")
-    p.add_argument("--vram-budget", default=None, help="GPU memory budget, e.g. 24GiB")
-    p.add_argument("--dram-budget", default=None, help="CPU memory budget, e.g. 64GiB")
     add_load_options(p)
     p.set_defaults(run=run_serve)
 
@@ -78,35 +75,26 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hetero.runtime.engine import Engine
-    from placement.policy import plan_for_model, saved_plan
     from server.app import create_app
     from server.state import ServerState
 
     if args.max_concurrency < 1 or args.max_queue < 0:
         raise InvalidRequestError("--max-concurrency must be >= 1 and --max-queue >= 0")
     check_port_free(args.host, args.port)
-    saved = saved_plan(args.plan)
-    model = load_from_args(args)
-    if args.chat_template:
-        template = Path(args.chat_template)
-        if not template.is_file():
-            raise InvalidRequestError(f"chat template file {template} does not exist")
-        model.tokenizer.chat_templates["default"] = template.read_text(encoding="utf-8")
-    limit = model.config.context_limit
-    context = min(args.context_length or min(limit, DEFAULT_CONTEXT), limit)
-    if context < 2:
+    if args.context_length is not None and args.context_length < 2:
         raise InvalidRequestError("--context-length must be at least 2")
-    plan = saved or plan_for_model(
-        args.model,
-        model.path,
-        args.vram_budget,
-        args.dram_budget,
-        context,
-        args.max_concurrency,
-    )
-    if args.plan:  # a saved plan decides the cache: its tokens per sequence and sequences
-        context = min(plan.kv_cache.tokens, limit)
-        args.max_concurrency = plan.kv_cache.sequences
+    template = None
+    if args.chat_template:
+        if not Path(args.chat_template).is_file():
+            raise InvalidRequestError(f"chat template file {args.chat_template} does not exist")
+        template = Path(args.chat_template).read_text(encoding="utf-8")
+    # the plan sizes the KV cache: its tokens per sequence and sequences are what is allocated
+    plan = plan_from_args(args, args.context_length or DEFAULT_CONTEXT, args.max_concurrency)
+    model = load_from_args(args, plan)
+    if template is not None:
+        model.tokenizer.chat_templates["default"] = template
+    context = min(plan.workload.context, model.config.context_limit)
+    args.max_concurrency = plan.kv_cache.sequences
     kv = model.new_kv_cache(context, args.max_concurrency)
     engine = Engine(
         model.net,
@@ -122,8 +110,9 @@ def run_serve(args: argparse.Namespace) -> int:
     weights = model.weight_bytes
     tokens = kv.num_blocks * kv.block_size
     log(
-        f"model {name}: {model.config.model_type}, {weights / 2**30:.2f} GiB of weights, "
-        f"all on cpu ({str(model.dtype).removeprefix('torch.')})"
+        f"model {name}: {model.config.model_type}, {weights / 2**30:.2f} GiB of weights in "
+        f"memory, {model.disk_bytes / 2**30:.2f} GiB read from disk "
+        f"({str(model.dtype).removeprefix('torch.')})"
     )
     log_plan(plan)
     log(
@@ -150,7 +139,5 @@ def log_plan(plan: Plan) -> None:
     log(f"plan: {totals}")
     for line in summary_lines(plan):
         log(f"plan: {line}")
-    if plan.totals.get("gpu"):
-        log("plan: this build runs every group on the CPU; the GPU placement is not executed yet")
     for warning in plan.warnings:
         log(f"warning: {warning}")

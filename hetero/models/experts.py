@@ -40,6 +40,14 @@ class TorchExperts(nn.ModuleList):
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int):
         super().__init__(GatedMLP(hidden_size, expert_size) for _ in range(num_experts))
 
+    @classmethod
+    def of(cls, experts: list[nn.Module]) -> TorchExperts:
+        """A block over given expert modules (the runtime's, e.g. experts computed from disk):
+        each takes [tokens, hidden] to [tokens, hidden]."""
+        block = cls.__new__(cls)
+        nn.ModuleList.__init__(block, experts)
+        return block
+
     def forward(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:

@@ -23,6 +23,7 @@ from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
 from hetero.loading.weights import load_weights
 from hetero.models import family_for
 from hetero.models.decoder import CausalLM
+from hetero.runtime.assembler import Placement, check_plan_fits, place_on_disk
 from hetero.runtime.batch import ForwardBatch
 from hetero.runtime.engine import Engine, GenerationResult, Request
 from hetero.runtime.kv_cache import PagedKVCache
@@ -31,6 +32,7 @@ from hetero.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from hetero.runtime.quantized import QuantReport
+    from placement.plan import Plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do float
@@ -56,6 +58,8 @@ class Model:
         self.dtype = net.embed_tokens.weight.dtype
         self.name = path.name
         self.quant_report: QuantReport | None = None  # set by `load` when kernels run weights
+        self.placement = Placement()  # where `load` put each tensor group
+        self.disk_bytes = 0  # weight bytes computed from the memory-mapped file
 
     @property
     def weight_bytes(self) -> int:
@@ -84,6 +88,7 @@ class Model:
         threads: int | None = None,
         progress: bool = True,
         quant: str = "auto",
+        plan: Plan | None = None,
     ) -> Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
         lazily). `quant`: "auto" runs a GGUF file's quantised and BF16 tensors on the CPU
@@ -91,7 +96,8 @@ class Model:
         native bf16 matmul, and a float16 or float32 checkpoint's on the F16 / F32 kernel where
         AVX2 runs (all with float32 compute; `auto_kernel_type`); "none" runs everything in
         torch in `dtype`; "q8_0" / "q4_k" / "bf16" / "f16" / "f32" convert float weights at load
-        (experts and dense layers)."""
+        (experts and dense layers). `plan` (from `hetero plan`) says where each tensor group
+        runs; a plan made for another model is refused (`PlanMismatchError`)."""
         model_dir = Path(path).expanduser()
         gguf = model_dir.suffix == ".gguf" or model_dir.is_file()
         if not gguf and not model_dir.is_dir():
@@ -102,6 +108,9 @@ class Model:
             )
         if threads is not None:
             set_threads(threads)
+        if plan is not None:
+            check_plan_fits(plan, model_dir)
+        placement = Placement.from_plan(plan)
         if gguf:
             checkpoint = GGUFCheckpoint(model_dir)
             raw, tokenizer = checkpoint.config, checkpoint.tokenizer
@@ -132,13 +141,15 @@ class Model:
         with torch.device("meta"):
             net = family.build(config)
         report = QuantReport() if kernels else None
+        names = checkpoint.checkpoint_name if gguf else family.checkpoint_name
+        disk_bytes = place_on_disk(net, checkpoint, names, placement)
         if gguf and kernels:
             install_gguf_kernels(net, checkpoint, checkpoint.checkpoint_name, report)
         keep_float32 = getattr(family, "FLOAT32_PARAMETERS", ())
         load_weights(
             net,
             checkpoint,
-            checkpoint.checkpoint_name if gguf else family.checkpoint_name,
+            names,
             load_dtype,
             config.tie_word_embeddings,
             fp8_block=fp8_block_size(raw),
@@ -157,6 +168,7 @@ class Model:
         net.eval().requires_grad_(False)
         model = cls(model_dir, family, config, net, tokenizer)
         model.quant_report = report
+        model.placement, model.disk_bytes = placement, disk_bytes
         return model
 
     # ---- forward -------------------------------------------------------------------------

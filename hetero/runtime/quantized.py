@@ -25,6 +25,7 @@ from cpu_kernels.quant_matrix import (
 )
 from hetero.loading.weights import file_name
 from hetero.models.experts import TorchExperts
+from hetero.runtime.assembler import kernel_experts, kernel_targets, split_layer
 from hetero.runtime.cpu_experts import (
     DECODE_MAX_TOKENS,
     PROJECTIONS,
@@ -42,7 +43,6 @@ QUANT_TYPES = {
 }
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
-ROUTER_SUFFIXES = (".mlp.gate", "shared_expert_gate")  # kept float: they decide routing
 DEQUANT_TILE_BYTES = 64 * 1024 * 1024  # prefill dequantises a dense weight this much at a time
 
 
@@ -169,20 +169,6 @@ def join_projections(net: nn.Module, report: QuantReport, path: str | None = Non
     report.seconds += time.perf_counter() - began
 
 
-def _targets(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Expert blocks and dense layers that may move to the kernels, routers excluded."""
-    found, experts = [], []
-    for name, module in net.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in experts):
-            continue
-        if isinstance(module, TorchExperts):
-            experts.append(name)
-            found.append((name, module))
-        elif isinstance(module, nn.Linear) and not name.endswith(ROUTER_SUFFIXES):
-            found.append((name, module))
-    return found
-
-
 def install_gguf_kernels(
     net: nn.Module,
     checkpoint,
@@ -198,13 +184,16 @@ def install_gguf_kernels(
     def tensor_name(module_name: str) -> str:
         return file_name(module_name, checkpoint_name)
 
-    for name, module in _targets(net):
+    for name, module in kernel_targets(net):
         if isinstance(module, TorchExperts):
-            names = [
-                {p: tensor_name(f"{name}.{e}.{p}.weight") for p in PROJECTIONS}
-                for e in range(len(module))
-            ]
-            new: nn.Module = NumbaExperts.from_checkpoint(checkpoint, names, path)
+            kept = kernel_experts(module)
+            if not kept:
+                continue
+            names = [{p: tensor_name(f"{name}.{e}.{p}.weight") for p in PROJECTIONS} for e in kept]
+            kernels = NumbaExperts.from_checkpoint(checkpoint, names, path)
+            report.add(kernels)
+            net.set_submodule(name, split_layer(kernels, kept, module))
+            continue
         else:
             source = tensor_name(f"{name}.weight")
             if name == "lm_head" and source not in checkpoint:  # tied to the embedding
@@ -227,9 +216,16 @@ def quantize_float_weights(
     """After the float weights load: quantise expert blocks and dense layers to `ggml_type`
     (the output layer to Q6_K under Q4_K, as llama.cpp's mixes do)."""
     began = time.perf_counter()
-    for name, module in _targets(net):
+    for name, module in kernel_targets(net):
         if isinstance(module, TorchExperts):
-            new: nn.Module = NumbaExperts.from_torch(module, ggml_type, path)
+            kept = kernel_experts(module)
+            if not kept:
+                continue
+            subset = TorchExperts.of([module[e] for e in kept])
+            kernels = NumbaExperts.from_torch(subset, ggml_type, path)
+            report.add(kernels)
+            net.set_submodule(name, split_layer(kernels, kept, module))
+            continue
         else:
             target = LM_HEAD_TYPE.get(ggml_type, ggml_type) if name == "lm_head" else ggml_type
             if kernel_type(target, module.in_features) is None:

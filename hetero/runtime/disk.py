@@ -1,0 +1,104 @@
+"""Weights a plan leaves on disk: they stay memory-mapped in the model file as stored and are
+computed from it a tile at a time, so a model larger than DRAM runs (slower: the OS pages the
+weights in on each use and may drop them again) instead of failing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+from torch import nn
+
+from hetero.formats.gguf_quants import dequantize
+
+TILE_BYTES = 64 * 1024 * 1024  # float32 bytes of weight dequantised at a time
+
+
+class StoredMatrix:
+    """An [out, in] weight as the file stores it (GGUF blocks, or a safetensors tensor in its
+    own dtype), memory-mapped; `rows(start, stop)` reads a tile as float32."""
+
+    def __init__(self, shape: tuple[int, int], read_rows: Callable[[int, int], torch.Tensor]):
+        self.shape = shape
+        self._read_rows = read_rows
+
+    @classmethod
+    def from_blocks(cls, blocks: np.ndarray, ggml_type: T, cols: int) -> StoredMatrix:
+        # blocks: uint8 [rows, row_bytes], a view of the mapped file
+        def read(start: int, stop: int) -> torch.Tensor:
+            return torch.from_numpy(dequantize(blocks[start:stop], ggml_type))
+
+        return cls((blocks.shape[0], cols), read)
+
+    @classmethod
+    def from_tensor(cls, weight: torch.Tensor) -> StoredMatrix:
+        # weight: [rows, cols], a zero-copy view of the mapped file
+        return cls(tuple(weight.shape), lambda start, stop: weight[start:stop].float())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [tokens, in] -> x @ W.T, float32 [tokens, out], one tile at a time."""
+        out_features, in_features = self.shape
+        y = x.new_empty(x.shape[0], out_features)
+        step = max(1, TILE_BYTES // (4 * in_features))
+        for start in range(0, out_features, step):
+            stop = min(start + step, out_features)
+            torch.matmul(x, self._read_rows(start, stop).T, out=y[:, start:stop])
+        return y
+
+
+class DiskLinear(nn.Module):
+    """`nn.Linear` computed from the file: weights never held in DRAM beyond one tile."""
+
+    def __init__(self, weight: StoredMatrix, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight_file = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        y = self.weight_file.matmul(x.reshape(-1, self.in_features).float())
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, on disk"
+
+
+class DiskMLP(nn.Module):
+    """One SwiGLU expert (or dense FFN) computed from the file: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, gate: StoredMatrix, up: StoredMatrix, down: StoredMatrix):
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, hidden] -> [tokens, hidden]
+        flat = x.float()
+        hidden = F.silu(self.gate.matmul(flat)) * self.up.matmul(flat)
+        return self.down.matmul(hidden).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"expert_size={self.gate.shape[0]}, on disk"
+
+
+def stored_matrix(checkpoint, tensor_name: str) -> StoredMatrix | None:
+    """The stored form of a checkpoint tensor, or None where it has none that can be computed
+    from in place (MLA's kv_b joined from two GGUF tensors; fp8 weights with block scales):
+    such a tensor loads into DRAM like any other."""
+    if hasattr(checkpoint, "raw_tensor"):  # GGUF
+        try:
+            blocks, ggml_type = checkpoint.raw_tensor(tensor_name)
+        except KeyError:
+            return None
+        return StoredMatrix.from_blocks(
+            blocks, ggml_type, checkpoint.entries[tensor_name].shape[-1]
+        )
+    weight = checkpoint.tensor(tensor_name)
+    if not weight.dtype.is_floating_point or weight.element_size() == 1:
+        return None
+    return StoredMatrix.from_tensor(weight)
