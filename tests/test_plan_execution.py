@@ -14,6 +14,7 @@ import torch
 
 import hetero
 from hetero.demo import write_demo
+from hetero.models.experts import TorchExperts
 from hetero.runtime.assembler import PlanMismatchError, SplitExperts
 from hetero.runtime.disk import DiskLinear, DiskMLP
 from placement.plan import Plan, load_plan
@@ -173,3 +174,27 @@ def test_a_model_file_that_vanished_is_one_line(demo, tmp_path):
         "generate", str(copy), "--prompt", "hi", "--plan", str(tmp_path / "plan.json")
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_split_experts_match_one_backend_holding_them_all():
+    seed = torch.seed()
+    hidden, size, experts, top_k = 24, 40, 6, 3
+    whole = TorchExperts(experts, hidden, size)
+    for p in whole.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    # experts 0, 2, 5 on one backend, 1, 3, 4 on another; no token routes to expert 4
+    first, second = [0, 2, 5], [1, 3, 4]
+    split = SplitExperts(
+        [
+            (TorchExperts.of([whole[e] for e in first]), first),
+            (TorchExperts.of([whole[e] for e in second]), second),
+        ],
+        experts,
+    )
+    x = torch.randn(7, hidden)
+    ids = torch.stack([torch.randperm(4)[:top_k] for _ in range(7)])  # experts 0-3 only
+    ids[ids == 3] = 5
+    weights = torch.softmax(torch.randn(7, top_k), dim=-1)
+    torch.testing.assert_close(split(x, ids, weights), whole(x, ids, weights), msg=f"seed {seed}")
+    one = ids[:1, :1]  # a single pair: one backend gets none
+    assert torch.equal(split(x[:1], one, weights[:1, :1]), whole(x[:1], one, weights[:1, :1]))

@@ -33,16 +33,7 @@ def load_weights(
     """Assign every parameter of `net` from `checkpoint` in `dtype`, except those whose names
     end with a suffix in `keep_float32` (small tensors whose precision decides routing)."""
     params = dict(net.named_parameters(remove_duplicate=False))
-    names = {name: file_name(name, checkpoint_name) for name in params}
-    if tie_word_embeddings or "lm_head.weight" not in checkpoint:
-        # tied (or a checkpoint that stores only the embedding): the head reuses it
-        names["lm_head.weight"] = names["embed_tokens.weight"]
-    missing = [n for n in names.values() if n not in checkpoint]
-    if missing:
-        raise ModelFormatError(
-            f"{checkpoint.model_dir} lacks {len(missing)} tensor(s) the config implies, "
-            f"e.g. {missing[0]!r}; the checkpoint does not match its config.json"
-        )
+    names = tensor_names(net, checkpoint, checkpoint_name, tie_word_embeddings)
     total = sum(checkpoint.entries[n].nbytes for n in set(names.values()))
     bar = Progress(
         TextColumn("loading"),
@@ -65,6 +56,29 @@ def load_weights(
                 )
                 bar.advance(task, checkpoint.entries[source].nbytes)
             set_parameter(net, name, loaded[source])
+
+
+def tensor_names(
+    net: nn.Module,
+    checkpoint: SafetensorsCheckpoint,
+    checkpoint_name: Callable[[str], str],
+    tie_word_embeddings: bool,
+) -> dict[str, str]:
+    """The checkpoint tensor of each parameter of `net`; refuses a checkpoint that lacks any."""
+    names = {
+        name: file_name(name, checkpoint_name)
+        for name, _ in net.named_parameters(remove_duplicate=False)
+    }
+    if tie_word_embeddings or "lm_head.weight" not in checkpoint:
+        # tied (or a checkpoint that stores only the embedding): the head reuses it
+        names["lm_head.weight"] = names["embed_tokens.weight"]
+    missing = [n for n in names.values() if n not in checkpoint]
+    if missing:
+        raise ModelFormatError(
+            f"{checkpoint.model_dir} lacks {len(missing)} tensor(s) the config implies, "
+            f"e.g. {missing[0]!r}; the checkpoint does not match its config.json"
+        )
+    return names
 
 
 def file_name(module_name: str, checkpoint_name: Callable[[str], str]) -> str:

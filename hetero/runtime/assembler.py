@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from hetero.errors import HeteroError
-from hetero.loading.weights import file_name
+from hetero.loading.weights import file_name, materialise
 from hetero.models.experts import TorchExperts
 from hetero.runtime.disk import DiskLinear, DiskMLP, stored_matrix
 from placement.plan import Plan
@@ -24,6 +25,15 @@ from placement.tensor_groups import classify
 
 ROUTER_SUFFIXES = (".mlp.gate", "shared_expert_gate")  # kept float: they decide routing
 DEVICES = ("gpu", "cpu", "disk")
+# `quant` names of the types float weights may be converted to for the CPU kernels at load
+CONVERT_TYPES = {
+    "q8_0": T.Q8_0,
+    "q4_k": T.Q4_K,
+    "q6_k": T.Q6_K,
+    "bf16": T.BF16,
+    "f16": T.F16,
+    "f32": T.F32,
+}
 
 
 class PlanMismatchError(HeteroError):
@@ -142,47 +152,115 @@ def kernel_targets(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def place_on_disk(net: nn.Module, checkpoint, checkpoint_name, placement: Placement) -> int:
-    """Before any weight loads: linears and routed experts the plan puts on disk become
-    modules computed from the file (a disk expert replaces its `GatedMLP` inside the layer's
-    `TorchExperts`). Returns the stored bytes they read."""
-    on_disk = 0
+@dataclass(frozen=True)
+class Backends:
+    """How the groups in DRAM run. `stored_kernels`: a GGUF file's tensors run on the CPU
+    kernels as stored; `convert_to`: float weights are converted to this GGML type for the
+    kernels at load; neither: torch runs them (load_weights fills the torch modules)."""
 
-    def stored(module_name: str):
-        return stored_matrix(checkpoint, file_name(f"{module_name}.weight", checkpoint_name))
+    stored_kernels: bool = False
+    convert_to: T | None = None
+    load_dtype: torch.dtype = torch.float32  # what float weights are read as
+    fp8_block: tuple[int, int] = (128, 128)
 
-    for name, module in kernel_targets(net):
-        if isinstance(module, TorchExperts):
-            devices = placement.expert_devices(name, len(module))
-            for e, device in enumerate(devices):
-                if device != "disk":
-                    continue
-                parts = [stored(f"{name}.{e}.{p}") for p in ("gate_proj", "up_proj", "down_proj")]
-                if None in parts:
-                    continue
-                module[e] = DiskMLP(*parts)
-                on_disk += sum(_stored_bytes(checkpoint, name, e, checkpoint_name))
-        elif placement.module_device(name) == "disk":
-            weight = stored(name)
-            if weight is None:
-                continue
-            bias = None
-            if module.bias is not None:
-                tensor = file_name(f"{name}.bias", checkpoint_name)
-                bias = checkpoint.tensor(tensor).float()
-            net.set_submodule(name, DiskLinear(weight, bias))
-            on_disk += checkpoint.entries[file_name(f"{name}.weight", checkpoint_name)].nbytes
-    return on_disk
+    @property
+    def kernels(self) -> bool:
+        return self.stored_kernels or self.convert_to is not None
 
 
-def _stored_bytes(checkpoint, experts_name: str, expert: int, checkpoint_name) -> list[int]:
-    names = [f"{experts_name}.{expert}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-    return [checkpoint.entries[file_name(n, checkpoint_name)].nbytes for n in names]
+@dataclass
+class Assembly:
+    """What the assembler built, for the load log and `Model`."""
+
+    disk_bytes: int = 0  # stored bytes of the groups computed from the file
+    kernel_modules: list[nn.Module] = field(default_factory=list)
 
 
-def kernel_experts(experts: TorchExperts) -> list[int]:
-    """Indices of the experts of a block that are not computed from disk."""
-    return [e for e, mlp in enumerate(experts) if not isinstance(mlp, DiskMLP)]
+class Assembler:
+    """Builds, for each linear and routed-expert block of a model built on the meta device,
+    the module of its group's device and backend (see the module docstring). What it leaves
+    in torch, `load_weights` fills afterwards."""
+
+    def __init__(self, checkpoint, checkpoint_name, placement: Placement, backends: Backends):
+        self.checkpoint, self.placement, self.backends = checkpoint, placement, backends
+        self._checkpoint_name = checkpoint_name
+        self.built = Assembly()
+
+    def tensor_name(self, module_name: str) -> str:
+        return file_name(module_name, self._checkpoint_name)
+
+    def build(self, net: nn.Module) -> Assembly:
+        for name, module in kernel_targets(net):
+            if isinstance(module, TorchExperts):
+                new = self.experts(name, module)
+            else:
+                new = self.linear(name, module)
+            if new is not None:
+                net.set_submodule(name, new)
+        return self.built
+
+    def linear(self, name: str, module: nn.Linear) -> nn.Module | None:
+        source = self.tensor_name(f"{name}.weight")
+        if name == "lm_head" and source not in self.checkpoint:  # tied to the embedding
+            source = self.tensor_name("embed_tokens.weight")
+        if self.placement.module_device(name) == "disk":
+            weight = stored_matrix(self.checkpoint, source)
+            if weight is not None:
+                self.built.disk_bytes += self.checkpoint.entries[source].nbytes
+                bias = None
+                if module.bias is not None:
+                    bias = self.checkpoint.tensor(self.tensor_name(f"{name}.bias")).float()
+                return DiskLinear(weight, bias)
+        if not self.backends.kernels:
+            return None
+        from hetero.runtime import quantized  # Numba loads only when kernels run weights
+
+        new = None
+        if self.backends.stored_kernels:
+            new = quantized.stored_kernel_linear(self.checkpoint, source, module.bias)
+        if new is None and self.backends.convert_to is not None:
+            target = self.backends.convert_to
+            if name == "lm_head":
+                target = quantized.LM_HEAD_TYPE.get(target, target)
+            weight = self.float_weight(source, tuple(module.weight.shape))
+            new = quantized.converted_kernel_linear(weight, target, module.bias)
+        if new is not None:
+            self.built.kernel_modules.append(new)
+        return new
+
+    def experts(self, name: str, block: TorchExperts) -> nn.Module | None:
+        projections = ("gate_proj", "up_proj", "down_proj")
+        names = [
+            {p: self.tensor_name(f"{name}.{e}.{p}.weight") for p in projections}
+            for e in range(len(block))
+        ]
+        for e, device in enumerate(self.placement.expert_devices(name, len(block))):
+            stored = [stored_matrix(self.checkpoint, names[e][p]) for p in projections]
+            if device == "disk" and None not in stored:
+                block[e] = DiskMLP(*stored)
+                self.built.disk_bytes += sum(
+                    self.checkpoint.entries[n].nbytes for n in names[e].values()
+                )
+        kept = [e for e, mlp in enumerate(block) if not isinstance(mlp, DiskMLP)]
+        if not kept or not self.backends.kernels:
+            return None  # torch runs the block; its disk experts are computed from the file
+        from hetero.runtime import quantized
+
+        if self.backends.stored_kernels:
+            kernels = quantized.stored_kernel_experts(self.checkpoint, [names[e] for e in kept])
+        else:
+            shapes = {p: tuple(getattr(block[kept[0]], p).weight.shape) for p in projections}
+            weights = [
+                {p: self.float_weight(names[e][p], shapes[p]) for p in projections} for e in kept
+            ]
+            kernels = quantized.converted_kernel_experts(weights, self.backends.convert_to)
+        self.built.kernel_modules.append(kernels)
+        return split_layer(kernels, kept, block)
+
+    def float_weight(self, source: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float weight as stored (zero-copy where its dtype is the load dtype)."""
+        backends = self.backends
+        return materialise(self.checkpoint, source, shape, backends.load_dtype, backends.fp8_block)
 
 
 class SplitExperts(nn.Module):

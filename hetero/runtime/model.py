@@ -4,6 +4,7 @@ chat templating) the CLI and server are built on."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -20,10 +21,16 @@ from hetero.errors import (
 )
 from hetero.loading.gguf_checkpoint import GGUFCheckpoint
 from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
-from hetero.loading.weights import load_weights
+from hetero.loading.weights import load_weights, tensor_names
 from hetero.models import family_for
 from hetero.models.decoder import CausalLM
-from hetero.runtime.assembler import Placement, check_plan_fits, place_on_disk
+from hetero.runtime.assembler import (
+    CONVERT_TYPES,
+    Assembler,
+    Backends,
+    Placement,
+    check_plan_fits,
+)
 from hetero.runtime.batch import ForwardBatch
 from hetero.runtime.engine import Engine, GenerationResult, Request
 from hetero.runtime.kv_cache import PagedKVCache
@@ -37,7 +44,7 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do float
 # checkpoints where `auto_kernel_type` says so; "none": torch runs everything in the model
-# dtype; a type: quantise float weights at load (hetero.runtime.quantized.QUANT_TYPES)
+# dtype; a type: quantise float weights at load (hetero.runtime.assembler.CONVERT_TYPES)
 QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32")
 
 
@@ -122,53 +129,53 @@ class Model:
         if quant == "auto" and not gguf and dtype == "auto":
             quant_type = auto_kernel_type(raw)
         kernels = quant_type is not None or (gguf and quant == "auto")
-        if kernels:  # imported only here: the kernels' module pulls in Numba
-            from hetero.runtime.quantized import (
-                QUANT_TYPES,
-                QuantReport,
-                install_gguf_kernels,
-                join_projections,
-                quantize_float_weights,
-            )
         if kernels and dtype == "auto":
             dtype = "float32"  # the kernels take and give float32; so does the rest on a CPU
         torch_dtype = resolve_dtype(dtype, raw)
-        # weights quantised at load are read in the file's dtype (zero-copy), not converted first
+        # weights converted at load are read in the file's dtype (zero-copy), not converted first
         load_dtype = resolve_dtype("auto", raw) if quant_type else torch_dtype
         if not gguf:
             checkpoint = SafetensorsCheckpoint(model_dir)
             tokenizer = Tokenizer.from_dir(model_dir)
         with torch.device("meta"):
             net = family.build(config)
-        report = QuantReport() if kernels else None
         names = checkpoint.checkpoint_name if gguf else family.checkpoint_name
-        disk_bytes = place_on_disk(net, checkpoint, names, placement)
-        if gguf and kernels:
-            install_gguf_kernels(net, checkpoint, checkpoint.checkpoint_name, report)
+        backends = Backends(
+            stored_kernels=gguf and kernels,
+            convert_to=CONVERT_TYPES[quant_type] if quant_type else None,
+            load_dtype=load_dtype,
+            fp8_block=fp8_block_size(raw),
+        )
+        tensor_names(net, checkpoint, names, config.tie_word_embeddings)  # refuse gaps first
+        began = time.perf_counter()
+        built = Assembler(checkpoint, names, placement, backends).build(net)
         keep_float32 = getattr(family, "FLOAT32_PARAMETERS", ())
         load_weights(
             net,
             checkpoint,
             names,
-            load_dtype,
+            torch_dtype if quant_type else load_dtype,
             config.tie_word_embeddings,
-            fp8_block=fp8_block_size(raw),
+            fp8_block=backends.fp8_block,
             keep_float32=keep_float32,
             progress=progress,
         )
-        if quant_type:
-            quantize_float_weights(net, QUANT_TYPES[quant_type], report)
-            cast_parameters(net, torch_dtype, keep_float32)
-        if kernels:
-            join_projections(net, report)
-            if report.modules:
-                from hetero.runtime.cpu_glue import install_cpu_glue
+        report = None
+        if kernels:  # imported only here: the kernels' module pulls in Numba
+            from hetero.runtime.cpu_glue import install_cpu_glue
+            from hetero.runtime.quantized import QuantReport, join_projections
 
+            report = QuantReport()
+            for module in built.kernel_modules:
+                report.add(module)
+            join_projections(net, report)
+            report.seconds += time.perf_counter() - began
+            if report.modules:
                 install_cpu_glue(net)
         net.eval().requires_grad_(False)
         model = cls(model_dir, family, config, net, tokenizer)
         model.quant_report = report
-        model.placement, model.disk_bytes = placement, disk_bytes
+        model.placement, model.disk_bytes = placement, built.disk_bytes
         return model
 
     # ---- forward -------------------------------------------------------------------------
@@ -287,15 +294,6 @@ class Model:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
             )
-
-
-def cast_parameters(
-    net: torch.nn.Module, dtype: torch.dtype, keep_float32: tuple[str, ...]
-) -> None:
-    """What stays float after quantisation (embeddings, norms, routers) into the compute dtype."""
-    for name, param in net.named_parameters():
-        if param.dtype != dtype and not name.endswith(keep_float32):
-            param.data = param.data.to(dtype)
 
 
 def auto_kernel_type(raw_config: dict[str, Any]) -> str | None:

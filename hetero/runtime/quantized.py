@@ -1,11 +1,10 @@
-"""Quantised weights on the CPU kernels: `QuantLinear` for dense layers, and the two passes that
-put kernel modules into a model: a GGUF file's quantised tensors as stored (before the float
-weights load), or a float model's weights quantised at load (`--quant q8_0|q4_k`)."""
+"""Quantised weights on the CPU kernels: `QuantLinear` for dense layers, and the builders the
+model assembler calls for a group the kernels run: from a GGUF file's tensors as stored, or
+from float weights converted at load (`--quant q8_0|q4_k|...`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,24 +22,12 @@ from cpu_kernels.quant_matrix import (
     row_slice,
     runs_many_rows,
 )
-from hetero.loading.weights import file_name
-from hetero.models.experts import TorchExperts
-from hetero.runtime.assembler import kernel_experts, kernel_targets, split_layer
 from hetero.runtime.cpu_experts import (
     DECODE_MAX_TOKENS,
-    PROJECTIONS,
     NumbaExperts,
     matrix_from_weights,
 )
 
-QUANT_TYPES = {
-    "q8_0": T.Q8_0,
-    "q4_k": T.Q4_K,
-    "q6_k": T.Q6_K,
-    "bf16": T.BF16,
-    "f16": T.F16,
-    "f32": T.F32,
-}
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
 DEQUANT_TILE_BYTES = 64 * 1024 * 1024  # prefill dequantises a dense weight this much at a time
@@ -169,69 +156,45 @@ def join_projections(net: nn.Module, report: QuantReport, path: str | None = Non
     report.seconds += time.perf_counter() - began
 
 
-def install_gguf_kernels(
-    net: nn.Module,
-    checkpoint,
-    checkpoint_name: Callable[[str], str],
-    report: QuantReport,
-    path: str | None = None,
-) -> None:
-    """Before the float weights load: every expert block and dense layer whose GGUF tensors are
-    quantised becomes a kernel module holding them as stored (repacked, never dequantised to
-    float); `load_weights` then fills what is left (norms, embeddings, routers, biases)."""
-    began = time.perf_counter()
-
-    def tensor_name(module_name: str) -> str:
-        return file_name(module_name, checkpoint_name)
-
-    for name, module in kernel_targets(net):
-        if isinstance(module, TorchExperts):
-            kept = kernel_experts(module)
-            if not kept:
-                continue
-            names = [{p: tensor_name(f"{name}.{e}.{p}.weight") for p in PROJECTIONS} for e in kept]
-            kernels = NumbaExperts.from_checkpoint(checkpoint, names, path)
-            report.add(kernels)
-            net.set_submodule(name, split_layer(kernels, kept, module))
-            continue
-        else:
-            source = tensor_name(f"{name}.weight")
-            if name == "lm_head" and source not in checkpoint:  # tied to the embedding
-                source = tensor_name("embed_tokens.weight")
-            try:
-                blocks, ggml_type = checkpoint.raw_tensor(source)
-            except KeyError:  # joined from several stored tensors (MLA kv_b): stays float
-                continue
-            if kernel_type(ggml_type, module.in_features) is None:
-                continue
-            new = QuantLinear(repack(blocks, ggml_type), module.bias, path)
-        net.set_submodule(name, new)
-        report.add(new)
-    report.seconds += time.perf_counter() - began
+def stored_kernel_linear(
+    checkpoint, source: str, bias: nn.Parameter | None, path: str | None = None
+) -> QuantLinear | None:
+    """A dense layer on the kernels from a GGUF tensor as stored (repacked, never dequantised
+    to float), or None where it has no stored form (MLA's kv_b joined from two tensors) or no
+    kernel takes its width."""
+    try:
+        blocks, ggml_type = checkpoint.raw_tensor(source)
+    except KeyError:
+        return None
+    if kernel_type(ggml_type, checkpoint.entries[source].shape[-1]) is None:
+        return None
+    return QuantLinear(repack(blocks, ggml_type), bias, path)
 
 
-def quantize_float_weights(
-    net: nn.Module, ggml_type: T, report: QuantReport, path: str | None = None
-) -> None:
-    """After the float weights load: quantise expert blocks and dense layers to `ggml_type`
-    (the output layer to Q6_K under Q4_K, as llama.cpp's mixes do)."""
-    began = time.perf_counter()
-    for name, module in kernel_targets(net):
-        if isinstance(module, TorchExperts):
-            kept = kernel_experts(module)
-            if not kept:
-                continue
-            subset = TorchExperts.of([module[e] for e in kept])
-            kernels = NumbaExperts.from_torch(subset, ggml_type, path)
-            report.add(kernels)
-            net.set_submodule(name, split_layer(kernels, kept, module))
-            continue
-        else:
-            target = LM_HEAD_TYPE.get(ggml_type, ggml_type) if name == "lm_head" else ggml_type
-            if kernel_type(target, module.in_features) is None:
-                continue
-            weight = matrix_from_weights([module.weight], target, stacked=False)
-            new = QuantLinear(weight, module.bias, path)
-        net.set_submodule(name, new)
-        report.add(new)
-    report.seconds += time.perf_counter() - began
+def converted_kernel_linear(
+    weight: torch.Tensor, ggml_type: T, bias: nn.Parameter | None, path: str | None = None
+) -> QuantLinear | None:
+    """A dense layer on the kernels from a float weight converted to `ggml_type`, or None
+    where no kernel takes its width."""
+    if kernel_type(ggml_type, weight.shape[-1]) is None:
+        return None
+    return QuantLinear(matrix_from_weights([weight], ggml_type, stacked=False), bias, path)
+
+
+def stored_kernel_experts(
+    checkpoint, names: list[dict[str, str]], path: str | None = None
+) -> NumbaExperts:
+    """Experts on the kernels from GGUF tensors as stored: names[e][projection]."""
+    return NumbaExperts.from_checkpoint(checkpoint, names, path)
+
+
+def converted_kernel_experts(
+    weights: list[dict[str, torch.Tensor]], ggml_type: T, path: str | None = None
+) -> NumbaExperts:
+    """Experts on the kernels from float weights converted to `ggml_type`:
+    weights[e][projection] is expert e's [out, in] weight."""
+    gate_up = [torch.cat([w["gate_proj"], w["up_proj"]]) for w in weights]
+    down = [w["down_proj"] for w in weights]
+    return NumbaExperts(
+        matrix_from_weights(gate_up, ggml_type), matrix_from_weights(down, ggml_type), path
+    )
