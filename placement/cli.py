@@ -75,7 +75,9 @@ def run_plan(args: argparse.Namespace) -> int:
         rules += load_rules(args.rules)
     inventory = open_model(args.model, args.quant)
     budgets = resolve_budgets(args.vram_budget, args.dram_budget, args.gpus, machine_memory())
-    context = args.context or min(DEFAULT_CONTEXT, inventory.context_limit)
+    context = (
+        min(DEFAULT_CONTEXT, inventory.context_limit) if args.context is None else args.context
+    )
     workload = Workload(context, args.concurrency, args.prefill_chunk, args.kv_dtype)
     profile = RoutingProfile.load(args.profile) if args.profile else None
     plan = make_plan(

@@ -392,6 +392,6 @@ def plan_for_model(
     default, at most the model's limit)."""
     inventory = open_model(model_arg, None)
     budgets = resolve_budgets(vram_budget, dram_budget, None, machine_memory())
-    tokens = min(context or DEFAULT_CONTEXT, inventory.context_limit)
+    tokens = min(DEFAULT_CONTEXT if context is None else context, inventory.context_limit)
     workload = Workload(tokens, concurrency, 512, "bf16")
     return make_plan(inventory, budgets, workload, load_hardware(None), [], None, None)

@@ -185,6 +185,7 @@ def test_probe_measures_caches_and_feeds_the_plan(capsys, cache):
         (["--override", "no-device"], "is not REGEX=DEVICE"),
         (["--override", "(=cpu"], "not a valid regex"),
         (["--context", "999999"], "exceeds the 163840 positions"),
+        (["--context", "0"], "--context must be >= 1, got 0"),
         (["--rules", "missing.yaml"], "rules file missing.yaml does not exist"),
         (["--rules", __file__], "does not parse"),
         (["--profile", "missing.json"], "routing profile missing.json does not exist"),
