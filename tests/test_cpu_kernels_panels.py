@@ -6,11 +6,11 @@ the kernels differ from the float64 dot only by float32 summation: in any order,
 products moves by at most about n * 2^-24 * sum |w * x| (one more rounding where a product is
 not fused into its add), and n * 2^-23 covers both with room to spare."""
 
-import numba
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.panel_gemv import (
     PANEL_ALIGN_BYTES,
@@ -232,48 +232,42 @@ def test_panel_join_and_slice_rows_across_panels(fmt):
         assert_matches_reference(gemv(joined, x, path), want, x)
 
 
-def tile_asm(tile: int, storage=np.uint16) -> str:
-    """Machine code of `_panel_tile_avx2` on a tile of `tile` pairs (a fresh compile:
-    functions loaded from Numba's cache keep no assembly)."""
+def tile_ir(tile: int, storage=np.uint16) -> str:
+    """LLVM IR of `_panel_tile_avx2` on a tile of `tile` pairs and 8 columns."""
 
     def tile_run(w, x, pairs, out):
         _panel_tile_avx2(w, 0, x, pairs, 8, out, 16, 0)
 
     w, x = np.zeros(8, storage), np.zeros(8, np.float32)
-    sig = tuple(numba.typeof(a) for a in (w, x, tuple(range(tile)), x))
-    fresh = numba.njit(tile_run)
-    fresh.compile(sig)
-    return fresh.inspect_asm(sig)
+    return fresh_llvm_ir(tile_run, (w, x, tuple(range(tile)), x))
 
 
-@pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
+needs_avx2 = pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
+
+
+@needs_avx2
+@pytest.mark.parametrize("cpu", CPU_KINDS)
 @pytest.mark.parametrize("tile", [1, 2, 6])
-def test_bf16_avx2_tile_widens_each_column_once_for_all_pairs(tile):
-    ops = [line.split() for line in tile_asm(tile).splitlines()]
-    ymm = [op[0] for op in ops if op and any("%ymm" in arg for arg in op[1:])]
-    shifts = ymm.count("vpslld")
-    # LLVM may keep the top halves by a blend with zero instead of an and
-    masks = sum(op in ("vpand", "vandps", "vpblendw") for op in ymm)
-    fmas = sum(op.startswith("vfmadd") and op.endswith("ps") for op in ymm)
-    broadcasts = ymm.count("vbroadcastss")
+def test_bf16_avx2_tile_widens_each_column_once_for_all_pairs(tile, cpu):
+    code = machine_code(tile_ir(tile), cpu)
+    shifts, masks = count(code, "shift dwords left", "%ymm"), count(code, "mask dwords", "%ymm")
     # each 32-byte column: one shift (rows 0-7) and one mask (rows 8-15), and per pair one
     # broadcast activation and two multiply-adds; no horizontal sums
     assert shifts and shifts == masks
-    assert fmas == 2 * tile * shifts and broadcasts == tile * shifts
-    assert not any(op.startswith(("vhaddps", "vextractf128")) for op in ymm)
-    assert [op[0] for op in ops if op].count("prefetcht0")
+    assert count(code, "float multiply-add", "%ymm") == 2 * tile * shifts
+    assert count(code, "broadcast float", "%ymm") == tile * shifts
+    assert not count(code, "horizontal sum") and count(code, "prefetch")
 
 
-@pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
+@needs_avx2
+@pytest.mark.parametrize("cpu", CPU_KINDS)
 @pytest.mark.parametrize("tile", [1, 6])
-def test_f32_avx2_tile_multiplies_each_column_into_all_pairs(tile):
-    ops = [line.split() for line in tile_asm(tile, np.float32).splitlines()]
-    ymm = [op[0] for op in ops if op and any("%ymm" in arg for arg in op[1:])]
-    fmas = sum(op.startswith("vfmadd") and op.endswith("ps") for op in ymm)
-    broadcasts = ymm.count("vbroadcastss")
+def test_f32_avx2_tile_multiplies_each_column_into_all_pairs(tile, cpu):
+    code = machine_code(tile_ir(tile, np.float32), cpu)
+    broadcasts = count(code, "broadcast float", "%ymm")
     # two multiply-adds (rows 0-7, 8-15) per pair and column, against one broadcast each
-    assert broadcasts and fmas == 2 * broadcasts
-    assert not any(op.startswith(("vhaddps", "vextractf128", "vpslld")) for op in ymm)
+    assert broadcasts and count(code, "float multiply-add", "%ymm") == 2 * broadcasts
+    assert not count(code, "horizontal sum") and not count(code, "shift dwords left")
 
 
 def test_f16_dequantize_matches_numpy_for_every_bit_pattern():
@@ -290,12 +284,11 @@ def test_f16_dequantize_matches_numpy_for_every_bit_pattern():
         )
 
 
-@pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
+@needs_avx2
+@pytest.mark.parametrize("cpu", CPU_KINDS)
 @pytest.mark.parametrize("tile", [1, 6])
-def test_f16_avx2_tile_widens_each_column_once_for_all_pairs(tile):
-    ops = [line.split() for line in tile_asm(tile, np.int16).splitlines()]
-    ymm = [op[0] for op in ops if op and any("%ymm" in arg for arg in op[1:])]
-    widened = ymm.count("vcvtph2ps")
-    fmas = sum(op.startswith("vfmadd") and op.endswith("ps") for op in ymm)
+def test_f16_avx2_tile_widens_each_column_once_for_all_pairs(tile, cpu):
+    code = machine_code(tile_ir(tile, np.int16), cpu)
+    widened = count(code, "widen float16", "%ymm")
     # each 32-byte column: two conversions (rows 0-7, 8-15), and per pair two multiply-adds
-    assert widened and fmas == tile * widened
+    assert widened and count(code, "float multiply-add", "%ymm") == tile * widened

@@ -7,10 +7,10 @@ min term uses the rounded block sums too) and sums the scale and min terms apart
 the rounding budget is taken on their magnitudes, |w| + 2 dmin * min per value."""
 
 import gguf.quants
-import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.q4_k_gemv import (
     Q4KMatrix,
@@ -143,25 +143,22 @@ def test_grouped_q4_k_gemv_needs_experts_dim():
         grouped_q4_k_gemv(w, np.ones((1, 256), np.float32), np.zeros(1, np.int64))
 
 
-def tile_of_4_asm() -> str:
-    """Machine code of `_q4k_tile_dot_avx2` on a tile of 4 pairs (a fresh compile: functions
-    loaded from Numba's cache keep no assembly)."""
+def tile_of_4_ir() -> str:
+    """LLVM IR of `_q4k_tile_dot_avx2` on a tile of 4 pairs and one super-block."""
 
     def tile_of_4(weights, acts, row, pairs, superblocks):
         return _q4k_tile_dot_avx2(weights, acts, row, pairs, superblocks)
 
     u8, f32 = np.zeros(8, np.uint8), np.zeros(8, np.float32)
     args = ((u8, u8, u8, f32, f32), (np.zeros(8, np.int8), f32, f32), 0, (0, 0, 0, 0), 1)
-    sig = tuple(numba.typeof(a) for a in args)
-    fresh = numba.njit(tile_of_4)
-    fresh.compile(sig)
-    return fresh.inspect_asm(sig)
+    return fresh_llvm_ir(tile_of_4, args)
 
 
 @pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
-def test_q4_k_avx2_tile_unpacks_each_nibble_run_once_for_4_pairs():
-    asm = tile_of_4_asm()
-    ops = [line.split()[0] for line in asm.splitlines() if line.strip()]
-    # a 32-byte run of nibbles is split with one shift (its high halves): 2 sub-blocks x 4 pairs
-    assert "vpmaddwd" in ops
-    assert ops.count("vpmaddubsw") == 8 * ops.count("vpsrlw") > 0
+@pytest.mark.parametrize("cpu", CPU_KINDS)
+def test_q4_k_avx2_tile_unpacks_each_nibble_run_once_for_4_pairs(cpu):
+    code = machine_code(tile_of_4_ir(), cpu)
+    # a super-block's 4 runs of 32 nibble bytes, each split once (one byte shift gives its high
+    # nibbles): 2 sub-blocks x 4 pairs of byte multiply-adds per run, then one by the scales
+    assert count(code, "shift bytes") == 4
+    assert count(code, "multiply-add bytes") == count(code, "multiply-add words") == 8 * 4

@@ -5,14 +5,14 @@ same blocks the reference dequantises; it also rounds activations to int8 per 32
 moves each output by at most `activation_error_bound` (half a step per value, float32 slack)."""
 
 import gguf.quants
-import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.q6_k_gemv import (
     Q6KMatrix,
-    grouped_gemv_q6_k_avx2,
+    _q6k_tile_dot_avx2,
     grouped_q6_k_gemv,
 )
 from cpu_kernels.q8_0_gemv import activation_error_bound, available_kernel_paths
@@ -137,13 +137,23 @@ def test_q6_k_gemv_rejects_mismatched_shapes():
         grouped_q6_k_gemv(experts, x, np.array([2]))
 
 
+def tile_of_4_ir() -> str:
+    """LLVM IR of `_q6k_tile_dot_avx2` on a tile of 4 pairs and one super-block."""
+
+    def tile_of_4(weights, acts, row, pairs, superblocks):
+        return _q6k_tile_dot_avx2(weights, acts, row, pairs, superblocks)
+
+    weights = (np.zeros(8, np.uint8), np.zeros(8, np.int8), np.zeros(8, np.float32))
+    acts = (np.zeros(8, np.int8), np.zeros(8, np.float32), np.zeros(8, np.float32))
+    return fresh_llvm_ir(tile_of_4, (weights, acts, 0, (0, 0, 0, 0), 1))
+
+
 @pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
-def test_q6_k_avx2_kernel_uses_integer_dot_product_instructions():
-    w = Q6KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q6_K))
-    gemv(w, np.ones((1, 256), np.float32), "avx2")
-    # a fresh compile: functions loaded from Numba's cache keep no assembly
-    signature = grouped_gemv_q6_k_avx2.signatures[0]
-    fresh = numba.njit(parallel=True)(grouped_gemv_q6_k_avx2.py_func)
-    fresh.compile(signature)
-    asm = fresh.inspect_asm(signature)
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+@pytest.mark.parametrize("cpu", CPU_KINDS)
+def test_q6_k_avx2_tile_unpacks_each_run_of_codes_once_for_4_pairs(cpu):
+    code = machine_code(tile_of_4_ir(), cpu)
+    # a super-block's 8 blocks of 32 codes, each unpacked once (per half, the fourth block from
+    # the top bits of its three runs, one shift each) and multiplied into 4 pairs by integer
+    # multiply-adds
+    assert count(code, "shift bytes") == 2 * 3
+    assert count(code, "multiply-add bytes") == count(code, "multiply-add words") == 8 * 4

@@ -9,6 +9,7 @@ import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from machine_code import CPU_KINDS, OPERATIONS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.q8_0_gemv import (
     PATH_ENV,
@@ -173,30 +174,26 @@ def test_grouped_q8_0_gemv_rejects_unknown_experts():
         grouped_q8_0_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
 
 
-def tile_of_4_asm() -> str:
-    """Machine code of `_q8_tile_dot_avx2` on a tile of 4 pairs (a fresh compile: functions
-    loaded from Numba's cache keep no assembly)."""
+def tile_of_4_ir() -> str:
+    """LLVM IR of `_q8_tile_dot_avx2` on a tile of 4 pairs."""
 
     def tile_of_4(weights, acts, row, pairs, blocks):
         return _q8_tile_dot_avx2(weights, acts, row, pairs, blocks)
 
     weights = (np.zeros(64, np.int8), np.zeros(2, np.uint16))
     acts = (np.zeros(64, np.int8), np.zeros(2, np.float32))
-    sig = tuple(numba.typeof(a) for a in (weights, acts, 0, (0, 0, 0, 0), 2))
-    fresh = numba.njit(tile_of_4)
-    fresh.compile(sig)
-    return fresh.inspect_asm(sig)
+    return fresh_llvm_ir(tile_of_4, (weights, acts, 0, (0, 0, 0, 0), 2))
 
 
 @pytest.mark.skipif("avx2" not in available_kernel_paths(), reason="CPU without AVX2")
-def test_q8_0_avx2_tile_loads_each_weight_vector_once_for_4_pairs():
-    asm = tile_of_4_asm()
-    lines = [line.split() for line in asm.splitlines()]
-    maddubs = [op for op in lines if op and op[0] == "vpmaddubsw"]
-    # |w| is vpsignb of a weight vector by itself: once per 32-byte weight vector
-    absolutes = [op for op in lines if op[:1] == ["vpsignb"] and op[1] == op[2]]
-    assert maddubs and "vpmaddwd" in asm
-    assert len(maddubs) == 4 * len(absolutes)
+@pytest.mark.parametrize("cpu", CPU_KINDS)
+def test_q8_0_avx2_tile_loads_each_weight_vector_once_for_4_pairs(cpu):
+    code = machine_code(tile_of_4_ir(), cpu)
+    # |w| is the sign of a weight vector applied to itself: once per 32-byte weight vector
+    signs = [words for words in code if words[0] in OPERATIONS["byte sign"]]
+    absolutes = [words for words in signs if words[1] == words[2]]
+    assert count(code, "multiply-add words")
+    assert count(code, "multiply-add bytes") == 4 * len(absolutes) > 0
 
 
 @pytest.mark.parametrize("block", [32, 256])
