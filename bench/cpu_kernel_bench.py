@@ -22,31 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpu_kernels.panel_gemv import (
-    GROUPED_GEMV_PANELS,
-    PANEL_ROWS,
-    BF16Matrix,
-    F16Matrix,
-    F32Matrix,
-    PanelMatrix,
-    grouped_panel_gemv,
-)
-from cpu_kernels.q4_k_gemv import (
-    GROUPED_GEMV_Q4_K,
-    Q4KMatrix,
-    grouped_q4_k_gemv,
-    q4_k_activations,
-)
-from cpu_kernels.q6_k_gemv import GROUPED_GEMV_Q6_K, Q6KMatrix, q6_k_activations
-from cpu_kernels.q8_0_gemv import (
-    GROUPED_GEMV_Q8_0,
-    Q8Matrix,
-    available_kernel_paths,
-    group_pairs_by_expert,
-    grouped_q8_0_gemv,
-    host_kernel_path,
-    quantize_q8_activations,
-)
+from cpu_kernels.cpu_features import available_kernel_paths, host_kernel_path
+from cpu_kernels.expert_pairs import group_pairs_by_expert
+from cpu_kernels.panel_gemv import BF16Matrix, F16Matrix, F32Matrix, PanelMatrix
+from cpu_kernels.q4_k_gemv import Q4KMatrix
+from cpu_kernels.q6_k_gemv import Q6KMatrix
+from cpu_kernels.q8_0_gemv import Q8Matrix
+from cpu_kernels.quant_matrix import grouped_gemv, grouped_gemv_kernel
 from hetero.runtime.cpu_experts import NumbaExperts
 from placement.probe import best_seconds, measure_dram_read_gbs
 
@@ -90,45 +72,6 @@ def random_bf16(rows: int, cols: int, rng: np.random.Generator) -> BF16Matrix:
     return BF16Matrix.from_values((weights.view(np.uint32) >> 16).astype(np.uint16))
 
 
-def q8_0_runner(path: str, ws: list[Q8Matrix], x: np.ndarray):
-    activations = quantize_q8_activations(x)
-    groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
-    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
-    kernel = GROUPED_GEMV_Q8_0[path]
-
-    def run():
-        for w in ws:
-            kernel(w.values, w.scales, *activations, *groups, out)
-
-    return run
-
-
-def q4_k_runner(path: str, ws: list[Q4KMatrix], x: np.ndarray):
-    activations = q4_k_activations(x)
-    groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
-    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
-    kernel = GROUPED_GEMV_Q4_K[path]
-
-    def run():
-        for w in ws:
-            kernel(*w.arrays, *activations, *groups, out)
-
-    return run
-
-
-def q6_k_runner(path: str, ws: list[Q6KMatrix], x: np.ndarray):
-    activations = q6_k_activations(x)
-    groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
-    out = np.empty((x.shape[0], ws[0].shape[1]), np.float32)
-    kernel = GROUPED_GEMV_Q6_K[path]
-
-    def run():
-        for w in ws:
-            kernel(*w.arrays, *activations, *groups, out)
-
-    return run
-
-
 def random_f32(rows: int, cols: int, rng: np.random.Generator) -> F32Matrix:
     return F32Matrix.from_values(rng.standard_normal((1, rows, cols), dtype=np.float32) * 0.02)
 
@@ -138,33 +81,35 @@ def random_f16(rows: int, cols: int, rng: np.random.Generator) -> F16Matrix:
     return F16Matrix.from_values(weights.astype(np.float16).view(np.int16))
 
 
-def panel_runner(path: str, ws: list[PanelMatrix], x: np.ndarray):
+def kernel_runner(path: str, ws: list, x: np.ndarray):
+    """One grouped GEMV kernel of `path` over each of `ws` in turn, all pairs on one expert
+    (activations prepared once, outside the timing)."""
+    activations = ws[0].activations(x)
     groups = group_pairs_by_expert(np.zeros(x.shape[0], np.int64), 1)
-    out = np.empty((x.shape[0], ws[0].panels.shape[-3] * PANEL_ROWS), np.float32)
-    kernel = GROUPED_GEMV_PANELS[path]
+    out = np.empty((x.shape[0], ws[0].out_rows), np.float32)
+    kernel = grouped_gemv_kernel(ws[0], path)
 
     def run():
         for w in ws:
-            kernel(w.panels, x, *groups, out)
+            kernel(*w.arrays, *activations, *groups, out)
 
     return run
 
 
 KERNELS = {
-    "q8_0": (random_q8, q8_0_runner),
-    "q4_k": (random_q4_k, q4_k_runner),
-    "q6_k": (random_q6_k, q6_k_runner),
-    "bf16": (random_bf16, panel_runner),
-    "f16": (random_f16, panel_runner),
-    "f32": (random_f32, panel_runner),
+    "q8_0": random_q8,
+    "q4_k": random_q4_k,
+    "q6_k": random_q6_k,
+    "bf16": random_bf16,
+    "f16": random_f16,
+    "f32": random_f32,
 }
 
 
 def gemv_gb_s(kernel: str, path: str, shape: tuple[int, int], matrices: int, tokens: int):
     rng = np.random.default_rng(0)
-    make, runner = KERNELS[kernel]
-    ws = [make(*shape, rng) for _ in range(matrices)]
-    run = runner(path, ws, rng.standard_normal((tokens, shape[1]), np.float32))
+    ws = [KERNELS[kernel](*shape, rng) for _ in range(matrices)]
+    run = kernel_runner(path, ws, rng.standard_normal((tokens, shape[1]), np.float32))
     return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
 
 
@@ -181,13 +126,7 @@ def torch_linear_gb_s(dtype: torch.dtype, shape: tuple[int, int], matrices: int,
         return sum(w.nbytes for w in ws) / best_seconds(run, 5) / 1e9
 
 
-ROUTED = {
-    "q8_0": grouped_q8_0_gemv,
-    "q4_k": grouped_q4_k_gemv,
-    "bf16": grouped_panel_gemv,
-    "f16": grouped_panel_gemv,
-    "f32": grouped_panel_gemv,
-}
+ROUTED = ("q8_0", "q4_k", "bf16", "f16", "f32")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
@@ -198,7 +137,7 @@ def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: i
     read that evicts the last call's weights from the 32 MiB L3."""
     rng = np.random.default_rng(0)
     rows, cols = SHAPES[0]
-    flat = KERNELS[kernel][0](experts * rows, cols, rng)
+    flat = KERNELS[kernel](experts * rows, cols, rng)
     if isinstance(flat, PanelMatrix):  # rows sit in panels: repack them by expert
         w = type(flat).from_values(flat.values().reshape(experts, rows, cols))
     else:
@@ -211,13 +150,13 @@ def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: i
         )
     x = rng.standard_normal((tokens * top_k, cols), np.float32)
     evict = np.ones(2**24, np.float32)
-    ROUTED[kernel](w, x, np.zeros(len(x), np.int64), path)  # compile
+    grouped_gemv(w, x, np.zeros(len(x), np.int64), path)  # compile
     best = 0.0
     for _ in range(24):
         pair_expert = np.concatenate([rng.permutation(experts)[:top_k] for _ in range(tokens)])
         evict.sum()
         start = time.perf_counter()
-        ROUTED[kernel](w, x, pair_expert, path)
+        grouped_gemv(w, x, pair_expert, path)
         seconds = time.perf_counter() - start
         best = max(best, len(np.unique(pair_expert)) * w.nbytes / experts / seconds / 1e9)
     return best
@@ -233,7 +172,7 @@ def bf16_gemm_gmac_s(tokens: int) -> tuple[float, float]:
     x = rng.standard_normal((tokens, GEMM_SHAPE[1]), np.float32)
     wide, xt = torch.from_numpy(w.dequantize(0)), torch.from_numpy(x)
     macs = tokens * GEMM_SHAPE[0] * GEMM_SHAPE[1] / 1e9
-    ours = best_seconds(lambda: grouped_panel_gemv(w, x, np.zeros(tokens, np.int64)), 5)
+    ours = best_seconds(lambda: grouped_gemv(w, x, np.zeros(tokens, np.int64)), 5)
     with torch.inference_mode():
         theirs = best_seconds(lambda: F.linear(xt, wide), 5)
     return macs / ours, macs / theirs

@@ -23,21 +23,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from cpu_kernels.q8_0_gemv import (
-    CACHE_LINE,
-    F32X8,
-    I16X16,
-    I32X8,
-    PREFETCH_BYTES,
-    ROW_CHUNK,
-    Avx2Ir,
-    check_pairs,
-    element_ptr,
-    expert_slice,
-    half_to_float32,
-    host_kernel_path,
-    lane_mask,
-)
+from cpu_kernels.float16_bits import half_to_float32
+from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
+from cpu_kernels.tiling import CACHE_LINE, PREFETCH_BYTES, ROW_CHUNK
+from cpu_kernels.x86_ir import F32X8, I16X16, I32X8, Avx2Ir, element_ptr, lane_mask
 
 LANES = 8  # float32 lanes of an AVX2 register
 PANEL_ROWS = 2 * LANES  # rows of a panel: one 32-byte load holds a column of it
@@ -52,7 +41,7 @@ PANEL_ALIGN_BYTES = 64  # panels start on a cache line: every 32-byte load stays
 
 
 @dataclass(frozen=True)
-class PanelMatrix:
+class PanelMatrix(KernelMatrix):
     """Weights [..., rows, cols] (one matrix, or one per expert) in panels of PANEL_ROWS rows
     stored column by column: panels[..., n, k, lane] is column k of one of rows 16n to 16n + 15
     (INTERLEAVED: lane 2i holds row 16n + i and lane 2i + 1 row 16n + 8 + i; otherwise lane i
@@ -99,12 +88,16 @@ class PanelMatrix:
 
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """The kernels' weight arguments, in their order."""
         return (self.panels,)
 
+    @staticmethod
+    def activations(x: np.ndarray) -> tuple[np.ndarray]:
+        """x as it is: the panel kernels multiply float32 activations."""
+        return (np.ascontiguousarray(x, np.float32),)
+
     @property
-    def nbytes(self) -> int:
-        return self.panels.nbytes
+    def out_rows(self) -> int:
+        return self.panels.shape[-3] * PANEL_ROWS
 
     def values(self) -> np.ndarray:
         """[..., rows, cols] of STORAGE, row by row (a copy)."""
@@ -399,15 +392,3 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     buffer = np.empty(nbytes + PANEL_ALIGN_BYTES, np.uint8)
     start = -buffer.ctypes.data % PANEL_ALIGN_BYTES
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def grouped_panel_gemv(
-    w: PanelMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
-) -> np.ndarray:
-    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
-    -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
-    groups = check_pairs(w.shape, x, pair_expert)
-    out = np.empty((x.shape[0], w.panels.shape[-3] * PANEL_ROWS), np.float32)
-    kernel = GROUPED_GEMV_PANELS[path or host_kernel_path()]
-    kernel(w.panels, np.ascontiguousarray(x, np.float32), *groups, out)
-    return np.ascontiguousarray(out[:, : w.rows])  # no copy unless rows pad the last panel

@@ -19,32 +19,17 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from cpu_kernels.q8_0_gemv import (
-    CACHE_LINE,
-    F32X8,
-    I8X32,
-    I32X8,
-    PREFETCH_BYTES,
-    QK8_0,
-    ROW_CHUNK,
-    Avx2Ir,
-    check_pairs,
-    element_ptr,
-    expert_slice,
-    host_kernel_path,
-    lane_mask,
-    quantize_q8_activations,
-    tile_type,
-    tiled_pairs,
-    vector_ptr,
-)
+from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
+from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
+from cpu_kernels.tiling import CACHE_LINE, PREFETCH_BYTES, ROW_CHUNK, tile_type, tiled_pairs
+from cpu_kernels.x86_ir import F32X8, I8X32, I32X8, Avx2Ir, element_ptr, lane_mask, vector_ptr
 from hetero.formats.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
 
 SUBS = QK_K // QK8_0  # sub-blocks of 32 per super-block
 
 
 @dataclass(frozen=True)
-class Q4KMatrix:
+class Q4KMatrix(KernelMatrix):
     """Q4_K weights [..., rows, cols] (one matrix, or one per expert): nibbles as stored (a
     32-byte run holds sub-block 2i in its low nibbles and 2i+1 in its high ones), the 6-bit
     sub-block scales and mins unpacked, and each super-block's d and dmin."""
@@ -61,12 +46,11 @@ class Q4KMatrix:
 
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """The kernels' weight arguments, in their order."""
         return self.nibbles, self.scales, self.mins, self.d, self.dmin
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
+    @staticmethod
+    def activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return q4_k_activations(x)
 
     @classmethod
     def from_blocks(cls, blocks: np.ndarray) -> Q4KMatrix:
@@ -292,15 +276,3 @@ def _block_sums(x_q, x_scales, sums):
             for j in range(QK8_0):
                 total += x_q[t, b * QK8_0 + j]
             sums[t, b] = np.float32(total) * x_scales[t, b // SUBS]
-
-
-def grouped_q4_k_gemv(
-    w: Q4KMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
-) -> np.ndarray:
-    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
-    -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
-    groups = check_pairs(w.shape, x, pair_expert)
-    out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    kernel = GROUPED_GEMV_Q4_K[path or host_kernel_path()]
-    kernel(*w.arrays, *q4_k_activations(x), *groups, out)
-    return out

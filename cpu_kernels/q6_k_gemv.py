@@ -17,25 +17,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from cpu_kernels.q8_0_gemv import (
-    CACHE_LINE,
-    F32X8,
-    I8X32,
-    I16X16,
-    PREFETCH_BYTES,
-    QK8_0,
-    ROW_CHUNK,
-    Avx2Ir,
-    check_pairs,
-    element_ptr,
-    expert_slice,
-    host_kernel_path,
-    lane_mask,
-    quantize_q8_activations,
-    tile_type,
-    tiled_pairs,
-    vector_ptr,
-)
+from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
+from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
+from cpu_kernels.tiling import CACHE_LINE, PREFETCH_BYTES, ROW_CHUNK, tile_type, tiled_pairs
+from cpu_kernels.x86_ir import F32X8, I8X32, I16X16, Avx2Ir, element_ptr, lane_mask, vector_ptr
 from hetero.formats.gguf_quants import FORMATS, QK_K, split_fields
 
 BLOCKS, SUBS = QK_K // QK8_0, QK_K // 16  # 32-value blocks and 16-value sub-blocks per super-block
@@ -62,7 +47,7 @@ def _pack_codes(ql, qh, packed):
 
 
 @dataclass(frozen=True)
-class Q6KMatrix:
+class Q6KMatrix(KernelMatrix):
     """Q6_K weights [..., rows, cols] (one matrix, or one per expert): the codes repacked as
     above, the 16 int8 scales of a super-block reordered even sub-blocks first ([s0, s2, ..,
     s14, s1, s3, .., s15], so one in-lane shuffle gives a 32-value block's pair), d as float32."""
@@ -77,12 +62,11 @@ class Q6KMatrix:
 
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """The kernels' weight arguments, in their order."""
         return self.codes, self.scales, self.d
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
+    @staticmethod
+    def activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return q6_k_activations(x)
 
     @classmethod
     def from_blocks(cls, blocks: np.ndarray) -> Q6KMatrix:
@@ -346,15 +330,3 @@ def _q6_k_offsets(x_q, x_scales, offsets):
                         total += x_q[t, start + j]
                     scale = np.float32(-32) * x_scales[t, s * BLOCKS + b]
                     offsets[t, s * SUBS + half * BLOCKS + b] = np.float32(total) * scale
-
-
-def grouped_q6_k_gemv(
-    w: Q6KMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
-) -> np.ndarray:
-    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs]
-    -> float32 [pairs, rows], row p = W[pair_expert[p]] @ x[p]."""
-    groups = check_pairs(w.shape, x, pair_expert)
-    out = np.empty((x.shape[0], w.shape[1]), np.float32)
-    kernel = GROUPED_GEMV_Q6_K[path or host_kernel_path()]
-    kernel(*w.arrays, *q6_k_activations(x), *groups, out)
-    return out

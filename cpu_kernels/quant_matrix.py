@@ -1,6 +1,7 @@
 """One entry point over the weight formats the CPU GEMVs run: repack GGUF blocks (or quantise
-float weights) into a kernel matrix, multiply by it, dequantise it. Quantised formats without
-a kernel are requantised to Q8_0 at load, so every quantised file runs on the kernels."""
+float weights) into a kernel matrix, multiply by it (one launcher for every format and kernel
+path), dequantise it. Quantised formats without a kernel are requantised to Q8_0 at load, so
+every quantised file runs on the kernels."""
 
 from __future__ import annotations
 
@@ -10,34 +11,32 @@ from collections.abc import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from cpu_kernels.cpu_features import host_cpu_features, host_kernel_path
+from cpu_kernels.expert_pairs import check_pairs
 from cpu_kernels.panel_gemv import (
+    GROUPED_GEMV_PANELS,
     BF16Matrix,
     F16Matrix,
     F32Matrix,
     PanelMatrix,
-    grouped_panel_gemv,
 )
-from cpu_kernels.q4_k_gemv import Q4KMatrix, grouped_q4_k_gemv
-from cpu_kernels.q6_k_gemv import Q6KMatrix, grouped_q6_k_gemv
-from cpu_kernels.q8_0_gemv import (
-    Q8Matrix,
-    grouped_q8_0_gemv,
-    host_cpu_features,
-    host_kernel_path,
-)
+from cpu_kernels.q4_k_gemv import GROUPED_GEMV_Q4_K, Q4KMatrix
+from cpu_kernels.q6_k_gemv import GROUPED_GEMV_Q6_K, Q6KMatrix
+from cpu_kernels.q8_0_gemv import GROUPED_GEMV_Q8_0, Q8Matrix
 from hetero.formats.gguf_quantize import quantize
 from hetero.formats.gguf_quants import FORMATS, dequantize
 
 QuantMatrix = Q8Matrix | Q4KMatrix | Q6KMatrix | BF16Matrix | F16Matrix | F32Matrix
 
-# GGML type -> (repacked matrix class, grouped GEMV)
-KERNELS: dict[T, tuple[type, Callable[..., np.ndarray]]] = {
-    T.Q8_0: (Q8Matrix, grouped_q8_0_gemv),
-    T.Q4_K: (Q4KMatrix, grouped_q4_k_gemv),
-    T.Q6_K: (Q6KMatrix, grouped_q6_k_gemv),
-    T.BF16: (BF16Matrix, grouped_panel_gemv),
-    T.F16: (F16Matrix, grouped_panel_gemv),
-    T.F32: (F32Matrix, grouped_panel_gemv),
+# GGML type -> (repacked matrix class, its grouped GEMV kernel per path). Every kernel takes
+# (*w.arrays, *w.activations(x), order, group_start, group_expert, out).
+KERNELS: dict[T, tuple[type, dict[str, Callable[..., None]]]] = {
+    T.Q8_0: (Q8Matrix, GROUPED_GEMV_Q8_0),
+    T.Q4_K: (Q4KMatrix, GROUPED_GEMV_Q4_K),
+    T.Q6_K: (Q6KMatrix, GROUPED_GEMV_Q6_K),
+    T.BF16: (BF16Matrix, GROUPED_GEMV_PANELS),
+    T.F16: (F16Matrix, GROUPED_GEMV_PANELS),
+    T.F32: (F32Matrix, GROUPED_GEMV_PANELS),
 }
 FALLBACK_TYPE = T.Q8_0  # what a type without a kernel is requantised to
 
@@ -95,9 +94,18 @@ def quantize_matrix(values: np.ndarray, ggml_type: T) -> QuantMatrix:
 def grouped_gemv(
     w: QuantMatrix, x: np.ndarray, pair_expert: np.ndarray, path: str | None = None
 ) -> np.ndarray:
-    """w: [experts, rows, cols]; x: float32 [pairs, cols] -> [pairs, rows], row p =
-    W[pair_expert[p]] @ x[p]."""
-    return KERNELS[_format_of(w)][1](w, x, pair_expert, path)
+    """w: [experts, rows, cols]; x: float32 [pairs, cols]; pair_expert: int [pairs] -> float32
+    [pairs, rows], row p = W[pair_expert[p]] @ x[p]; on the kernel of `path` (None: the
+    host's)."""
+    groups = check_pairs(w.shape, x, pair_expert)  # order, group_start, group_expert
+    out = np.empty((x.shape[0], w.out_rows), np.float32)
+    grouped_gemv_kernel(w, path)(*w.arrays, *w.activations(x), *groups, out)
+    return np.ascontiguousarray(out[:, : w.shape[-2]])  # no copy unless rows pad a panel
+
+
+def grouped_gemv_kernel(w: QuantMatrix, path: str | None = None) -> Callable[..., None]:
+    """The Numba kernel of w's format for `path` (None: the host's), called as in KERNELS."""
+    return KERNELS[_format_of(w)][1][path or host_kernel_path()]
 
 
 def gemv(w: QuantMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:

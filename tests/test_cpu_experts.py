@@ -10,8 +10,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
+from cpu_kernels.cpu_features import available_kernel_paths
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
-from cpu_kernels.q8_0_gemv import available_kernel_paths
 from hetero.config import RopeConfig
 from hetero.formats.gguf_quantize import quantize
 from hetero.models.decoder import RMSNorm

@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
+from cpu_kernels.cpu_features import available_kernel_paths
 from cpu_kernels.panel_gemv import (
     PANEL_ALIGN_BYTES,
     PANEL_ROWS,
@@ -19,10 +20,8 @@ from cpu_kernels.panel_gemv import (
     F16Matrix,
     F32Matrix,
     _panel_tile_avx2,
-    grouped_panel_gemv,
 )
-from cpu_kernels.q8_0_gemv import available_kernel_paths
-from cpu_kernels.quant_matrix import gemv, join_rows, row_slice
+from cpu_kernels.quant_matrix import gemv, grouped_gemv, join_rows, row_slice
 from hetero.formats.gguf_quantize import quantize
 from hetero.formats.gguf_quants import dequantize
 
@@ -138,7 +137,7 @@ def test_bf16_gemv_runs_on_read_only_memory_mapped_weights(tmp_path):
     w = BF16Matrix.from_blocks(mapped)
     x = rng.standard_normal((4, 96), dtype=np.float32)
     for path in available_kernel_paths():
-        got = grouped_panel_gemv(w, x, np.array([2, 0, 2, 1]), path)
+        got = grouped_gemv(w, x, np.array([2, 0, 2, 1]), path)
         for p, expert in enumerate([2, 0, 2, 1]):
             assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
 
@@ -165,7 +164,7 @@ def test_grouped_panel_gemv_matches_reference_per_expert(fmt, path, pair_expert)
     experts, rows, cols = 5, 70, 200  # 70 rows: a chunk of 4 panels and a short one
     w = random_matrix(rng, (experts, rows, cols), fmt)
     x = rng.standard_normal((len(pair_expert), cols), dtype=np.float32)
-    got = grouped_panel_gemv(w, x, np.array(pair_expert), path)
+    got = grouped_gemv(w, x, np.array(pair_expert), path)
     for p, expert in enumerate(pair_expert):
         assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
 
@@ -173,19 +172,19 @@ def test_grouped_panel_gemv_matches_reference_per_expert(fmt, path, pair_expert)
 def test_grouped_panel_gemv_with_no_pairs():
     w = random_bf16(np.random.default_rng(), (3, 4, 64))
     for path in available_kernel_paths():
-        got = grouped_panel_gemv(w, np.zeros((0, 64), np.float32), np.zeros(0, np.int64), path)
+        got = grouped_gemv(w, np.zeros((0, 64), np.float32), np.zeros(0, np.int64), path)
         assert got.shape == (0, 4)
 
 
 def test_grouped_panel_gemv_rejects_bad_operands():
     w = random_bf16(np.random.default_rng(), (3, 4, 64))
     with pytest.raises(ValueError, match="outside 0..2"):
-        grouped_panel_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
+        grouped_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
     with pytest.raises(ValueError, match="expected"):
-        grouped_panel_gemv(w, np.ones((2, 64), np.float32), np.array([0]))
+        grouped_gemv(w, np.ones((2, 64), np.float32), np.array([0]))
     with pytest.raises(ValueError, match="takes \\[experts, rows, cols\\]"):
         one = BF16Matrix.from_values(w.values()[0])
-        grouped_panel_gemv(one, np.ones((1, 64), np.float32), np.array([0]))
+        grouped_gemv(one, np.ones((1, 64), np.float32), np.array([0]))
 
 
 def test_bf16_panels_hold_each_column_of_16_rows_first_and_last_eight_interleaved():

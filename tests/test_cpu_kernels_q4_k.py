@@ -9,16 +9,13 @@ the rounding budget is taken on their magnitudes, |w| + 2 dmin * min per value."
 import gguf.quants
 import numpy as np
 import pytest
+from gemv_error_bounds import gemv_error_bound
 from gguf import GGMLQuantizationType as T
 from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
-from cpu_kernels.q4_k_gemv import (
-    Q4KMatrix,
-    _q4k_tile_dot_avx2,
-    grouped_q4_k_gemv,
-)
-from cpu_kernels.q8_0_gemv import available_kernel_paths, gemv_error_bound
-from cpu_kernels.quant_matrix import gemv
+from cpu_kernels.cpu_features import available_kernel_paths
+from cpu_kernels.q4_k_gemv import Q4KMatrix, _q4k_tile_dot_avx2
+from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
 TOKEN_COUNTS = [1, 2, 3, 4, 5, 9]  # a single tile of 1 to 4, then tiles of 4 plus a tail
@@ -126,21 +123,21 @@ def test_grouped_q4_k_gemv_matches_reference_per_expert(path, pair_expert):
     rng = np.random.default_rng()
     w = random_q4_k(rng, (5, 33, 768))
     x = rng.standard_normal((len(pair_expert), 768), dtype=np.float32)
-    got = grouped_q4_k_gemv(w, x, np.array(pair_expert), path)
+    got = grouped_gemv(w, x, np.array(pair_expert), path)
     for p, expert in enumerate(pair_expert):
         assert_matches_reference(got[p : p + 1], w, x[p : p + 1], expert)
 
 
 def test_grouped_q4_k_gemv_with_no_pairs():
     w = Q4KMatrix.from_blocks(quantize(np.ones((3, 4, 256), np.float32), T.Q4_K))
-    got = grouped_q4_k_gemv(w, np.zeros((0, 256), np.float32), np.zeros(0, np.int64))
+    got = grouped_gemv(w, np.zeros((0, 256), np.float32), np.zeros(0, np.int64))
     assert got.shape == (0, 4)
 
 
 def test_grouped_q4_k_gemv_needs_experts_dim():
     w = Q4KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q4_K))
     with pytest.raises(ValueError, match=r"\[experts, rows, cols\]"):
-        grouped_q4_k_gemv(w, np.ones((1, 256), np.float32), np.zeros(1, np.int64))
+        grouped_gemv(w, np.ones((1, 256), np.float32), np.zeros(1, np.int64))
 
 
 def tile_of_4_ir() -> str:

@@ -7,16 +7,13 @@ moves each output by at most `activation_error_bound` (half a step per value, fl
 import gguf.quants
 import numpy as np
 import pytest
+from gemv_error_bounds import activation_error_bound
 from gguf import GGMLQuantizationType as T
 from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
-from cpu_kernels.q6_k_gemv import (
-    Q6KMatrix,
-    _q6k_tile_dot_avx2,
-    grouped_q6_k_gemv,
-)
-from cpu_kernels.q8_0_gemv import activation_error_bound, available_kernel_paths
-from cpu_kernels.quant_matrix import gemv
+from cpu_kernels.cpu_features import available_kernel_paths
+from cpu_kernels.q6_k_gemv import Q6KMatrix, _q6k_tile_dot_avx2
+from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
 SHAPES = [(1, 256, 1), (37, 512, 1), (130, 768, 3), (64, 2048, 5)]  # rows, cols, tokens
@@ -110,7 +107,7 @@ def test_grouped_q6_k_gemv_matches_reference_per_expert(path):
     pair_expert = rng.permutation(np.repeat([0, 2, 3, 4], [9, 3, 2, 1]))
     w = Q6KMatrix.from_blocks(random_q6_k_blocks(rng, (experts, rows, cols)))
     x = rng.standard_normal((len(pair_expert), cols), dtype=np.float32)
-    got = grouped_q6_k_gemv(w, x, pair_expert, path)
+    got = grouped_gemv(w, x, pair_expert, path)
     for p, expert in enumerate(pair_expert):
         dense = w.dequantize(expert).astype(np.float64)
         want = x[p : p + 1].astype(np.float64) @ dense.T
@@ -119,7 +116,7 @@ def test_grouped_q6_k_gemv_matches_reference_per_expert(path):
 
 def test_grouped_q6_k_gemv_with_no_pairs():
     w = Q6KMatrix.from_blocks(quantize(np.ones((3, 4, 256), np.float32), T.Q6_K))
-    got = grouped_q6_k_gemv(w, np.zeros((0, 256), np.float32), np.zeros(0, np.int64))
+    got = grouped_gemv(w, np.zeros((0, 256), np.float32), np.zeros(0, np.int64))
     assert got.shape == (0, 4)
 
 
@@ -130,11 +127,11 @@ def test_q6_k_gemv_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="expected"):
         gemv(matrix, np.ones((1, 512), np.float32))
     with pytest.raises(ValueError, match=r"takes \[experts, rows, cols\]"):
-        grouped_q6_k_gemv(matrix, x, np.zeros(1, np.int64))
+        grouped_gemv(matrix, x, np.zeros(1, np.int64))
     with pytest.raises(ValueError, match="expected"):
-        grouped_q6_k_gemv(experts, x, np.zeros(2, np.int64))
+        grouped_gemv(experts, x, np.zeros(2, np.int64))
     with pytest.raises(ValueError, match="outside 0..1"):
-        grouped_q6_k_gemv(experts, x, np.array([2]))
+        grouped_gemv(experts, x, np.array([2]))
 
 
 def tile_of_4_ir() -> str:

@@ -8,22 +8,16 @@ import gguf.quants
 import numba
 import numpy as np
 import pytest
+from gemv_error_bounds import gemv_error_bound
 from gguf import GGMLQuantizationType as T
 from machine_code import CPU_KINDS, OPERATIONS, count, fresh_llvm_ir, machine_code
 
-from cpu_kernels.q8_0_gemv import (
-    PATH_ENV,
-    Q8Matrix,
-    _q8_tile_dot_avx2,
-    available_kernel_paths,
-    gemv_error_bound,
-    group_pairs_by_expert,
-    grouped_q8_0_gemv,
-    half_to_float32,
-    host_kernel_path,
-    quantize_q8_activations,
-)
-from cpu_kernels.quant_matrix import gemv
+from cpu_kernels.cpu_features import PATH_ENV, available_kernel_paths, host_kernel_path
+from cpu_kernels.expert_pairs import group_pairs_by_expert
+from cpu_kernels.float16_bits import half_to_float32
+from cpu_kernels.int8_activations import quantize_q8_activations
+from cpu_kernels.q8_0_gemv import Q8Matrix, _q8_tile_dot_avx2
+from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
 
@@ -155,14 +149,14 @@ def test_grouped_q8_0_gemv_matches_reference_per_expert(path, pair_expert):
     experts, rows, cols = 5, 33, 160
     w = Q8Matrix.from_blocks(random_q8_0(rng, (experts, rows, cols)))
     x = rng.standard_normal((len(pair_expert), cols), dtype=np.float32)
-    got = grouped_q8_0_gemv(w, x, np.array(pair_expert), path)
+    got = grouped_gemv(w, x, np.array(pair_expert), path)
     for p, expert in enumerate(pair_expert):
         assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
 
 
 def test_grouped_q8_0_gemv_with_no_pairs():
     blocks = quantize(np.ones((3, 4, 64), np.float32), T.Q8_0)
-    got = grouped_q8_0_gemv(
+    got = grouped_gemv(
         Q8Matrix.from_blocks(blocks), np.zeros((0, 64), np.float32), np.zeros(0, np.int64)
     )
     assert got.shape == (0, 4)
@@ -171,7 +165,7 @@ def test_grouped_q8_0_gemv_with_no_pairs():
 def test_grouped_q8_0_gemv_rejects_unknown_experts():
     w = Q8Matrix.from_blocks(quantize(np.ones((3, 4, 64), np.float32), T.Q8_0))
     with pytest.raises(ValueError, match="outside 0..2"):
-        grouped_q8_0_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
+        grouped_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
 
 
 def tile_of_4_ir() -> str:

@@ -17,7 +17,7 @@ from conftest import make_checkpoint
 from gguf import GGMLQuantizationType as T
 
 import hetero
-from cpu_kernels.q8_0_gemv import available_kernel_paths
+from cpu_kernels.cpu_features import available_kernel_paths
 from cpu_kernels.quant_matrix import quantize_matrix
 from hetero.errors import InvalidRequestError
 from hetero.loading.gguf_writer import write_gguf

@@ -1,0 +1,94 @@
+"""LLVM IR for the x86 SIMD instructions the tile kernels are made of, for the codegen of Numba
+`@intrinsic`s: plain Numba code never produces integer dot products such as `vpmaddubsw` (see
+shared/notes/cpu-kernels.md), so the kernels call LLVM's x86 intrinsics directly."""
+
+from llvmlite import ir
+from numba.core import cgutils
+
+# vector types of the AVX2 kernels
+I8X32 = ir.VectorType(ir.IntType(8), 32)
+I16X16 = ir.VectorType(ir.IntType(16), 16)
+I32X8 = ir.VectorType(ir.IntType(32), 8)
+F32X8 = ir.VectorType(ir.FloatType(), 8)
+ONES_I16X16 = ir.Constant(I16X16, [1] * 16)
+BYTE_PTR = ir.IntType(8).as_pointer()
+
+
+def vector_ptr(builder, context, arr_type, arr, offset, lanes: int):
+    """LLVM IR: a <lanes x i8>* to element `offset` of a Numba byte array (for vector loads)."""
+    data = context.make_array(arr_type)(context, builder, arr).data
+    ptr = builder.gep(data, [offset])
+    return builder.bitcast(ptr, ir.VectorType(ir.IntType(8), lanes).as_pointer())
+
+
+def element_ptr(builder, context, arr_type, arr, offset):
+    """LLVM IR: a pointer to element `offset` of a Numba array."""
+    return builder.gep(context.make_array(arr_type)(context, builder, arr).data, [offset])
+
+
+def lane_mask(indices) -> ir.Constant:
+    """A shufflevector mask: the source lanes of each result lane."""
+    indices = list(indices)
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(indices)), indices)
+
+
+class Avx2Ir:
+    """The AVX2 instructions the tile kernels are made of, as LLVM IR calls."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        self.builder = builder
+
+        def function(name, ret, *args):
+            return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+        self._maddubs = function("llvm.x86.avx2.pmadd.ub.sw", I16X16, I8X32, I8X32)
+        self._maddwd = function("llvm.x86.avx2.pmadd.wd", I32X8, I16X16, I16X16)
+        self._psign = function("llvm.x86.avx2.psign.b", I8X32, I8X32, I8X32)
+        self._pshufb = function("llvm.x86.avx2.pshuf.b", I8X32, I8X32, I8X32)
+        self._fma = function("llvm.fma.v8f32", F32X8, F32X8, F32X8, F32X8)
+        i32 = ir.IntType(32)
+        self._prefetch = function("llvm.prefetch.p0i8", ir.VoidType(), BYTE_PTR, i32, i32, i32)
+
+    def prefetch(self, ptr, byte_offset):
+        """Ask for the cache line `byte_offset` bytes past `ptr` (any pointer) into every cache
+        level, for reading (prefetcht0)."""
+        b = self.builder
+        line = b.gep(b.bitcast(ptr, BYTE_PTR), [byte_offset])
+        read, keep_in_all_caches, data = (ir.IntType(32)(v) for v in (0, 3, 1))
+        b.call(self._prefetch, [line, read, keep_in_all_caches, data])
+
+    def int_dot(self, unsigned, signed, pair_weights=ONES_I16X16):
+        """i32x8: lane i = sum over bytes 4i..4i+3 of unsigned * signed, each adjacent pair's
+        int16 sum times pair_weights (vpmaddubsw + vpmaddwd). The pair sums (two products)
+        saturate at +-32767."""
+        pairs = self.builder.call(self._maddubs, [unsigned, signed])
+        return self.builder.call(self._maddwd, [pairs, pair_weights])
+
+    def sign(self, values, signs):
+        """values negated where signs < 0 and zeroed where signs == 0 (vpsignb)."""
+        return self.builder.call(self._psign, [values, signs])
+
+    def widen_byte(self, table, index: int):
+        """i16x16 of byte `index` of each 128-bit half of `table` (i8x32), zero-extended: one
+        vpshufb with a constant mask (bit 7 set in a mask byte zeroes the result byte)."""
+        mask = ir.Constant(I8X32, [index, -128] * 16)
+        return self.builder.bitcast(self.builder.call(self._pshufb, [table, mask]), I16X16)
+
+    def fma(self, a, b, c):
+        return self.builder.call(self._fma, [a, b, c])
+
+    def splat(self, scalar, vector_type=F32X8):
+        lane0 = self.builder.insert_element(
+            ir.Constant(vector_type, None), scalar, ir.IntType(32)(0)
+        )
+        return self.builder.shuffle_vector(lane0, lane0, lane_mask([0] * vector_type.count))
+
+    def horizontal_sum(self, vector):
+        """The float sum of a vector's lanes, by halving (3 shuffles and adds for 8 lanes)."""
+        b = self.builder
+        while vector.type.count > 1:
+            half = vector.type.count // 2
+            low = b.shuffle_vector(vector, vector, lane_mask(range(half)))
+            high = b.shuffle_vector(vector, vector, lane_mask(range(half, 2 * half)))
+            vector = b.fadd(low, high)
+        return b.extract_element(vector, ir.IntType(32)(0))
