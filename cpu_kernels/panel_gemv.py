@@ -25,7 +25,7 @@ from numba.extending import intrinsic, overload
 
 from cpu_kernels.float16_bits import half_to_float32
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
-from cpu_kernels.tiling import CACHE_LINE, PREFETCH_BYTES, ROW_CHUNK
+from cpu_kernels.tiling import CACHE_LINE, TILES
 from cpu_kernels.x86_ir import F32X8, I16X16, I32X8, Avx2Ir, element_ptr, lane_mask
 
 LANES = 8  # float32 lanes of an AVX2 register
@@ -36,7 +36,8 @@ PANEL_ROWS = 2 * LANES  # rows of a panel: one 32-byte load holds a column of it
 # tokens on a 151936x2048 matrix went from ~60 to ~88 GMAC/s and 294 tokens on 1536x2048 from
 # ~59 to ~97 (2-core Zen 3, in one run).
 PANEL_TILE = 6
-PANEL_CHUNK = ROW_CHUNK // PANEL_ROWS  # panels a thread runs, expert after expert
+PANEL_CHUNK = TILES["avx2"].row_chunk // PANEL_ROWS  # panels a thread runs, expert after expert
+PREFETCH_BYTES = TILES["avx2"].prefetch_bytes
 PANEL_ALIGN_BYTES = 64  # panels start on a cache line: every 32-byte load stays within one
 
 

@@ -21,9 +21,11 @@ from numba.extending import intrinsic
 
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
-from cpu_kernels.tiling import CACHE_LINE, PREFETCH_BYTES, ROW_CHUNK, tile_type, tiled_pairs
+from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs
 from cpu_kernels.x86_ir import F32X8, I8X32, I32X8, Avx2Ir, element_ptr, lane_mask, vector_ptr
 from hetero.formats.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
+
+AVX2, PLAIN = TILES["avx2"], TILES["plain"]
 
 SUBS = QK_K // QK8_0  # sub-blocks of 32 per super-block
 
@@ -145,7 +147,7 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
             s = loop.index
             here = builder.gep(q_ptr, [builder.mul(s, s.type(SUBS // 2))])
             for line in range(0, QK_K // 2, CACHE_LINE):  # a super-block's nibbles
-                avx2.prefetch(here, s.type(PREFETCH_BYTES + line))
+                avx2.prefetch(here, s.type(AVX2.prefetch_bytes + line))
             # the 8 scale bytes in both 128-bit halves, for vpshufb to widen one at a time
             sc = builder.load(builder.gep(sc_ptr, [s]), align=1)
             sc_table = builder.shuffle_vector(sc, sc, lane_mask(list(range(SUBS)) * 4))
@@ -225,10 +227,10 @@ def grouped_gemv_q4_k_avx2(
         dmin.reshape(-1),
     )
     acts = (x_q.reshape(-1), x_scales.reshape(-1), x_sums.reshape(-1))
-    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+    for c in prange((rows + AVX2.row_chunk - 1) // AVX2.row_chunk):
         for g in range(len(group_expert)):
             first, end = group_start[g], group_start[g + 1]
-            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+            for r in range(c * AVX2.row_chunk, min(rows, (c + 1) * AVX2.row_chunk)):
                 row = group_expert[g] * rows + r
                 _q4k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, r)
 
@@ -242,9 +244,9 @@ def grouped_gemv_q4_k_plain(
     q, sc, mn = nibbles.reshape(-1), scales.reshape(-1), mins.reshape(-1)
     d_flat, dmin_flat = d.reshape(-1), dmin.reshape(-1)
     x, dx, xs = x_q.reshape(-1), x_scales.reshape(-1), x_sums.reshape(-1)
-    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+    for c in prange((rows + PLAIN.row_chunk - 1) // PLAIN.row_chunk):
         for g in range(len(group_expert)):
-            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+            for r in range(c * PLAIN.row_chunk, min(rows, (c + 1) * PLAIN.row_chunk)):
                 row = group_expert[g] * rows + r
                 for p in order[group_start[g] : group_start[g + 1]]:
                     out[p, r] = _q4k_row_dot_plain(

@@ -19,9 +19,11 @@ from numba.extending import intrinsic
 
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
-from cpu_kernels.tiling import CACHE_LINE, PREFETCH_BYTES, ROW_CHUNK, tile_type, tiled_pairs
+from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs
 from cpu_kernels.x86_ir import F32X8, I8X32, I16X16, Avx2Ir, element_ptr, lane_mask, vector_ptr
 from hetero.formats.gguf_quants import FORMATS, QK_K, split_fields
+
+AVX2 = TILES["avx2"]
 
 BLOCKS, SUBS = QK_K // QK8_0, QK_K // 16  # 32-value blocks and 16-value sub-blocks per super-block
 # A super-block's codes as stored here: per half (128 values, blocks 4h..4h+3), three 32-byte
@@ -169,7 +171,7 @@ def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
             s = loop.index
             here = builder.gep(q_ptr, [at(s, 6)])
             for line in range(0, CODE_BYTES, CACHE_LINE):  # a super-block's codes
-                avx2.prefetch(here, s.type(PREFETCH_BYTES + line))
+                avx2.prefetch(here, s.type(AVX2.prefetch_bytes + line))
             scales = builder.load(builder.gep(sc_ptr, [s]), align=1)
             scales16 = builder.sext(scales, I16X16)
             # even sub-blocks' scales, then the odd ones', against the pairs' offsets
@@ -276,10 +278,10 @@ def grouped_gemv_q6_k_avx2(
     rows, superblocks = d.shape[1], d.shape[2]
     weights = (codes.reshape(-1), scales.reshape(-1), d.reshape(-1))
     acts = (x_q.reshape(-1), x_scales.reshape(-1), x_offsets.reshape(-1))
-    # ROW_CHUNK rows of one expert per thread before the next: one sequential read at a time
-    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+    # AVX2.row_chunk rows of one expert per thread before the next: one sequential read at a time
+    for c in prange((rows + AVX2.row_chunk - 1) // AVX2.row_chunk):
         for g in range(len(group_expert)):
-            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+            for r in range(c * AVX2.row_chunk, min(rows, (c + 1) * AVX2.row_chunk)):
                 row = group_expert[g] * rows + r
                 first, end = group_start[g], group_start[g + 1]
                 _q6k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, r)

@@ -24,9 +24,11 @@ from numba.extending import intrinsic
 from cpu_kernels.float16_bits import half_to_float32
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
-from cpu_kernels.tiling import CACHE_LINE, PREFETCH_BYTES, ROW_CHUNK, tile_type, tiled_pairs
+from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs
 from cpu_kernels.x86_ir import F32X8, Avx2Ir, element_ptr, lane_mask, vector_ptr
 from hetero.formats.gguf_quants import FORMATS, split_fields
+
+AVX2, PLAIN = TILES["avx2"], TILES["plain"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def _q8_tile_dot_avx2(typingctx, weights, acts, row, pairs, blocks):
             first = builder.mul(loop.index, loop.index.type(8))
             here = builder.gep(w_ptr, [first])
             for line in range(0, 8 * QK8_0, CACHE_LINE):
-                avx2.prefetch(here, first.type(PREFETCH_BYTES + line))
+                avx2.prefetch(here, first.type(AVX2.prefetch_bytes + line))
             w_bits8 = builder.load(
                 builder.bitcast(builder.gep(sw_ptr, [first]), half8.as_pointer()), align=2
             )
@@ -190,7 +192,7 @@ _q8_pairs_avx2 = tiled_pairs(_q8_tile_dot_avx2)
 
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
 # group_start[g + 1]] of expert e = group_expert[g]; w_values int8 [experts, rows, k], x_q int8
-# [pairs, k]. Each thread takes chunks of ROW_CHUNK rows and runs them expert after expert. The
+# [pairs, k]. Each thread takes chunks of rows (TILES) and runs them expert after expert. The
 # kernels differ in how they run a row's pairs: a dispatcher passed as an argument would defeat
 # Numba's on-disk cache, and the AVX2 one must not be compiled on other CPUs.
 @njit(parallel=True, nogil=True, cache=True)
@@ -202,10 +204,10 @@ def grouped_gemv_q8_0_avx2(
     blocks = k // QK8_0
     weights = (w_values.reshape(-1), w_scales.reshape(-1))
     acts = (x_q.reshape(-1), x_scales.reshape(-1))
-    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+    for c in prange((rows + AVX2.row_chunk - 1) // AVX2.row_chunk):
         for g in range(len(group_expert)):
             first, end = group_start[g], group_start[g + 1]
-            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+            for r in range(c * AVX2.row_chunk, min(rows, (c + 1) * AVX2.row_chunk)):
                 row = group_expert[g] * rows + r
                 _q8_pairs_avx2(weights, acts, row, order, first, end, blocks, out, r)
 
@@ -219,9 +221,9 @@ def grouped_gemv_q8_0_plain(
     blocks = k // QK8_0
     w_flat, sw_flat = w_values.reshape(-1), w_scales.reshape(-1)
     x_flat, sx_flat = x_q.reshape(-1), x_scales.reshape(-1)
-    for c in prange((rows + ROW_CHUNK - 1) // ROW_CHUNK):
+    for c in prange((rows + PLAIN.row_chunk - 1) // PLAIN.row_chunk):
         for g in range(len(group_expert)):
-            for r in range(c * ROW_CHUNK, min(rows, (c + 1) * ROW_CHUNK)):
+            for r in range(c * PLAIN.row_chunk, min(rows, (c + 1) * PLAIN.row_chunk)):
                 row = group_expert[g] * rows + r
                 for p in order[group_start[g] : group_start[g + 1]]:
                     out[p, r] = _q8_row_dot_plain(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from cpu_kernels.cpu_features import host_cpu_features, host_kernel_path
+from cpu_kernels.cpu_features import host_cpu_features, host_kernel_path, kernel_of_path
 from cpu_kernels.expert_pairs import check_pairs
 from cpu_kernels.panel_gemv import (
     GROUPED_GEMV_PANELS,
@@ -104,8 +104,9 @@ def grouped_gemv(
 
 
 def grouped_gemv_kernel(w: QuantMatrix, path: str | None = None) -> Callable[..., None]:
-    """The Numba kernel of w's format for `path` (None: the host's), called as in KERNELS."""
-    return KERNELS[_format_of(w)][1][path or host_kernel_path()]
+    """The Numba kernel of w's format for `path` (None: the host's; a format without a kernel
+    of that path runs the next path's), called as in KERNELS."""
+    return kernel_of_path(KERNELS[_format_of(w)][1], path or host_kernel_path())
 
 
 def gemv(w: QuantMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
@@ -116,8 +117,9 @@ def gemv(w: QuantMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
 def runs_many_rows(w: QuantMatrix, path: str | None = None) -> bool:
     """Whether the kernel also beats dequantising for torch's matmul on many rows at once (a
     prefill): the float formats' AVX2 panel tiles do (~90 GMAC/s on two Zen 3 cores, where
-    torch's float32 GEMM reaches 55-80 and a dequantised copy costs a pass over memory)."""
-    return isinstance(w, PanelMatrix) and (path or host_kernel_path()) == "avx2"
+    torch's float32 GEMM reaches 55-80 and a dequantised copy costs a pass over memory), on
+    every path above plain."""
+    return isinstance(w, PanelMatrix) and (path or host_kernel_path()) != "plain"
 
 
 def one_expert(w: QuantMatrix) -> QuantMatrix:

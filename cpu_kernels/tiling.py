@@ -1,19 +1,35 @@
 """How the tile kernels split a grouped GEMV: pairs of one expert in tiles that share each load
 of a weight vector, rows in chunks per thread, and how far ahead to prefetch."""
 
+from typing import NamedTuple
+
 from numba import njit, types
 
 # Pairs of one expert that share a pass over a weight row: per pair the tile keeps an
-# accumulator and a block's temporaries in registers, and AVX2 has 16 of them.
+# accumulator and a block's temporaries in registers, and AVX2 has 16 of them. `tiled_pairs`
+# spells out the tiles of 1 to 4.
 TOKEN_TILE = 4
-# Rows of one expert a thread runs before the next expert: one long sequential read at a time
-# keeps the hardware prefetchers on it (a row of each of 50 experts in turn defeats them).
-ROW_CHUNK = 64
-# How far ahead of the multiply-adds the AVX2 kernels ask for weights (prefetcht0). On the Zen 3
-# machines the BF16 GEMV, one token on 2048-wide rows, went from about 0.8 to 0.86-0.92 of the
-# DRAM ceiling (512 to 2048 do about as well); past a row's end it reaches the chunk's next row.
-PREFETCH_BYTES = 1024
 CACHE_LINE = 64
+
+
+class Tiles(NamedTuple):
+    """Tuned sizes of one path's kernels (a Numba kernel reads them as constants)."""
+
+    # Rows of one expert a thread runs before the next expert: one long sequential read at a
+    # time keeps the hardware prefetchers on it (a row of each of 50 experts in turn defeats
+    # them).
+    row_chunk: int
+    # How far ahead of the multiply-adds the kernels ask for weights (prefetcht0); past a row's
+    # end it reaches the chunk's next row.
+    prefetch_bytes: int
+
+
+TILES = {
+    # On the Zen 3 machines the BF16 GEMV, one token on 2048-wide rows, went from about 0.8 to
+    # 0.86-0.92 of the DRAM ceiling with 1024 bytes of prefetch (512 to 2048 do about as well).
+    "avx2": Tiles(row_chunk=64, prefetch_bytes=1024),
+    "plain": Tiles(row_chunk=64, prefetch_bytes=0),
+}
 
 
 def tile_type(pairs) -> int | None:

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from kernel_paths import path_params, runnable_paths
 from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.cpu_features import available_kernel_paths
 from cpu_kernels.panel_gemv import (
+    GROUPED_GEMV_PANELS,
     PANEL_ALIGN_BYTES,
     PANEL_ROWS,
     BF16Matrix,
@@ -98,7 +100,7 @@ def test_bf16_dequantize_needs_an_index_for_experts_only():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_PANELS))
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize(
     "rows,cols", [(1, 1), (1, 96), (3, 7), (37, 200), (130, 256), (64, 2048), (5, 24)]
@@ -117,14 +119,14 @@ def test_panel_gemv_paths_agree(fmt):
     rng = np.random.default_rng()
     w = random_matrix(rng, (50, 333), fmt)
     x = rng.standard_normal((6, 333), dtype=np.float32)
-    results = [gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in runnable_paths(GROUPED_GEMV_PANELS)]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_gemv_handles_zero_activations():
     w = BF16Matrix.from_blocks(quantize(np.ones((4, 72), np.float32), T.BF16))
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_PANELS):
         assert not gemv(w, np.zeros((3, 72), np.float32), path).any()
 
 
@@ -136,7 +138,7 @@ def test_bf16_gemv_runs_on_read_only_memory_mapped_weights(tmp_path):
     mapped = np.memmap(tmp_path / "weights.bin", np.uint8, "r", shape=blocks.shape)
     w = BF16Matrix.from_blocks(mapped)
     x = rng.standard_normal((4, 96), dtype=np.float32)
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_PANELS):
         got = grouped_gemv(w, x, np.array([2, 0, 2, 1]), path)
         for p, expert in enumerate([2, 0, 2, 1]):
             assert_matches_reference(got[p : p + 1], w.dequantize(expert), x[p : p + 1])
@@ -157,7 +159,7 @@ PAIR_EXPERTS = {
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_PANELS))
 @pytest.mark.parametrize("pair_expert", PAIR_EXPERTS.values(), ids=PAIR_EXPERTS.keys())
 def test_grouped_panel_gemv_matches_reference_per_expert(fmt, path, pair_expert):
     rng = np.random.default_rng()
@@ -171,7 +173,7 @@ def test_grouped_panel_gemv_matches_reference_per_expert(fmt, path, pair_expert)
 
 def test_grouped_panel_gemv_with_no_pairs():
     w = random_bf16(np.random.default_rng(), (3, 4, 64))
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_PANELS):
         got = grouped_gemv(w, np.zeros((0, 64), np.float32), np.zeros(0, np.int64), path)
         assert got.shape == (0, 4)
 
@@ -227,7 +229,7 @@ def test_panel_join_and_slice_rows_across_panels(fmt):
     np.testing.assert_array_equal(joined.dequantize(), want)
     np.testing.assert_array_equal(row_slice(joined, 5, 30).dequantize(), want[5:30])
     x = rng.standard_normal((3, 40), dtype=np.float32)
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_PANELS):
         assert_matches_reference(gemv(joined, x, path), want, x)
 
 
@@ -276,7 +278,7 @@ def test_f16_dequantize_matches_numpy_for_every_bit_pattern():
     np.testing.assert_array_equal(w.dequantize(), want)  # NaNs compare equal here
     x = np.ones((1, 16), np.float32)
     finite = np.isfinite(want).all(axis=1)
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_PANELS):
         got = gemv(w, x, path)[0]
         np.testing.assert_allclose(
             got[finite], want[finite].astype(np.float64).sum(axis=1), rtol=1e-6, atol=1e-6

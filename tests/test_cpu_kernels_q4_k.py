@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from gemv_error_bounds import gemv_error_bound
 from gguf import GGMLQuantizationType as T
+from kernel_paths import path_params, runnable_paths
 from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.cpu_features import available_kernel_paths
-from cpu_kernels.q4_k_gemv import Q4KMatrix, _q4k_tile_dot_avx2
+from cpu_kernels.q4_k_gemv import GROUPED_GEMV_Q4_K, Q4KMatrix, _q4k_tile_dot_avx2
 from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
@@ -63,7 +64,7 @@ def test_q4_k_matrix_reads_152_bytes_per_256_values():
     assert w.nbytes == 4 * 1024 // 256 * 152
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q4_K))
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize("rows,cols", [(1, 256), (37, 512), (130, 768), (64, 2048)])
 def test_q4_k_gemv_matches_reference(path, tokens, rows, cols):
@@ -73,7 +74,7 @@ def test_q4_k_gemv_matches_reference(path, tokens, rows, cols):
     assert_matches_reference(gemv(w, x, path), w, x)
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q4_K))
 def test_q4_k_gemv_does_not_saturate_at_extreme_codes(path):
     # nibbles 0 or 15, scales and mins 63, activations all +-amax (int8 +-127): pmaddubsw's
     # pair sums reach 2 * 15 * 127, pmaddwd's products 63 times that
@@ -93,14 +94,14 @@ def test_q4_k_gemv_paths_agree_on_integer_sums():
     rng = np.random.default_rng()
     w = random_q4_k(rng, (50, 1280))
     x = rng.standard_normal((6, 1280), dtype=np.float32)
-    results = [gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in runnable_paths(GROUPED_GEMV_Q4_K)]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
 
 def test_q4_k_gemv_handles_zero_activations():
     w = Q4KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q4_K))
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_Q4_K):
         assert not gemv(w, np.zeros((3, 256), np.float32), path).any()
 
 
@@ -117,7 +118,7 @@ PAIR_EXPERTS = {
 }
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q4_K))
 @pytest.mark.parametrize("pair_expert", PAIR_EXPERTS.values(), ids=PAIR_EXPERTS.keys())
 def test_grouped_q4_k_gemv_matches_reference_per_expert(path, pair_expert):
     rng = np.random.default_rng()

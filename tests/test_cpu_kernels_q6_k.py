@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from gemv_error_bounds import activation_error_bound
 from gguf import GGMLQuantizationType as T
+from kernel_paths import path_params, runnable_paths
 from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.cpu_features import available_kernel_paths
-from cpu_kernels.q6_k_gemv import Q6KMatrix, _q6k_tile_dot_avx2
+from cpu_kernels.q6_k_gemv import GROUPED_GEMV_Q6_K, Q6KMatrix, _q6k_tile_dot_avx2
 from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
@@ -51,7 +52,7 @@ def test_q6_k_dequantize_needs_an_index_for_experts_only():
         Q6KMatrix.from_blocks(blocks[0]).dequantize(0)
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q6_K))
 @pytest.mark.parametrize("rows,cols,tokens", SHAPES)
 def test_q6_k_gemv_matches_reference(path, rows, cols, tokens):
     rng = np.random.default_rng()
@@ -65,7 +66,7 @@ def test_q6_k_gemv_matches_reference(path, rows, cols, tokens):
     assert (np.abs(got - want) <= activation_error_bound(dense, x)).all()
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q6_K))
 def test_q6_k_gemv_does_not_saturate_at_extreme_codes(path):
     # all q in {0, 63}, scales in {-128, 127}, activations all +-amax (int8 +-127): pmaddubsw's
     # int16 pair sums and pmaddwd's products are at their largest
@@ -88,18 +89,18 @@ def test_q6_k_gemv_paths_agree_on_integer_sums():
     rng = np.random.default_rng()
     w = Q6KMatrix.from_blocks(random_q6_k_blocks(rng, (50, 1280)))
     x = rng.standard_normal((2, 1280), dtype=np.float32)
-    results = [gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in runnable_paths(GROUPED_GEMV_Q6_K)]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
 
 def test_q6_k_gemv_handles_zero_activations():
     w = Q6KMatrix.from_blocks(quantize(np.ones((4, 256), np.float32), T.Q6_K))
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_Q6_K):
         assert not gemv(w, np.zeros((1, 256), np.float32), path).any()
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q6_K))
 def test_grouped_q6_k_gemv_matches_reference_per_expert(path):
     rng = np.random.default_rng()
     experts, rows, cols = 5, 33, 768

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from gemv_error_bounds import gemv_error_bound
 from gguf import GGMLQuantizationType as T
+from kernel_paths import path_params, runnable_paths
 from machine_code import CPU_KINDS, OPERATIONS, count, fresh_llvm_ir, machine_code
 
-from cpu_kernels.cpu_features import PATH_ENV, available_kernel_paths, host_kernel_path
+from cpu_kernels.cpu_features import available_kernel_paths
 from cpu_kernels.expert_pairs import group_pairs_by_expert
 from cpu_kernels.float16_bits import half_to_float32
 from cpu_kernels.int8_activations import quantize_q8_activations
-from cpu_kernels.q8_0_gemv import Q8Matrix, _q8_tile_dot_avx2
+from cpu_kernels.q8_0_gemv import GROUPED_GEMV_Q8_0, Q8Matrix, _q8_tile_dot_avx2
 from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
@@ -72,7 +73,7 @@ def test_q8_0_dequantize_needs_an_index_for_experts_only():
         Q8Matrix.from_blocks(blocks[0]).dequantize(0)
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q8_0))
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (130, 256), (64, 2048)])
 def test_q8_0_gemv_matches_reference(path, tokens, rows, cols):
@@ -82,7 +83,7 @@ def test_q8_0_gemv_matches_reference(path, tokens, rows, cols):
     assert_matches_reference(gemv(w, x, path), w.dequantize(), x)
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q8_0))
 def test_q8_0_gemv_does_not_saturate_at_extreme_values(path):
     # weights -128 or 127 against activations all +-amax (int8 +-127): pmaddubsw's int16 pair
     # sums reach 2 * 128 * 127 = 32512, just under saturation
@@ -103,14 +104,14 @@ def test_q8_0_gemv_paths_agree_on_integer_sums():
     rng = np.random.default_rng()
     w = Q8Matrix.from_blocks(random_q8_0(rng, (50, 320)))
     x = rng.standard_normal((6, 320), dtype=np.float32)
-    results = [gemv(w, x, path) for path in available_kernel_paths()]
+    results = [gemv(w, x, path) for path in runnable_paths(GROUPED_GEMV_Q8_0)]
     for got in results[1:]:
         np.testing.assert_allclose(got, results[0], rtol=1e-4, atol=1e-4)
 
 
 def test_q8_0_gemv_handles_zero_activations():
     w = Q8Matrix.from_blocks(quantize(np.ones((4, 64), np.float32), T.Q8_0))
-    for path in available_kernel_paths():
+    for path in runnable_paths(GROUPED_GEMV_Q8_0):
         assert not gemv(w, np.zeros((3, 64), np.float32), path).any()
 
 
@@ -118,14 +119,6 @@ def test_q8_0_gemv_rejects_mismatched_width():
     w = Q8Matrix.from_blocks(quantize(np.ones((4, 64), np.float32), T.Q8_0))
     with pytest.raises(ValueError, match="expected"):
         gemv(w, np.ones((1, 32), np.float32))
-
-
-def test_kernel_path_can_be_forced(monkeypatch):
-    monkeypatch.setenv(PATH_ENV, "plain")
-    assert host_kernel_path() == "plain"
-    monkeypatch.setenv(PATH_ENV, "sse9")
-    with pytest.raises(ValueError, match=PATH_ENV):
-        host_kernel_path()
 
 
 def test_pairs_are_grouped_by_expert_in_pair_order():
@@ -142,7 +135,7 @@ PAIR_EXPERTS = {
 }
 
 
-@pytest.mark.parametrize("path", available_kernel_paths())
+@pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q8_0))
 @pytest.mark.parametrize("pair_expert", PAIR_EXPERTS.values(), ids=PAIR_EXPERTS.keys())
 def test_grouped_q8_0_gemv_matches_reference_per_expert(path, pair_expert):
     rng = np.random.default_rng()
