@@ -130,24 +130,29 @@ ROUTED = ("q8_0", "q4_k", "bf16", "f16", "f32")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
-def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: int = 8):
-    """`tokens` decode tokens, each routed to top_k of `experts` at random, through one grouped
-    GEMV of the gate+up shape (activation quantisation and pair grouping included): GB/s of the
-    distinct experts' weights read, best of 24 calls with fresh routings, each after a 64 MiB
-    read that evicts the last call's weights from the 32 MiB L3."""
+def routed_weights(kernel: str, experts: int = 64):
+    """Random weights of `kernel`'s format, [experts, gate+up rows, hidden]."""
     rng = np.random.default_rng(0)
     rows, cols = SHAPES[0]
     flat = KERNELS[kernel](experts * rows, cols, rng)
     if isinstance(flat, PanelMatrix):  # rows sit in panels: repack them by expert
-        w = type(flat).from_values(flat.values().reshape(experts, rows, cols))
-    else:
-        w = dataclasses.replace(
-            flat,
-            **{
-                f.name: getattr(flat, f.name).reshape(experts, rows, -1)
-                for f in dataclasses.fields(flat)
-            },
-        )
+        return type(flat).from_values(flat.values().reshape(experts, rows, cols))
+    return dataclasses.replace(
+        flat,
+        **{
+            f.name: getattr(flat, f.name).reshape(experts, rows, -1)
+            for f in dataclasses.fields(flat)
+        },
+    )
+
+
+def routed_gb_s(w, path: str, tokens: int, top_k: int = 8):
+    """`tokens` decode tokens, each routed to top_k of w's experts at random, through one grouped
+    GEMV of the gate+up shape (activation quantisation and pair grouping included): GB/s of the
+    distinct experts' weights read, best of 24 calls with fresh routings, each after a 64 MiB
+    read that evicts the last call's weights from the 32 MiB L3."""
+    rng = np.random.default_rng(0)
+    experts, _, cols = w.shape
     x = rng.standard_normal((tokens * top_k, cols), np.float32)
     evict = np.ones(2**24, np.float32)
     grouped_gemv(w, x, np.zeros(len(x), np.int64), path)  # compile
@@ -160,6 +165,48 @@ def routed_gb_s(kernel: str, path: str, tokens: int, experts: int = 64, top_k: i
         seconds = time.perf_counter() - start
         best = max(best, len(np.unique(pair_expert)) * w.nbytes / experts / seconds / 1e9)
     return best
+
+
+def interleaved_ab(kernel: str, paths: list[str], matrices: int, repeats: int) -> list[tuple]:
+    """Each case measured on each path in turn, `repeats` rounds, on the same weights (other
+    processes on a shared machine disturb single runs alike) -> rows (case, tokens, {path:
+    [GB/s per round]})."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in SHAPES:
+        ws = [KERNELS[kernel](*shape, rng) for _ in range(matrices)]
+        nbytes = sum(w.nbytes for w in ws)
+        for tokens in (1, 4):
+            x = rng.standard_normal((tokens, shape[1]), np.float32)
+            runs = {path: kernel_runner(path, ws, x) for path in paths}
+            gb_s = {path: [] for path in paths}
+            for _ in range(repeats):
+                for path in paths:
+                    gb_s[path].append(nbytes / best_seconds(runs[path], 5) / 1e9)
+            rows.append((f"{kernel} gemv {shape[0]}x{shape[1]}", tokens, gb_s))
+    if kernel in ROUTED:
+        w = routed_weights(kernel)
+        for tokens in (1, 16):
+            gb_s = {path: [] for path in paths}
+            for _ in range(repeats):
+                for path in paths:
+                    gb_s[path].append(routed_gb_s(w, path, tokens))
+            rows.append((f"{kernel} grouped, top-8 of 64 experts", tokens, gb_s))
+    return rows
+
+
+def print_ab(rows: list[tuple], paths: list[str], ceiling: float) -> None:
+    print(f"| case | tokens | {' | '.join(f'{p} GB/s (min-max)' for p in paths)} | ", end="")
+    print(f"{' | '.join(f'{p} / DRAM' for p in paths)} | {paths[1]} / {paths[0]} |")
+    print("|---|---|" + "---|" * (2 * len(paths) + 1))
+    for case, tokens, gb_s in rows:
+        medians = {p: float(np.median(v)) for p, v in gb_s.items()}
+        spreads = " | ".join(
+            f"{medians[p]:.1f} ({min(gb_s[p]):.1f}-{max(gb_s[p]):.1f})" for p in paths
+        )
+        fractions = " | ".join(f"{medians[p] / ceiling:.2f}" for p in paths)
+        ratio = medians[paths[1]] / medians[paths[0]]
+        print(f"| {case} | {tokens} | {spreads} | {fractions} | {ratio:.2f}x |")
 
 
 GEMM_SHAPE = (16384, 2048)  # 64 MiB of BF16 (a slice of a 151936-wide lm_head)
@@ -206,12 +253,29 @@ def main() -> None:
     parser.add_argument("--dram-gib", type=float, default=1.5)
     parser.add_argument("--matrices", type=int, default=64, help="distinct weights per shape")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    parser.add_argument(
+        "--ab",
+        nargs=2,
+        metavar="PATH",
+        help="only an interleaved A/B of two kernel paths (e.g. avx2 avx512), medians of rounds",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the A/B")
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, host path {host_kernel_path()}, load {os.getloadavg()}")
     ceiling = measure_dram_read_gbs(int(args.dram_gib * 2**30))
     print(f"DRAM read (prange float32 sum, {args.dram_gib} GiB): {ceiling:.1f} GB/s")
+    if args.ab:
+        rows = [
+            row
+            for kernel in args.kernels
+            for row in interleaved_ab(kernel, args.ab, args.matrices, args.rounds)
+        ]
+        ceiling = max(ceiling, measure_dram_read_gbs(int(args.dram_gib * 2**30)))
+        print(f"DRAM read, best before/after: {ceiling:.1f} GB/s; load now {os.getloadavg()}")
+        print_ab(rows, args.ab, ceiling)
+        return
     rows = []
     for kernel in args.kernels:
         for path in available_kernel_paths():
@@ -226,8 +290,9 @@ def main() -> None:
                     gb_s = torch_linear_gb_s(dtype, shape, args.matrices, tokens)
                     rows.append((f"torch F.linear {name}", "torch", shape, tokens, gb_s))
     for kernel in (k for k in args.kernels if k in ROUTED):
+        w = routed_weights(kernel)
         for tokens in (1, 16):
-            gb_s = routed_gb_s(kernel, host_kernel_path(), tokens)
+            gb_s = routed_gb_s(w, host_kernel_path(), tokens)
             label = f"{kernel} grouped, top-8 of 64 experts"
             rows.append((label, host_kernel_path(), SHAPES[0], tokens, gb_s))
     experts_gb_s = experts_step_gb_s()

@@ -24,11 +24,19 @@ from numba.extending import intrinsic
 from cpu_kernels.float16_bits import half_to_float32
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
-from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs
-from cpu_kernels.x86_ir import F32X8, Avx2Ir, element_ptr, lane_mask, vector_ptr
+from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs, tiled_rows
+from cpu_kernels.x86_ir import (
+    F32X8,
+    F32X16,
+    Avx2Ir,
+    Avx512Ir,
+    element_ptr,
+    lane_mask,
+    vector_ptr,
+)
 from hetero.formats.gguf_quants import FORMATS, split_fields
 
-AVX2, PLAIN = TILES["avx2"], TILES["plain"]
+AVX512, AVX2, PLAIN = TILES["avx512"], TILES["avx2"], TILES["plain"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +180,104 @@ def _q8_tile_dot_avx2(typingctx, weights, acts, row, pairs, blocks):
     return sig, codegen
 
 
+@intrinsic
+def _q8_tile_dot_avx512(typingctx, weights, acts, row, pairs, blocks):
+    """`_q8_tile_dot_avx2` on AVX-512 VNNI: a 64-byte load holds two blocks, and one vpdpbusd
+    their |w| . x (x negated where w < 0, the sign trick) in 16 int32 lanes, 8 per block; then
+    to float, times each lane's block scale, into the pair's accumulators."""
+    tile = tile_type(pairs)
+    if tile is None or weights[1].dtype != types.uint16:
+        return None
+    sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
+
+    def codegen(context, builder, signature, args):
+        (w_type, sw_type), (x_type, sx_type) = signature.args[0], signature.args[1]
+        w, sw = cgutils.unpack_tuple(builder, args[0])
+        x, sx = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, nblocks = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        avx512 = Avx512Ir(builder)
+        k = builder.mul(nblocks, nblocks.type(QK8_0))
+        w_start, sw_start = builder.mul(row, k), builder.mul(row, nblocks)
+        w_pairs = vector_ptr(builder, context, w_type, w, w_start, 2 * QK8_0)  # 2 blocks each
+        w_blocks = vector_ptr(builder, context, w_type, w, w_start, QK8_0)
+        sw_ptr = element_ptr(builder, context, sw_type, sw, sw_start)
+        # small tiles alternate between two accumulators per pair (FMA latency, as in AVX2)
+        chains = 2 if tile <= 2 else 1
+        tokens = [
+            (
+                vector_ptr(builder, context, x_type, x, builder.mul(p, k), 2 * QK8_0),
+                vector_ptr(builder, context, x_type, x, builder.mul(p, k), QK8_0),
+                element_ptr(builder, context, sx_type, sx, builder.mul(p, nblocks)),
+                [
+                    cgutils.alloca_once_value(builder, ir.Constant(F32X16, None))
+                    for _ in range(chains)
+                ],
+            )
+            for p in pair_ids
+        ]
+
+        def multiply_add(wv, xvs, scales, chain: int):
+            """wv: i8x64 of weights; xvs, scales: each pair's i8x64 activations and f32x16
+            combined scales (lane i: of the block that holds bytes 4i..4i+3)."""
+            w_abs = avx512.abs(wv)
+            for (*_, accs), xv, scale in zip(tokens, xvs, scales, strict=True):
+                dot = avx512.byte_dot(w_abs, avx512.negate_where_negative(xv, wv))
+                total = avx512.fma(builder.sitofp(dot, F32X16), scale, builder.load(accs[chain]))
+                builder.store(total, accs[chain])
+
+        # 8 blocks at a time, as in AVX2: 8 weight scales widened by one conversion, times the
+        # pair's 8 activation scales; the 64-byte vector v takes lanes 2v and 2v + 1
+        half8 = ir.VectorType(ir.HalfType(), 8)
+        with cgutils.for_range(builder, builder.udiv(nblocks, nblocks.type(8))) as loop:
+            first = builder.mul(loop.index, loop.index.type(8))
+            here = builder.gep(w_blocks, [first])
+            for line in range(0, 8 * QK8_0, CACHE_LINE):
+                avx512.prefetch(here, first.type(AVX512.prefetch_bytes + line))
+            w_bits8 = builder.load(
+                builder.bitcast(builder.gep(sw_ptr, [first]), half8.as_pointer()), align=2
+            )
+            w_scales8 = builder.fpext(w_bits8, F32X8)
+            scales8 = [
+                builder.fmul(
+                    w_scales8,
+                    builder.load(
+                        builder.bitcast(builder.gep(sx_ptr, [first]), F32X8.as_pointer()),
+                        align=4,
+                    ),
+                )
+                for *_, sx_ptr, _ in tokens
+            ]
+            first_pair = builder.udiv(first, first.type(2))
+            for v in range(4):
+                at = builder.add(first_pair, first.type(v))
+                wv = builder.load(builder.gep(w_pairs, [at]), align=1)
+                xvs = [builder.load(builder.gep(x_pairs, [at]), align=1) for x_pairs, *_ in tokens]
+                lanes = lane_mask([2 * v] * 8 + [2 * v + 1] * 8)
+                scales = [builder.shuffle_vector(s8, s8, lanes) for s8 in scales8]
+                multiply_add(wv, xvs, scales, v % chains)
+        # the last blocks one at a time, in the low half of a vector (the high half zero)
+        to_64 = lane_mask(range(2 * QK8_0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(8), QK8_0), None)
+        tail_start = builder.sub(nblocks, builder.urem(nblocks, nblocks.type(8)))
+        with cgutils.for_range_slice(builder, tail_start, nblocks, nblocks.type(1)) as (b, _):
+            wv = builder.load(builder.gep(w_blocks, [b]), align=1)
+            wv = builder.shuffle_vector(wv, zeros, to_64)
+            w_bits = builder.bitcast(builder.load(builder.gep(sw_ptr, [b])), ir.HalfType())
+            w_scale = builder.fpext(w_bits, ir.FloatType())
+            xvs, scales = [], []
+            for _, x_blocks, sx_ptr, _ in tokens:
+                xv = builder.load(builder.gep(x_blocks, [b]), align=1)
+                xvs.append(builder.shuffle_vector(xv, zeros, to_64))
+                x_scale = builder.load(builder.gep(sx_ptr, [b]))
+                scales.append(avx512.splat(builder.fmul(w_scale, x_scale), F32X16))
+            multiply_add(wv, xvs, scales, 0)
+        totals = [reduce(builder.fadd, map(builder.load, accs)) for *_, accs in tokens]
+        sums = [avx512.horizontal_sum(total) for total in totals]
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
 def _q8_row_dot_plain(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, blocks):
     """One pair's row dot in plain Numba: per-block int32 dot products, float scales after."""
@@ -188,28 +294,36 @@ def _q8_row_dot_plain(w, w_off, x, x_off, scale_w, sw_off, scale_x, sx_off, bloc
 
 
 _q8_pairs_avx2 = tiled_pairs(_q8_tile_dot_avx2)
+_q8_pairs_avx512 = tiled_pairs(_q8_tile_dot_avx512)
 
 
-# Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
+# The kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
 # group_start[g + 1]] of expert e = group_expert[g]; w_values int8 [experts, rows, k], x_q int8
-# [pairs, k]. Each thread takes chunks of rows (TILES) and runs them expert after expert. The
-# kernels differ in how they run a row's pairs: a dispatcher passed as an argument would defeat
-# Numba's on-disk cache, and the AVX2 one must not be compiled on other CPUs.
+# [pairs, k]. Each thread takes chunks of rows (TILES) and runs them expert after expert. One
+# kernel per path, each naming its own tile function: a dispatcher passed as an argument would
+# defeat Numba's on-disk cache, and a path's kernel must not be compiled on other CPUs.
+@njit(parallel=True, nogil=True, cache=True)
+def grouped_gemv_q8_0_avx512(
+    w_values, w_scales, x_q, x_scales, order, group_start, group_expert, out
+):
+    """Tiles of up to 4 pairs of one expert through `_q8_tile_dot_avx512`."""
+    _, rows, k = w_values.shape
+    weights = (w_values.reshape(-1), w_scales.reshape(-1))
+    acts = (x_q.reshape(-1), x_scales.reshape(-1))
+    pairs, chunk = _q8_pairs_avx512, AVX512.row_chunk
+    tiled_rows(pairs, chunk, weights, acts, k // QK8_0, rows, order, group_start, group_expert, out)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def grouped_gemv_q8_0_avx2(
     w_values, w_scales, x_q, x_scales, order, group_start, group_expert, out
 ):
     """Tiles of up to 4 pairs of one expert through `_q8_tile_dot_avx2`."""
     _, rows, k = w_values.shape
-    blocks = k // QK8_0
     weights = (w_values.reshape(-1), w_scales.reshape(-1))
     acts = (x_q.reshape(-1), x_scales.reshape(-1))
-    for c in prange((rows + AVX2.row_chunk - 1) // AVX2.row_chunk):
-        for g in range(len(group_expert)):
-            first, end = group_start[g], group_start[g + 1]
-            for r in range(c * AVX2.row_chunk, min(rows, (c + 1) * AVX2.row_chunk)):
-                row = group_expert[g] * rows + r
-                _q8_pairs_avx2(weights, acts, row, order, first, end, blocks, out, r)
+    pairs, chunk = _q8_pairs_avx2, AVX2.row_chunk
+    tiled_rows(pairs, chunk, weights, acts, k // QK8_0, rows, order, group_start, group_expert, out)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -239,4 +353,8 @@ def grouped_gemv_q8_0_plain(
                     )
 
 
-GROUPED_GEMV_Q8_0 = {"avx2": grouped_gemv_q8_0_avx2, "plain": grouped_gemv_q8_0_plain}
+GROUPED_GEMV_Q8_0 = {
+    "avx512": grouped_gemv_q8_0_avx512,
+    "avx2": grouped_gemv_q8_0_avx2,
+    "plain": grouped_gemv_q8_0_plain,
+}

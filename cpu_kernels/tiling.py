@@ -3,7 +3,7 @@ of a weight vector, rows in chunks per thread, and how far ahead to prefetch."""
 
 from typing import NamedTuple
 
-from numba import njit, types
+from numba import njit, prange, types
 
 # Pairs of one expert that share a pass over a weight row: per pair the tile keeps an
 # accumulator and a block's temporaries in registers, and AVX2 has 16 of them. `tiled_pairs`
@@ -25,6 +25,7 @@ class Tiles(NamedTuple):
 
 
 TILES = {
+    "avx512": Tiles(row_chunk=64, prefetch_bytes=1024),
     # On the Zen 3 machines the BF16 GEMV, one token on 2048-wide rows, went from about 0.8 to
     # 0.86-0.92 of the DRAM ceiling with 1024 bytes of prefetch (512 to 2048 do about as well).
     "avx2": Tiles(row_chunk=64, prefetch_bytes=1024),
@@ -71,3 +72,17 @@ def tiled_pairs(tile_dot):
             store_tile(out, tile1, col, tile_dot(weights, acts, row, tile1, n))
 
     return pairs
+
+
+@njit(inline="always")
+def tiled_rows(pairs, row_chunk, weights, acts, n, rows, order, group_start, group_expert, out):
+    """out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:group_start[g + 1]] of
+    expert e = group_expert[g], r < rows, through `pairs` (a `tiled_pairs` function of the
+    format and path; n: its blocks per row). Each thread takes chunks of row_chunk rows and
+    runs them expert after expert."""
+    for c in prange((rows + row_chunk - 1) // row_chunk):
+        for g in range(len(group_expert)):
+            first, end = group_start[g], group_start[g + 1]
+            for r in range(c * row_chunk, min(rows, (c + 1) * row_chunk)):
+                row = group_expert[g] * rows + r
+                pairs(weights, acts, row, order, first, end, n, out, r)

@@ -92,3 +92,46 @@ class Avx2Ir:
             high = b.shuffle_vector(vector, vector, lane_mask(range(half, 2 * half)))
             vector = b.fadd(low, high)
         return b.extract_element(vector, ir.IntType(32)(0))
+
+
+# vector types of the AVX-512 kernels
+I8X64 = ir.VectorType(ir.IntType(8), 64)
+I32X16 = ir.VectorType(ir.IntType(32), 16)
+F32X16 = ir.VectorType(ir.FloatType(), 16)
+
+
+class Avx512Ir(Avx2Ir):
+    """The AVX-512 (F, BW, VNNI) instructions of the tile kernels, as LLVM IR calls, besides
+    the AVX2 ones."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        super().__init__(builder)
+
+        def function(name, ret, *args):
+            return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+        self._dpbusd = function("llvm.x86.avx512.vpdpbusd.512", I32X16, I32X16, I8X64, I8X64)
+        self._abs = function("llvm.abs.v64i8", I8X64, I8X64, ir.IntType(1))
+        self._fma16 = function("llvm.fma.v16f32", F32X16, F32X16, F32X16, F32X16)
+
+    def byte_dot(self, unsigned, signed, acc=None):
+        """i32x16: lane i = acc[i] + the sum over bytes 4i..4i+3 of unsigned * signed (one
+        vpdpbusd; no saturation: four products of at most 255 * 128 each)."""
+        acc = ir.Constant(I32X16, None) if acc is None else acc
+        return self.builder.call(self._dpbusd, [acc, unsigned, signed])
+
+    def abs(self, values):
+        """|values| of i8x64, as unsigned bytes (|-128| = 128)."""
+        return self.builder.call(self._abs, [values, ir.IntType(1)(0)])
+
+    def negate_where_negative(self, values, signs):
+        """values negated where signs < 0 (a vpsubb under the sign bits as a mask: AVX-512 has
+        no vpsignb)."""
+        b = self.builder
+        negative = b.icmp_signed("<", signs, ir.Constant(signs.type, None))
+        return b.select(negative, b.sub(ir.Constant(values.type, None), values), values)
+
+    def fma(self, a, b, c):
+        if a.type == F32X16:
+            return self.builder.call(self._fma16, [a, b, c])
+        return super().fma(a, b, c)

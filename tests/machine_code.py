@@ -13,6 +13,7 @@ import numba
 
 # The CPU kinds of the development and CI machines as LLVM names them, and this one
 CPU_KINDS = ("host", "znver3", "znver4", "sapphirerapids")
+AVX512_CPU_KINDS = ("znver4", "sapphirerapids")  # those with the avx512 kernel path
 
 # Each operation a test counts -> the x86 instructions LLVM emits for it on some CPU kind
 OPERATIONS: dict[str, tuple[str, ...]] = {
@@ -22,6 +23,8 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "multiply-add bytes": ("vpmaddubsw",),
     "multiply-add words": ("vpmaddwd", "vpdpwssd"),
     "byte sign": ("vpsignb",),
+    "byte absolute": ("vpabsb",),
+    "byte dot": ("vpdpbusd",),
     "shift dwords left": ("vpslld",),
     # keeping the top halves of dwords: an and with a constant, or a blend with zero
     "mask dwords": ("vpand", "vpandd", "vpandq", "vandps", "vpblendw"),

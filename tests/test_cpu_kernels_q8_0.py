@@ -11,13 +11,18 @@ import pytest
 from gemv_error_bounds import gemv_error_bound
 from gguf import GGMLQuantizationType as T
 from kernel_paths import path_params, runnable_paths
-from machine_code import CPU_KINDS, OPERATIONS, count, fresh_llvm_ir, machine_code
+from machine_code import AVX512_CPU_KINDS, CPU_KINDS, OPERATIONS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.cpu_features import available_kernel_paths
 from cpu_kernels.expert_pairs import group_pairs_by_expert
 from cpu_kernels.float16_bits import half_to_float32
 from cpu_kernels.int8_activations import quantize_q8_activations
-from cpu_kernels.q8_0_gemv import GROUPED_GEMV_Q8_0, Q8Matrix, _q8_tile_dot_avx2
+from cpu_kernels.q8_0_gemv import (
+    GROUPED_GEMV_Q8_0,
+    Q8Matrix,
+    _q8_tile_dot_avx2,
+    _q8_tile_dot_avx512,
+)
 from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
@@ -161,11 +166,11 @@ def test_grouped_q8_0_gemv_rejects_unknown_experts():
         grouped_gemv(w, np.ones((2, 64), np.float32), np.array([0, 3]))
 
 
-def tile_of_4_ir() -> str:
-    """LLVM IR of `_q8_tile_dot_avx2` on a tile of 4 pairs."""
+def tile_of_4_ir(tile_dot=_q8_tile_dot_avx2) -> str:
+    """LLVM IR of a Q8_0 tile intrinsic on a tile of 4 pairs."""
 
     def tile_of_4(weights, acts, row, pairs, blocks):
-        return _q8_tile_dot_avx2(weights, acts, row, pairs, blocks)
+        return tile_dot(weights, acts, row, pairs, blocks)
 
     weights = (np.zeros(64, np.int8), np.zeros(2, np.uint16))
     acts = (np.zeros(64, np.int8), np.zeros(2, np.float32))
@@ -197,3 +202,15 @@ def test_activations_round_to_int8_per_block_within_half_a_step(block):
     assert (np.abs(restored - blocks) <= scales[..., None] * (0.5 + 2.0**-14)).all()
     with pytest.raises(ValueError, match="multiple of the block"):
         quantize_q8_activations(x[:, :-1], block)
+
+
+@pytest.mark.skipif("avx512" not in available_kernel_paths(), reason="CPU without AVX-512 VNNI")
+@pytest.mark.parametrize("cpu", ("host", *AVX512_CPU_KINDS))
+def test_q8_0_avx512_tile_makes_each_weight_vector_absolute_once_for_4_pairs(cpu):
+    code = machine_code(tile_of_4_ir(_q8_tile_dot_avx512), cpu)
+    # per 64-byte weight vector (2 blocks; one more for a tail block) one absolute value, and per
+    # pair one VNNI byte dot on 512-bit registers; no AVX2 multiply-adds left
+    absolutes = count(code, "byte absolute", "%zmm")
+    assert absolutes == 4 + 1
+    assert count(code, "byte dot", "%zmm") == 4 * absolutes
+    assert not count(code, "multiply-add bytes") and not count(code, "byte sign")
