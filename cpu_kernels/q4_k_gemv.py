@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
-from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs
+from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs, tiled_rows
 from cpu_kernels.x86_ir import F32X8, I8X32, I32X8, Avx2Ir, element_ptr, lane_mask, vector_ptr
 from hetero.formats.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
 
@@ -212,7 +212,7 @@ _q4k_pairs_avx2 = tiled_pairs(_q4k_tile_dot_avx2)
 
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
 # group_start[g + 1]] of expert e = group_expert[g]; weights as Q4KMatrix.arrays with a leading
-# experts dim, x_q int8 [pairs, k]. Chunks of rows and two kernels as in q8_0_gemv.
+# experts dim, x_q int8 [pairs, k]. Chunks of rows and a kernel per path as in q8_0_gemv.
 @njit(parallel=True, nogil=True, cache=True)
 def grouped_gemv_q4_k_avx2(
     nibbles, scales, mins, d, dmin, x_q, x_scales, x_sums, order, group_start, group_expert, out
@@ -227,12 +227,9 @@ def grouped_gemv_q4_k_avx2(
         dmin.reshape(-1),
     )
     acts = (x_q.reshape(-1), x_scales.reshape(-1), x_sums.reshape(-1))
-    for c in prange((rows + AVX2.row_chunk - 1) // AVX2.row_chunk):
-        for g in range(len(group_expert)):
-            first, end = group_start[g], group_start[g + 1]
-            for r in range(c * AVX2.row_chunk, min(rows, (c + 1) * AVX2.row_chunk)):
-                row = group_expert[g] * rows + r
-                _q4k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, r)
+    pairs, chunk = _q4k_pairs_avx2, AVX2.row_chunk
+    n = superblocks
+    tiled_rows(pairs, chunk, weights, acts, n, rows, order, group_start, group_expert, out)
 
 
 @njit(parallel=True, nogil=True, cache=True)

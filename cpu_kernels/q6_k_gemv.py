@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
-from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs
+from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs, tiled_rows
 from cpu_kernels.x86_ir import F32X8, I8X32, I16X16, Avx2Ir, element_ptr, lane_mask, vector_ptr
 from hetero.formats.gguf_quants import FORMATS, QK_K, split_fields
 
@@ -278,13 +278,9 @@ def grouped_gemv_q6_k_avx2(
     rows, superblocks = d.shape[1], d.shape[2]
     weights = (codes.reshape(-1), scales.reshape(-1), d.reshape(-1))
     acts = (x_q.reshape(-1), x_scales.reshape(-1), x_offsets.reshape(-1))
-    # AVX2.row_chunk rows of one expert per thread before the next: one sequential read at a time
-    for c in prange((rows + AVX2.row_chunk - 1) // AVX2.row_chunk):
-        for g in range(len(group_expert)):
-            for r in range(c * AVX2.row_chunk, min(rows, (c + 1) * AVX2.row_chunk)):
-                row = group_expert[g] * rows + r
-                first, end = group_start[g], group_start[g + 1]
-                _q6k_pairs_avx2(weights, acts, row, order, first, end, superblocks, out, r)
+    pairs, chunk = _q6k_pairs_avx2, AVX2.row_chunk
+    n = superblocks
+    tiled_rows(pairs, chunk, weights, acts, n, rows, order, group_start, group_expert, out)
 
 
 @njit(parallel=True, nogil=True, cache=True)
