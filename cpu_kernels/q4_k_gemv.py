@@ -22,10 +22,21 @@ from numba.extending import intrinsic
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
 from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs, tiled_rows
-from cpu_kernels.x86_ir import F32X8, I8X32, I32X8, Avx2Ir, element_ptr, lane_mask, vector_ptr
+from cpu_kernels.x86_ir import (
+    F32X8,
+    I8X32,
+    I8X64,
+    I32X8,
+    I32X16,
+    Avx2Ir,
+    Avx512Ir,
+    element_ptr,
+    lane_mask,
+    vector_ptr,
+)
 from hetero.formats.gguf_quants import FORMATS, QK_K, k_scales_mins, split_fields
 
-AVX2, PLAIN = TILES["avx2"], TILES["plain"]
+AVX512, AVX2, PLAIN = TILES["avx512"], TILES["avx2"], TILES["plain"]
 
 SUBS = QK_K // QK8_0  # sub-blocks of 32 per super-block
 
@@ -182,6 +193,102 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
     return sig, codegen
 
 
+@intrinsic
+def _q4k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
+    """`_q4k_tile_dot_avx2` on AVX-512: a 64-byte load holds two nibble runs, whose low nibbles
+    are sub-blocks 4m and 4m + 2 and high ones 4m + 1 and 4m + 3; each pair's activations of the
+    two are gathered from its 64-byte loads by one shuffle, then vpmaddubsw and vpdpwssd by the
+    two sub-blocks' scales into the super-block's int32 sums (the bounds of the AVX2 tile hold).
+    The float work per super-block is the AVX2 tile's, on the sums' two halves added."""
+    tile = tile_type(pairs)
+    if tile is None:
+        return None
+    sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
+
+    def codegen(context, builder, signature, args):
+        (q_t, sc_t, mn_t, d_t, dmin_t), (x_t, dx_t, xs_t) = signature.args[:2]
+        q, sc, mn, d, dmin = cgutils.unpack_tuple(builder, args[0])
+        x, dx, xs = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        avx512 = Avx512Ir(builder)
+        i8x8 = ir.VectorType(ir.IntType(8), SUBS)
+        subs = builder.mul(nsuper, nsuper.type(SUBS))
+        k = builder.mul(nsuper, nsuper.type(QK_K))
+        row_bytes = builder.mul(nsuper, nsuper.type(QK_K // 2))
+        q_ptr = vector_ptr(builder, context, q_t, q, builder.mul(row, row_bytes), 64)
+        sc_ptr, mn_ptr = (
+            builder.bitcast(
+                element_ptr(builder, context, t, a, builder.mul(row, subs)), i8x8.as_pointer()
+            )
+            for t, a in ((sc_t, sc), (mn_t, mn))
+        )
+        d_ptr = element_ptr(builder, context, d_t, d, builder.mul(row, nsuper))
+        dmin_ptr = element_ptr(builder, context, dmin_t, dmin, builder.mul(row, nsuper))
+        tokens = [
+            (
+                vector_ptr(builder, context, x_t, x, builder.mul(p, k), 64),
+                element_ptr(builder, context, dx_t, dx, builder.mul(p, nsuper)),
+                builder.bitcast(
+                    element_ptr(builder, context, xs_t, xs, builder.mul(p, subs)),
+                    F32X8.as_pointer(),
+                ),
+                cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
+            )
+            for p in pair_ids
+        ]
+        runs_per_load = 2
+        with cgutils.for_range(builder, nsuper) as loop:
+            s = loop.index
+            here = builder.gep(q_ptr, [builder.mul(s, s.type(2))])
+            for line in range(0, QK_K // 2, CACHE_LINE):  # a super-block's nibbles
+                avx512.prefetch(here, s.type(AVX512.prefetch_bytes + line))
+            # the 8 scale bytes in each 128-bit quarter, for vpshufb to widen two at a time
+            sc = builder.load(builder.gep(sc_ptr, [s]), align=1)
+            sc_table = builder.shuffle_vector(sc, sc, lane_mask(list(range(SUBS)) * 8))
+            mins = builder.uitofp(builder.load(builder.gep(mn_ptr, [s]), align=1), F32X8)
+            neg_dmin = builder.fneg(builder.load(builder.gep(dmin_ptr, [s])))
+            min_terms = builder.fmul(mins, avx512.splat(neg_dmin))
+            # each pair's 256 activations of the super-block: sub-blocks 2i and 2i + 1 in load i
+            xvs = [
+                [
+                    builder.load(builder.gep(x_ptr, [builder.add(at, s.type(i))]), align=1)
+                    for i in range(QK_K // 64)
+                ]
+                for x_ptr, *_ in tokens
+                for at in [builder.mul(s, s.type(QK_K // 64))]
+            ]
+            int_sums = [ir.Constant(I32X16, None)] * tile
+            for m in range(SUBS // 2 // runs_per_load):
+                packed_idx = builder.add(builder.mul(s, s.type(2)), s.type(m))
+                packed = builder.load(builder.gep(q_ptr, [packed_idx]), align=1)
+                halves = (
+                    builder.and_(packed, ir.Constant(I8X64, [0x0F] * 64)),
+                    builder.lshr(packed, ir.Constant(I8X64, [4] * 64)),
+                )
+                for half, nibbles in enumerate(halves):
+                    scale = avx512.widen_bytes(sc_table, 4 * m + half, 4 * m + 2 + half)
+                    gather = lane_mask(
+                        [32 * half + i for i in range(32)] + [64 + 32 * half + i for i in range(32)]
+                    )
+                    for t, loads in enumerate(xvs):
+                        xv = builder.shuffle_vector(loads[2 * m], loads[2 * m + 1], gather)
+                        int_sums[t] = avx512.scaled_byte_dot(int_sums[t], nibbles, xv, scale)
+            d_w = builder.load(builder.gep(d_ptr, [s]))
+            for (_, dx_ptr, xs_ptr, acc), int_sum in zip(tokens, int_sums, strict=True):
+                int_sum = builder.add(
+                    builder.shuffle_vector(int_sum, int_sum, lane_mask(range(8))),
+                    builder.shuffle_vector(int_sum, int_sum, lane_mask(range(8, 16))),
+                )
+                scale = avx512.splat(builder.fmul(d_w, builder.load(builder.gep(dx_ptr, [s]))))
+                total = avx512.fma(builder.sitofp(int_sum, F32X8), scale, builder.load(acc))
+                block_sums = builder.load(builder.gep(xs_ptr, [s]), align=4)
+                builder.store(avx512.fma(min_terms, block_sums, total), acc)
+        sums = [avx512.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
 def _q4k_row_dot_plain(q, sc, mn, d, dmin, row, x, dx, xsum, pair, superblocks):
     """One pair's row dot in plain Numba, the same sums as `_q4k_tile_dot_avx2`."""
@@ -208,11 +315,31 @@ def _q4k_row_dot_plain(q, sc, mn, d, dmin, row, x, dx, xsum, pair, superblocks):
 
 
 _q4k_pairs_avx2 = tiled_pairs(_q4k_tile_dot_avx2)
+_q4k_pairs_avx512 = tiled_pairs(_q4k_tile_dot_avx512)
 
 
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
 # group_start[g + 1]] of expert e = group_expert[g]; weights as Q4KMatrix.arrays with a leading
 # experts dim, x_q int8 [pairs, k]. Chunks of rows and a kernel per path as in q8_0_gemv.
+@njit(parallel=True, nogil=True, cache=True)
+def grouped_gemv_q4_k_avx512(
+    nibbles, scales, mins, d, dmin, x_q, x_scales, x_sums, order, group_start, group_expert, out
+):
+    """Tiles of up to 4 pairs of one expert through `_q4k_tile_dot_avx512`."""
+    rows, superblocks = d.shape[1], d.shape[2]
+    weights = (
+        nibbles.reshape(-1),
+        scales.reshape(-1),
+        mins.reshape(-1),
+        d.reshape(-1),
+        dmin.reshape(-1),
+    )
+    acts = (x_q.reshape(-1), x_scales.reshape(-1), x_sums.reshape(-1))
+    pairs, chunk = _q4k_pairs_avx512, AVX512.row_chunk
+    n = superblocks
+    tiled_rows(pairs, chunk, weights, acts, n, rows, order, group_start, group_expert, out)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def grouped_gemv_q4_k_avx2(
     nibbles, scales, mins, d, dmin, x_q, x_scales, x_sums, order, group_start, group_expert, out
@@ -251,7 +378,11 @@ def grouped_gemv_q4_k_plain(
                     )
 
 
-GROUPED_GEMV_Q4_K = {"avx2": grouped_gemv_q4_k_avx2, "plain": grouped_gemv_q4_k_plain}
+GROUPED_GEMV_Q4_K = {
+    "avx512": grouped_gemv_q4_k_avx512,
+    "avx2": grouped_gemv_q4_k_avx2,
+    "plain": grouped_gemv_q4_k_plain,
+}
 
 
 def q4_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

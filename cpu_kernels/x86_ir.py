@@ -96,6 +96,7 @@ class Avx2Ir:
 
 # vector types of the AVX-512 kernels
 I8X64 = ir.VectorType(ir.IntType(8), 64)
+I16X32 = ir.VectorType(ir.IntType(16), 32)
 I32X16 = ir.VectorType(ir.IntType(32), 16)
 F32X16 = ir.VectorType(ir.FloatType(), 16)
 
@@ -111,6 +112,9 @@ class Avx512Ir(Avx2Ir):
             return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
         self._dpbusd = function("llvm.x86.avx512.vpdpbusd.512", I32X16, I32X16, I8X64, I8X64)
+        self._dpwssd = function("llvm.x86.avx512.vpdpwssd.512", I32X16, I32X16, I16X32, I16X32)
+        self._maddubs512 = function("llvm.x86.avx512.pmaddubs.w.512", I16X32, I8X64, I8X64)
+        self._pshufb512 = function("llvm.x86.avx512.pshuf.b.512", I8X64, I8X64, I8X64)
         self._abs = function("llvm.abs.v64i8", I8X64, I8X64, ir.IntType(1))
         self._fma16 = function("llvm.fma.v16f32", F32X16, F32X16, F32X16, F32X16)
 
@@ -119,6 +123,19 @@ class Avx512Ir(Avx2Ir):
         vpdpbusd; no saturation: four products of at most 255 * 128 each)."""
         acc = ir.Constant(I32X16, None) if acc is None else acc
         return self.builder.call(self._dpbusd, [acc, unsigned, signed])
+
+    def scaled_byte_dot(self, acc, unsigned, signed, pair_weights):
+        """i32x16: lane i = acc[i] + the sum over bytes 4i..4i+3 of unsigned * signed, each
+        adjacent pair's int16 sum times pair_weights (vpmaddubsw + vpdpwssd). The pair sums
+        (two products) saturate at +-32767."""
+        pairs = self.builder.call(self._maddubs512, [unsigned, signed])
+        return self.builder.call(self._dpwssd, [acc, pairs, pair_weights])
+
+    def widen_bytes(self, table, low: int, high: int):
+        """i16x32 of byte `low` of each 128-bit quarter of `table` (i8x64) in words 0-15 and
+        byte `high` in words 16-31, zero-extended: one vpshufb with a constant mask."""
+        mask = ir.Constant(I8X64, [low, -128] * 16 + [high, -128] * 16)
+        return self.builder.bitcast(self.builder.call(self._pshufb512, [table, mask]), I16X32)
 
     def abs(self, values):
         """|values| of i8x64, as unsigned bytes (|-128| = 128)."""

@@ -12,10 +12,15 @@ import pytest
 from gemv_error_bounds import gemv_error_bound
 from gguf import GGMLQuantizationType as T
 from kernel_paths import path_params, runnable_paths
-from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
+from machine_code import AVX512_CPU_KINDS, CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.cpu_features import available_kernel_paths
-from cpu_kernels.q4_k_gemv import GROUPED_GEMV_Q4_K, Q4KMatrix, _q4k_tile_dot_avx2
+from cpu_kernels.q4_k_gemv import (
+    GROUPED_GEMV_Q4_K,
+    Q4KMatrix,
+    _q4k_tile_dot_avx2,
+    _q4k_tile_dot_avx512,
+)
 from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
@@ -141,11 +146,11 @@ def test_grouped_q4_k_gemv_needs_experts_dim():
         grouped_gemv(w, np.ones((1, 256), np.float32), np.zeros(1, np.int64))
 
 
-def tile_of_4_ir() -> str:
-    """LLVM IR of `_q4k_tile_dot_avx2` on a tile of 4 pairs and one super-block."""
+def tile_of_4_ir(tile_dot=_q4k_tile_dot_avx2) -> str:
+    """LLVM IR of a Q4_K tile intrinsic on a tile of 4 pairs and one super-block."""
 
     def tile_of_4(weights, acts, row, pairs, superblocks):
-        return _q4k_tile_dot_avx2(weights, acts, row, pairs, superblocks)
+        return tile_dot(weights, acts, row, pairs, superblocks)
 
     u8, f32 = np.zeros(8, np.uint8), np.zeros(8, np.float32)
     args = ((u8, u8, u8, f32, f32), (np.zeros(8, np.int8), f32, f32), 0, (0, 0, 0, 0), 1)
@@ -160,3 +165,15 @@ def test_q4_k_avx2_tile_unpacks_each_nibble_run_once_for_4_pairs(cpu):
     # nibbles): 2 sub-blocks x 4 pairs of byte multiply-adds per run, then one by the scales
     assert count(code, "shift bytes") == 4
     assert count(code, "multiply-add bytes") == count(code, "multiply-add words") == 8 * 4
+
+
+@pytest.mark.skipif("avx512" not in available_kernel_paths(), reason="CPU without AVX-512 VNNI")
+@pytest.mark.parametrize("cpu", ("host", *AVX512_CPU_KINDS))
+def test_q4_k_avx512_tile_unpacks_each_64_nibble_bytes_once_for_4_pairs(cpu):
+    code = machine_code(tile_of_4_ir(_q4k_tile_dot_avx512), cpu)
+    # a super-block's 2 loads of 64 nibble bytes (4 sub-blocks each), each split once, and per
+    # half (2 sub-blocks) and pair one byte and one word multiply-add on 512-bit registers
+    assert count(code, "shift bytes", "%zmm") == 2
+    multiply_adds = 2 * 2 * 4
+    assert count(code, "multiply-add bytes", "%zmm") == multiply_adds
+    assert count(code, "multiply-add words", "%zmm") == multiply_adds
