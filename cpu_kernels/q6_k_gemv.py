@@ -20,10 +20,22 @@ from numba.extending import intrinsic
 from cpu_kernels.int8_activations import QK8_0, quantize_q8_activations
 from cpu_kernels.kernel_matrix import KernelMatrix, expert_slice
 from cpu_kernels.tiling import CACHE_LINE, TILES, tile_type, tiled_pairs, tiled_rows
-from cpu_kernels.x86_ir import F32X8, I8X32, I16X16, Avx2Ir, element_ptr, lane_mask, vector_ptr
+from cpu_kernels.x86_ir import (
+    F32X8,
+    F32X16,
+    I8X32,
+    I8X64,
+    I16X16,
+    I32X16,
+    Avx2Ir,
+    Avx512Ir,
+    element_ptr,
+    lane_mask,
+    vector_ptr,
+)
 from hetero.formats.gguf_quants import FORMATS, QK_K, split_fields
 
-AVX2 = TILES["avx2"]
+AVX512, AVX2 = TILES["avx512"], TILES["avx2"]
 
 BLOCKS, SUBS = QK_K // QK8_0, QK_K // 16  # 32-value blocks and 16-value sub-blocks per super-block
 # A super-block's codes as stored here: per half (128 values, blocks 4h..4h+3), three 32-byte
@@ -223,13 +235,142 @@ def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
     return sig, codegen
 
 
+@intrinsic
+def _q6k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
+    """`_q6k_tile_dot_avx2` on AVX-512: a super-block's codes are three 64-byte loads, runs
+    (h0 r0, h0 r1), (h0 r2, h1 r0), (h1 r1, h1 r2); masked, they are blocks (0, 1), (2, 4), (5,
+    6), and blocks (3, 7) come from the top bits of the runs gathered by half. Each pair's
+    activations of two blocks come from its 64-byte loads by at most one shuffle, the blocks'
+    sub-block scales by one vpermw; vpmaddubsw and vpdpwssd by them, to float, times each lane's
+    activation scale. The offsets and d as in the AVX2 tile."""
+    tile = tile_type(pairs)
+    if tile is None:
+        return None
+    sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
+
+    def codegen(context, builder, signature, args):
+        (q_t, sc_t, d_t), (x_t, dx_t, xo_t) = signature.args[:2]
+        q, sc, d = cgutils.unpack_tuple(builder, args[0])
+        x, dx, xo = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        avx512 = Avx512Ir(builder)
+
+        def at(super_block, per):
+            return builder.mul(super_block, super_block.type(per))
+
+        def bytes_of(value):
+            return ir.Constant(I8X64, [value] * 64)
+
+        def halves_of(a, b, first: int, second: int):
+            """[32-byte half `first` of a, half `second` of b] (halves 0, 1: low, high)."""
+            return builder.shuffle_vector(
+                a,
+                b,
+                lane_mask(
+                    [32 * first + i for i in range(32)] + [64 + 32 * second + i for i in range(32)]
+                ),
+            )
+
+        row_super = builder.mul(row, nsuper)
+        q_ptr = vector_ptr(builder, context, q_t, q, at(row_super, CODE_BYTES), 64)
+        sc_ptr = vector_ptr(builder, context, sc_t, sc, at(row_super, SUBS), SUBS)
+        d_ptr = element_ptr(builder, context, d_t, d, row_super)
+        tokens = []
+        for p in pair_ids:
+            p_super = builder.mul(p, nsuper)
+            tokens.append(
+                (
+                    vector_ptr(builder, context, x_t, x, at(p_super, QK_K), 64),
+                    builder.bitcast(
+                        element_ptr(builder, context, dx_t, dx, at(p_super, BLOCKS)),
+                        F32X8.as_pointer(),
+                    ),
+                    builder.bitcast(
+                        element_ptr(builder, context, xo_t, xo, at(p_super, SUBS)),
+                        F32X8.as_pointer(),
+                    ),
+                    cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
+                )
+            )
+        with cgutils.for_range(builder, nsuper) as loop:
+            s = loop.index
+            here = builder.gep(q_ptr, [at(s, 3)])
+            for line in range(0, CODE_BYTES, CACHE_LINE):  # a super-block's codes
+                avx512.prefetch(here, s.type(AVX512.prefetch_bytes + line))
+            scales = builder.load(builder.gep(sc_ptr, [s]), align=1)
+            scales16 = builder.sext(scales, I16X16)
+            # even sub-blocks' scales, then the odd ones', against the pairs' offsets
+            halves = [
+                builder.sitofp(
+                    builder.shuffle_vector(scales, scales, lane_mask(range(8 * h, 8 * h + 8))),
+                    F32X8,
+                )
+                for h in (0, 1)
+            ]
+            loads = [
+                builder.load(builder.gep(q_ptr, [builder.add(at(s, 3), s.type(i))]), align=1)
+                for i in range(3)
+            ]
+            # runs r0, r1, r2 of both halves: [h0 ri | h1 ri]
+            runs = [
+                halves_of(loads[0], loads[1], 0, 1),
+                halves_of(loads[0], loads[2], 1, 0),
+                halves_of(loads[1], loads[2], 0, 1),
+            ]
+            spread = [
+                shift_words_right(builder, builder.and_(r, bytes_of(0xC0)), 6 - 2 * i)
+                for i, r in enumerate(runs)
+            ]
+            last = builder.or_(builder.or_(spread[0], spread[1]), spread[2])
+            # (codes of two blocks, the blocks)
+            masked = [builder.and_(v, bytes_of(0x3F)) for v in loads]
+            block_pairs = [*zip(masked, [(0, 1), (2, 4), (5, 6)], strict=True), (last, (3, 7))]
+            for x_ptr, dx_ptr, xo_ptr, acc in tokens:
+                total8 = ir.Constant(F32X8, None)
+                for h, half_scales in enumerate(halves):
+                    offsets_ptr = builder.gep(xo_ptr, [builder.add(at(s, 2), s.type(h))])
+                    total8 = avx512.fma(half_scales, builder.load(offsets_ptr, align=4), total8)
+                xs = [
+                    builder.load(builder.gep(x_ptr, [builder.add(at(s, 4), s.type(i))]), align=1)
+                    for i in range(4)
+                ]
+                x_scales = builder.load(builder.gep(dx_ptr, [s]), align=4)  # the 8 blocks'
+                total16 = ir.Constant(F32X16, None)
+                for codes, (b0, b1) in block_pairs:
+                    xv = halves_of(xs[b0 // 2], xs[b1 // 2], b0 % 2, b1 % 2)
+                    pair_scales = builder.shuffle_vector(
+                        scales16,
+                        scales16,
+                        lane_mask([b0] * 8 + [8 + b0] * 8 + [b1] * 8 + [8 + b1] * 8),
+                    )
+                    dot = avx512.scaled_byte_dot(ir.Constant(I32X16, None), codes, xv, pair_scales)
+                    lanes = builder.shuffle_vector(
+                        x_scales, x_scales, lane_mask([b0] * 8 + [b1] * 8)
+                    )
+                    total16 = avx512.fma(builder.sitofp(dot, F32X16), lanes, total16)
+                total = builder.fadd(
+                    total8,
+                    builder.fadd(
+                        builder.shuffle_vector(total16, total16, lane_mask(range(8))),
+                        builder.shuffle_vector(total16, total16, lane_mask(range(8, 16))),
+                    ),
+                )
+                d_splat = avx512.splat(builder.load(builder.gep(d_ptr, [s])))
+                builder.store(avx512.fma(total, d_splat, builder.load(acc)), acc)
+        results = [avx512.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
+        return context.make_tuple(builder, signature.return_type, results)
+
+    return sig, codegen
+
+
 def shift_words_right(builder, vector, bits: int):
-    """An i8x32 shifted right by `bits` as 16-bit words (one vpsrlw): the same as a per-byte
+    """A byte vector shifted right by `bits` as 16-bit words (one vpsrlw): the same as a per-byte
     shift when no set bit crosses into the byte below, which LLVM cannot know and so would mask
     after an i8 shift."""
-    words = builder.bitcast(vector, I16X16)
-    shifted = builder.lshr(words, ir.Constant(I16X16, [bits] * 16))
-    return builder.bitcast(shifted, I8X32)
+    words_type = ir.VectorType(ir.IntType(16), vector.type.count // 2)
+    words = builder.bitcast(vector, words_type)
+    shifted = builder.lshr(words, ir.Constant(words_type, [bits] * words_type.count))
+    return builder.bitcast(shifted, vector.type)
 
 
 @njit(nogil=True, cache=True)
@@ -265,11 +406,25 @@ def _q6k_row_dot_plain(codes, sc, d, row, x, dx, x_offsets, pair, superblocks):
 
 
 _q6k_pairs_avx2 = tiled_pairs(_q6k_tile_dot_avx2)
+_q6k_pairs_avx512 = tiled_pairs(_q6k_tile_dot_avx512)
 
 
 # Both kernels: out[p, r] = W[e, r] . x[p] for the pairs p = order[group_start[g]:
 # group_start[g + 1]] of expert e = group_expert[g]; weights as Q6KMatrix.arrays with a leading
 # experts dim, x_q int8 [pairs, k]. Two kernels for the reasons given in q8_0_gemv.
+@njit(parallel=True, nogil=True, cache=True)
+def grouped_gemv_q6_k_avx512(
+    codes, scales, d, x_q, x_scales, x_offsets, order, group_start, group_expert, out
+):
+    """Tiles of up to 4 pairs of one expert through `_q6k_tile_dot_avx512`."""
+    rows, superblocks = d.shape[1], d.shape[2]
+    weights = (codes.reshape(-1), scales.reshape(-1), d.reshape(-1))
+    acts = (x_q.reshape(-1), x_scales.reshape(-1), x_offsets.reshape(-1))
+    pairs, chunk = _q6k_pairs_avx512, AVX512.row_chunk
+    n = superblocks
+    tiled_rows(pairs, chunk, weights, acts, n, rows, order, group_start, group_expert, out)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def grouped_gemv_q6_k_avx2(
     codes, scales, d, x_q, x_scales, x_offsets, order, group_start, group_expert, out
@@ -298,7 +453,11 @@ def grouped_gemv_q6_k_plain(
                 out[p, r] = _q6k_row_dot_plain(q, sc, d_flat, row, x, dx, xo, p, superblocks)
 
 
-GROUPED_GEMV_Q6_K = {"avx2": grouped_gemv_q6_k_avx2, "plain": grouped_gemv_q6_k_plain}
+GROUPED_GEMV_Q6_K = {
+    "avx512": grouped_gemv_q6_k_avx512,
+    "avx2": grouped_gemv_q6_k_avx2,
+    "plain": grouped_gemv_q6_k_plain,
+}
 
 
 def q6_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,10 +10,15 @@ import pytest
 from gemv_error_bounds import activation_error_bound
 from gguf import GGMLQuantizationType as T
 from kernel_paths import path_params, runnable_paths
-from machine_code import CPU_KINDS, count, fresh_llvm_ir, machine_code
+from machine_code import AVX512_CPU_KINDS, CPU_KINDS, count, fresh_llvm_ir, machine_code
 
 from cpu_kernels.cpu_features import available_kernel_paths
-from cpu_kernels.q6_k_gemv import GROUPED_GEMV_Q6_K, Q6KMatrix, _q6k_tile_dot_avx2
+from cpu_kernels.q6_k_gemv import (
+    GROUPED_GEMV_Q6_K,
+    Q6KMatrix,
+    _q6k_tile_dot_avx2,
+    _q6k_tile_dot_avx512,
+)
 from cpu_kernels.quant_matrix import gemv, grouped_gemv
 from hetero.formats.gguf_quantize import quantize
 
@@ -135,11 +140,11 @@ def test_q6_k_gemv_rejects_mismatched_shapes():
         grouped_gemv(experts, x, np.array([2]))
 
 
-def tile_of_4_ir() -> str:
-    """LLVM IR of `_q6k_tile_dot_avx2` on a tile of 4 pairs and one super-block."""
+def tile_of_4_ir(tile_dot=_q6k_tile_dot_avx2) -> str:
+    """LLVM IR of a Q6_K tile intrinsic on a tile of 4 pairs and one super-block."""
 
     def tile_of_4(weights, acts, row, pairs, superblocks):
-        return _q6k_tile_dot_avx2(weights, acts, row, pairs, superblocks)
+        return tile_dot(weights, acts, row, pairs, superblocks)
 
     weights = (np.zeros(8, np.uint8), np.zeros(8, np.int8), np.zeros(8, np.float32))
     acts = (np.zeros(8, np.int8), np.zeros(8, np.float32), np.zeros(8, np.float32))
@@ -155,3 +160,14 @@ def test_q6_k_avx2_tile_unpacks_each_run_of_codes_once_for_4_pairs(cpu):
     # multiply-adds
     assert count(code, "shift bytes") == 2 * 3
     assert count(code, "multiply-add bytes") == count(code, "multiply-add words") == 8 * 4
+
+
+@pytest.mark.skipif("avx512" not in available_kernel_paths(), reason="CPU without AVX-512 VNNI")
+@pytest.mark.parametrize("cpu", ("host", *AVX512_CPU_KINDS))
+def test_q6_k_avx512_tile_unpacks_each_64_code_bytes_once_for_4_pairs(cpu):
+    code = machine_code(tile_of_4_ir(_q6k_tile_dot_avx512), cpu)
+    # a super-block's 4 vectors of two blocks' codes, made once (blocks 3 and 7 from the top
+    # bits of three runs, one shift each) and multiplied into 4 pairs on 512-bit registers
+    assert count(code, "shift bytes", "%zmm") == 3
+    assert count(code, "multiply-add bytes", "%zmm") == 4 * 4
+    assert count(code, "multiply-add words", "%zmm") == 4 * 4
