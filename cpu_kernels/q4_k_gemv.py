@@ -4,8 +4,9 @@ GGUF Q4_K: 256-value super-blocks of 8 sub-blocks of 32, value = d * scale_j * q
 `Q4KMatrix` keeps the packed nibbles as stored and unpacks the 6-bit scales and mins to a byte
 each (d and dmin to float32): 152 bytes per super-block against GGUF's 144. The nibbles are
 unsigned, so they feed `pmaddubsw`'s unsigned operand directly, and `pmaddwd` multiplies by the
-sub-block's scale; the min term needs only each activation block's sum. Pairs that share an
-expert run in tiles of up to TOKEN_TILE, as in q8_0_gemv.
+sub-block's scale (on AVX-512 VNNI one `vpdpwssd` multiplies and adds, on 64-byte loads); the
+min term needs only each activation block's sum. Pairs that share an expert run in tiles of up
+to TOKEN_TILE, as in q8_0_gemv.
 """
 
 from __future__ import annotations

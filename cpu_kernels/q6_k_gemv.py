@@ -241,8 +241,8 @@ def _q6k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
     (h0 r0, h0 r1), (h0 r2, h1 r0), (h1 r1, h1 r2); masked, they are blocks (0, 1), (2, 4), (5,
     6), and blocks (3, 7) come from the top bits of the runs gathered by half. Each pair's
     activations of two blocks come from its 64-byte loads by at most one shuffle, the blocks'
-    sub-block scales by one vpermw; vpmaddubsw and vpdpwssd by them, to float, times each lane's
-    activation scale. The offsets and d as in the AVX2 tile."""
+    sub-block scales by a byte shuffle widened to words; vpmaddubsw and vpdpwssd by them, to
+    float, times each lane's activation scale. The offsets and d as in the AVX2 tile."""
     tile = tile_type(pairs)
     if tile is None:
         return None

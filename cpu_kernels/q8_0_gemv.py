@@ -5,7 +5,8 @@ Weights are repacked once into `Q8Matrix` (int8 values plus float16 scales apart
 quantised to int8 per 32-block. The AVX2 kernel's inner loop is an integer dot product emitted
 through LLVM x86 intrinsics (`pmaddubsw` + `pmaddwd`), because plain Numba code never produces
 those instructions (see shared/notes/cpu-kernels.md). Pairs that share an expert are grouped so
-that each 32-byte weight vector is loaded once for a tile of up to TOKEN_TILE of them. A
+that each 32-byte weight vector is loaded once for a tile of up to TOKEN_TILE of them. The
+AVX-512 kernel does the same on 64-byte loads with one VNNI `vpdpbusd` per two blocks. A
 plain-Numba path computes the same thing everywhere and is what the tests compare it with.
 """
 
