@@ -13,7 +13,9 @@ CACHE_LINE = 64
 
 
 class Tiles(NamedTuple):
-    """Tuned sizes of one path's kernels (a Numba kernel reads them as constants)."""
+    """Tuned sizes of one path's kernels. A kernel compiles them in as constants, and Numba's
+    on-disk cache checks only the kernel's own file: after changing them, clear the cache
+    (cpu_kernels/__pycache__/*.nbi, *.nbc) or set NUMBA_CACHE_DIR to an empty folder."""
 
     # Rows of one expert a thread runs before the next expert: one long sequential read at a
     # time keeps the hardware prefetchers on it (a row of each of 50 experts in turn defeats
@@ -25,6 +27,9 @@ class Tiles(NamedTuple):
 
 
 TILES = {
+    # the AVX2 sizes, not tuned yet: on the shared Zen 4-class machine one token reads near the
+    # DRAM ceiling on both paths and runs of 512 / 1024 / 2048 bytes of prefetch drowned in
+    # the noise of other processes (bench/results/cpu-kernels.md, 2026-12-04)
     "avx512": Tiles(row_chunk=64, prefetch_bytes=1024),
     # On the Zen 3 machines the BF16 GEMV, one token on 2048-wide rows, went from about 0.8 to
     # 0.86-0.92 of the DRAM ceiling with 1024 bytes of prefetch (512 to 2048 do about as well).
