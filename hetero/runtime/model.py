@@ -307,7 +307,7 @@ def auto_kernel_type(raw_config: dict[str, Any]) -> str | None:
     dtype = resolve_dtype("auto", raw_config)
     if dtype == torch.bfloat16 and not native_bf16_matmul():
         return "bf16"
-    avx2 = host_kernel_path() == "avx2"
+    avx2 = host_kernel_path() != "plain"  # avx2, or a path above it in the chain
     return {torch.float16: "f16", torch.float32: "f32"}.get(dtype) if avx2 else None
 
 
