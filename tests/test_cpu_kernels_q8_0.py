@@ -80,7 +80,8 @@ def test_q8_0_dequantize_needs_an_index_for_experts_only():
 
 @pytest.mark.parametrize("path", path_params(GROUPED_GEMV_Q8_0))
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
-@pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (130, 256), (64, 2048)])
+# cols: 1 and 3 blocks (a tail only), 8 and 64 (whole steps of 8 blocks), 11 (a step and a tail)
+@pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (130, 256), (64, 2048), (5, 352)])
 def test_q8_0_gemv_matches_reference(path, tokens, rows, cols):
     rng = np.random.default_rng()
     w = Q8Matrix.from_blocks(random_q8_0(rng, (rows, cols)))
