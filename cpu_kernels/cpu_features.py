@@ -11,6 +11,8 @@ import os
 
 import llvmlite.binding as llvm_binding
 
+from hetero.errors import HeteroError
+
 log = logging.getLogger(__name__)
 
 # Each path and the CPU features (as LLVM names them) its kernels may use, fastest first. The
@@ -35,8 +37,9 @@ ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 
 
-class KernelPathError(ValueError):
-    """HETERO_CPU_KERNEL_PATH names a path that does not exist or that this CPU cannot run."""
+class KernelPathError(HeteroError):
+    """HETERO_CPU_KERNEL_PATH names a path that does not exist or that this CPU cannot run (the
+    CLI prints it as one line and exits 2)."""
 
 
 @functools.cache  # asking LLVM for the host's features costs ~0.15 ms, more than a small GEMV
