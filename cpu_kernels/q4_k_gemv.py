@@ -107,6 +107,64 @@ def _dequantize_q4_k(nibbles, sc, mn, d, dmin, out):
                 out[r, s * QK8_0 + j] = scale * np.float32(q) - offset
 
 
+class _Q4KOperands:
+    """LLVM IR pointers to a Q4_K tile's operands (Numba arguments of `_q4k_tile_dot_*`): the
+    row's nibbles as vectors of `lanes` bytes, its scales and mins as 8 bytes per super-block,
+    d and dmin; per pair its activations as vectors of `lanes` bytes, their super-block scales,
+    their 32-block sums as 8 floats per super-block, and a float32x8 accumulator."""
+
+    def __init__(self, context, builder, signature, args, lanes: int):
+        (q_t, sc_t, mn_t, d_t, dmin_t), (x_t, dx_t, xs_t) = signature.args[:2]
+        q, sc, mn, d, dmin = cgutils.unpack_tuple(builder, args[0])
+        x, dx, xs = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, self.nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        i8x8 = ir.VectorType(ir.IntType(8), SUBS)
+        nsuper = self.nsuper
+        subs = builder.mul(nsuper, nsuper.type(SUBS))
+        k = builder.mul(nsuper, nsuper.type(QK_K))
+        row_bytes = builder.mul(nsuper, nsuper.type(QK_K // 2))
+        self.q = vector_ptr(builder, context, q_t, q, builder.mul(row, row_bytes), lanes)
+        self.sc, self.mn = (
+            builder.bitcast(
+                element_ptr(builder, context, t, a, builder.mul(row, subs)), i8x8.as_pointer()
+            )
+            for t, a in ((sc_t, sc), (mn_t, mn))
+        )
+        self.d = element_ptr(builder, context, d_t, d, builder.mul(row, nsuper))
+        self.dmin = element_ptr(builder, context, dmin_t, dmin, builder.mul(row, nsuper))
+        self.tokens = [
+            (
+                vector_ptr(builder, context, x_t, x, builder.mul(p, k), lanes),
+                element_ptr(builder, context, dx_t, dx, builder.mul(p, nsuper)),
+                builder.bitcast(
+                    element_ptr(builder, context, xs_t, xs, builder.mul(p, subs)),
+                    F32X8.as_pointer(),
+                ),
+                cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
+            )
+            for p in pair_ids
+        ]
+
+    def min_terms(self, builder, simd, s):
+        """float32x8: -dmin * min of super-block s's 8 sub-blocks."""
+        mins = builder.uitofp(builder.load(builder.gep(self.mn, [s]), align=1), F32X8)
+        neg_dmin = builder.fneg(builder.load(builder.gep(self.dmin, [s])))
+        return builder.fmul(mins, simd.splat(neg_dmin))
+
+    def end_superblock(self, builder, simd, s, int_sums, min_terms):
+        """Each pair's int32x8 sums of super-block s to float, times d * the activation scale,
+        plus the min terms times the activation block sums, into its accumulator."""
+        d_w = builder.load(builder.gep(self.d, [s]))
+        for (_, dx_ptr, xs_ptr, acc), int_sum in zip(self.tokens, int_sums, strict=True):
+            scale = simd.splat(builder.fmul(d_w, builder.load(builder.gep(dx_ptr, [s]))))
+            total = simd.fma(builder.sitofp(int_sum, F32X8), scale, builder.load(acc))
+            block_sums = builder.load(builder.gep(xs_ptr, [s]), align=4)
+            builder.store(simd.fma(min_terms, block_sums, total), acc)
+
+    def results(self, builder, simd):
+        return [simd.horizontal_sum(builder.load(acc)) for *_, acc in self.tokens]
+
+
 @intrinsic
 def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
     """(W[row] . x[p] for p in pairs): weights = Q4KMatrix.arrays and acts = q4_k_activations,
@@ -125,47 +183,17 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
     sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
 
     def codegen(context, builder, signature, args):
-        (q_t, sc_t, mn_t, d_t, dmin_t), (x_t, dx_t, xs_t) = signature.args[:2]
-        q, sc, mn, d, dmin = cgutils.unpack_tuple(builder, args[0])
-        x, dx, xs = cgutils.unpack_tuple(builder, args[1])
-        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
-        avx2 = Avx2Ir(builder)
-        i8x8 = ir.VectorType(ir.IntType(8), SUBS)
-        subs = builder.mul(nsuper, nsuper.type(SUBS))
-        k = builder.mul(nsuper, nsuper.type(QK_K))
-        row_bytes = builder.mul(nsuper, nsuper.type(QK_K // 2))
-        q_ptr = vector_ptr(builder, context, q_t, q, builder.mul(row, row_bytes), 32)
-        sc_ptr, mn_ptr = (
-            builder.bitcast(
-                element_ptr(builder, context, t, a, builder.mul(row, subs)), i8x8.as_pointer()
-            )
-            for t, a in ((sc_t, sc), (mn_t, mn))
-        )
-        d_ptr = element_ptr(builder, context, d_t, d, builder.mul(row, nsuper))
-        dmin_ptr = element_ptr(builder, context, dmin_t, dmin, builder.mul(row, nsuper))
-        tokens = [
-            (
-                vector_ptr(builder, context, x_t, x, builder.mul(p, k), 32),
-                element_ptr(builder, context, dx_t, dx, builder.mul(p, nsuper)),
-                builder.bitcast(
-                    element_ptr(builder, context, xs_t, xs, builder.mul(p, subs)),
-                    F32X8.as_pointer(),
-                ),
-                cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
-            )
-            for p in pair_ids
-        ]
+        ops = _Q4KOperands(context, builder, signature, args, 32)
+        avx2, nsuper, q_ptr = Avx2Ir(builder), ops.nsuper, ops.q
         with cgutils.for_range(builder, nsuper) as loop:
             s = loop.index
             here = builder.gep(q_ptr, [builder.mul(s, s.type(SUBS // 2))])
             for line in range(0, QK_K // 2, CACHE_LINE):  # a super-block's nibbles
                 avx2.prefetch(here, s.type(AVX2.prefetch_bytes + line))
             # the 8 scale bytes in both 128-bit halves, for vpshufb to widen one at a time
-            sc = builder.load(builder.gep(sc_ptr, [s]), align=1)
+            sc = builder.load(builder.gep(ops.sc, [s]), align=1)
             sc_table = builder.shuffle_vector(sc, sc, lane_mask(list(range(SUBS)) * 4))
-            mins = builder.uitofp(builder.load(builder.gep(mn_ptr, [s]), align=1), F32X8)
-            neg_dmin = builder.fneg(builder.load(builder.gep(dmin_ptr, [s])))
-            min_terms = builder.fmul(mins, avx2.splat(neg_dmin))
+            min_terms = ops.min_terms(builder, avx2, s)
             int_sums = [ir.Constant(I32X8, None)] * tile
             for run in range(SUBS // 2):
                 packed_idx = builder.add(builder.mul(s, s.type(SUBS // 2)), s.type(run))
@@ -178,18 +206,12 @@ def _q4k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
                     j = 2 * run + half
                     scale = avx2.widen_byte(sc_table, j)
                     sub = builder.add(builder.mul(s, s.type(SUBS)), s.type(j))
-                    for t, (x_ptr, _, _, _) in enumerate(tokens):
+                    for t, (x_ptr, _, _, _) in enumerate(ops.tokens):
                         xv = builder.load(builder.gep(x_ptr, [sub]), align=1)
                         dot = avx2.int_dot(nibbles, xv, scale)
                         int_sums[t] = builder.add(int_sums[t], dot)
-            d_w = builder.load(builder.gep(d_ptr, [s]))
-            for (_, dx_ptr, xs_ptr, acc), int_sum in zip(tokens, int_sums, strict=True):
-                scale = avx2.splat(builder.fmul(d_w, builder.load(builder.gep(dx_ptr, [s]))))
-                total = avx2.fma(builder.sitofp(int_sum, F32X8), scale, builder.load(acc))
-                block_sums = builder.load(builder.gep(xs_ptr, [s]), align=4)
-                builder.store(avx2.fma(min_terms, block_sums, total), acc)
-        sums = [avx2.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
-        return context.make_tuple(builder, signature.return_type, sums)
+            ops.end_superblock(builder, avx2, s, int_sums, min_terms)
+        return context.make_tuple(builder, signature.return_type, ops.results(builder, avx2))
 
     return sig, codegen
 
@@ -207,36 +229,8 @@ def _q4k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
     sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
 
     def codegen(context, builder, signature, args):
-        (q_t, sc_t, mn_t, d_t, dmin_t), (x_t, dx_t, xs_t) = signature.args[:2]
-        q, sc, mn, d, dmin = cgutils.unpack_tuple(builder, args[0])
-        x, dx, xs = cgutils.unpack_tuple(builder, args[1])
-        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
-        avx512 = Avx512Ir(builder)
-        i8x8 = ir.VectorType(ir.IntType(8), SUBS)
-        subs = builder.mul(nsuper, nsuper.type(SUBS))
-        k = builder.mul(nsuper, nsuper.type(QK_K))
-        row_bytes = builder.mul(nsuper, nsuper.type(QK_K // 2))
-        q_ptr = vector_ptr(builder, context, q_t, q, builder.mul(row, row_bytes), 64)
-        sc_ptr, mn_ptr = (
-            builder.bitcast(
-                element_ptr(builder, context, t, a, builder.mul(row, subs)), i8x8.as_pointer()
-            )
-            for t, a in ((sc_t, sc), (mn_t, mn))
-        )
-        d_ptr = element_ptr(builder, context, d_t, d, builder.mul(row, nsuper))
-        dmin_ptr = element_ptr(builder, context, dmin_t, dmin, builder.mul(row, nsuper))
-        tokens = [
-            (
-                vector_ptr(builder, context, x_t, x, builder.mul(p, k), 64),
-                element_ptr(builder, context, dx_t, dx, builder.mul(p, nsuper)),
-                builder.bitcast(
-                    element_ptr(builder, context, xs_t, xs, builder.mul(p, subs)),
-                    F32X8.as_pointer(),
-                ),
-                cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
-            )
-            for p in pair_ids
-        ]
+        ops = _Q4KOperands(context, builder, signature, args, 64)
+        avx512, nsuper, q_ptr = Avx512Ir(builder), ops.nsuper, ops.q
         runs_per_load = 2
         with cgutils.for_range(builder, nsuper) as loop:
             s = loop.index
@@ -244,18 +238,16 @@ def _q4k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
             for line in range(0, QK_K // 2, CACHE_LINE):  # a super-block's nibbles
                 avx512.prefetch(here, s.type(AVX512.prefetch_bytes + line))
             # the 8 scale bytes in each 128-bit quarter, for vpshufb to widen two at a time
-            sc = builder.load(builder.gep(sc_ptr, [s]), align=1)
+            sc = builder.load(builder.gep(ops.sc, [s]), align=1)
             sc_table = builder.shuffle_vector(sc, sc, lane_mask(list(range(SUBS)) * 8))
-            mins = builder.uitofp(builder.load(builder.gep(mn_ptr, [s]), align=1), F32X8)
-            neg_dmin = builder.fneg(builder.load(builder.gep(dmin_ptr, [s])))
-            min_terms = builder.fmul(mins, avx512.splat(neg_dmin))
+            min_terms = ops.min_terms(builder, avx512, s)
             # each pair's 256 activations of the super-block: sub-blocks 2i and 2i + 1 in load i
             xvs = [
                 [
                     builder.load(builder.gep(x_ptr, [builder.add(at, s.type(i))]), align=1)
                     for i in range(QK_K // 64)
                 ]
-                for x_ptr, *_ in tokens
+                for x_ptr, *_ in ops.tokens
                 for at in [builder.mul(s, s.type(QK_K // 64))]
             ]
             int_sums = [ir.Constant(I32X16, None)] * tile
@@ -274,18 +266,15 @@ def _q4k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
                     for t, loads in enumerate(xvs):
                         xv = builder.shuffle_vector(loads[2 * m], loads[2 * m + 1], gather)
                         int_sums[t] = avx512.scaled_byte_dot(int_sums[t], nibbles, xv, scale)
-            d_w = builder.load(builder.gep(d_ptr, [s]))
-            for (_, dx_ptr, xs_ptr, acc), int_sum in zip(tokens, int_sums, strict=True):
-                int_sum = builder.add(
+            halves_added = [
+                builder.add(
                     builder.shuffle_vector(int_sum, int_sum, lane_mask(range(8))),
                     builder.shuffle_vector(int_sum, int_sum, lane_mask(range(8, 16))),
                 )
-                scale = avx512.splat(builder.fmul(d_w, builder.load(builder.gep(dx_ptr, [s]))))
-                total = avx512.fma(builder.sitofp(int_sum, F32X8), scale, builder.load(acc))
-                block_sums = builder.load(builder.gep(xs_ptr, [s]), align=4)
-                builder.store(avx512.fma(min_terms, block_sums, total), acc)
-        sums = [avx512.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
-        return context.make_tuple(builder, signature.return_type, sums)
+                for int_sum in int_sums
+            ]
+            ops.end_superblock(builder, avx512, s, halves_added, min_terms)
+        return context.make_tuple(builder, signature.return_type, ops.results(builder, avx512))
 
     return sig, codegen
 
