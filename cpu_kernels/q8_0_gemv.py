@@ -91,6 +91,25 @@ def _dequantize_q8_0(values, scales, out):
                 out[r, b * QK8_0 + j] = np.float32(values[r, b * QK8_0 + j]) * scale
 
 
+def combined_scales8(builder, sw_ptr, sx_ptrs, first):
+    """LLVM IR: per pair, float32x8 of the weight * activation scales of blocks first to first +
+    7: the 8 float16 weight scales widened by one conversion (vcvtph2ps), times the pair's 8
+    activation scales in one vector. sw_ptr: the row's float16 bits; sx_ptrs: each pair's
+    float32 scales."""
+    half8 = ir.VectorType(ir.HalfType(), 8)
+    w_bits8 = builder.load(
+        builder.bitcast(builder.gep(sw_ptr, [first]), half8.as_pointer()), align=2
+    )
+    w_scales8 = builder.fpext(w_bits8, F32X8)
+    return [
+        builder.fmul(
+            w_scales8,
+            builder.load(builder.bitcast(builder.gep(sx, [first]), F32X8.as_pointer()), align=4),
+        )
+        for sx in sx_ptrs
+    ]
+
+
 @intrinsic
 def _q8_tile_dot_avx2(typingctx, weights, acts, row, pairs, blocks):
     """(W[row] . x[p] for p in pairs): weights = (int8 values, float16 bits), acts = (int8
@@ -149,26 +168,12 @@ def _q8_tile_dot_avx2(typingctx, weights, acts, row, pairs, blocks):
 
         # 8 blocks at a time: their 8 weight scales widened by one vcvtph2ps and multiplied by
         # the pair's 8 activation scales in one vector; each block then takes its lane
-        half8, float8 = ir.VectorType(ir.HalfType(), 8), F32X8
         with cgutils.for_range(builder, builder.udiv(nblocks, nblocks.type(8))) as loop:
             first = builder.mul(loop.index, loop.index.type(8))
             here = builder.gep(w_ptr, [first])
             for line in range(0, 8 * QK8_0, CACHE_LINE):
                 avx2.prefetch(here, first.type(AVX2.prefetch_bytes + line))
-            w_bits8 = builder.load(
-                builder.bitcast(builder.gep(sw_ptr, [first]), half8.as_pointer()), align=2
-            )
-            w_scales8 = builder.fpext(w_bits8, float8)
-            scales = [
-                builder.fmul(
-                    w_scales8,
-                    builder.load(
-                        builder.bitcast(builder.gep(sx_ptr, [first]), float8.as_pointer()),
-                        align=4,
-                    ),
-                )
-                for _, sx_ptr, _ in tokens
-            ]
+            scales = combined_scales8(builder, sw_ptr, [sx_ptr for _, sx_ptr, _ in tokens], first)
             for lane in range(8):
                 block(builder.add(first, first.type(lane)), lane % chains, scales, lane)
         tail_start = builder.sub(nblocks, builder.urem(nblocks, nblocks.type(8)))
@@ -228,26 +233,12 @@ def _q8_tile_dot_avx512(typingctx, weights, acts, row, pairs, blocks):
 
         # 8 blocks at a time, as in AVX2: 8 weight scales widened by one conversion, times the
         # pair's 8 activation scales; the 64-byte vector v takes lanes 2v and 2v + 1
-        half8 = ir.VectorType(ir.HalfType(), 8)
         with cgutils.for_range(builder, builder.udiv(nblocks, nblocks.type(8))) as loop:
             first = builder.mul(loop.index, loop.index.type(8))
             here = builder.gep(w_blocks, [first])
             for line in range(0, 8 * QK8_0, CACHE_LINE):
                 avx512.prefetch(here, first.type(AVX512.prefetch_bytes + line))
-            w_bits8 = builder.load(
-                builder.bitcast(builder.gep(sw_ptr, [first]), half8.as_pointer()), align=2
-            )
-            w_scales8 = builder.fpext(w_bits8, F32X8)
-            scales8 = [
-                builder.fmul(
-                    w_scales8,
-                    builder.load(
-                        builder.bitcast(builder.gep(sx_ptr, [first]), F32X8.as_pointer()),
-                        align=4,
-                    ),
-                )
-                for *_, sx_ptr, _ in tokens
-            ]
+            scales8 = combined_scales8(builder, sw_ptr, [t[2] for t in tokens], first)
             first_pair = builder.udiv(first, first.type(2))
             for v in range(4):
                 at = builder.add(first_pair, first.type(v))
