@@ -135,6 +135,69 @@ def _dequantize_q6_k(packed, scales, d, out):
                         )
 
 
+class _Q6KOperands:
+    """LLVM IR pointers to a Q6_K tile's operands (Numba arguments of `_q6k_tile_dot_*`): the
+    row's codes as vectors of `lanes` bytes, its 16 scales per super-block, d; per pair its
+    activations as vectors of `lanes` bytes, their 32-block scales, their offsets as 8 floats
+    per half super-block, and a float32x8 accumulator."""
+
+    def __init__(self, context, builder, signature, args, lanes: int):
+        (q_t, sc_t, d_t), (x_t, dx_t, xo_t) = signature.args[:2]
+        q, sc, d = cgutils.unpack_tuple(builder, args[0])
+        x, dx, xo = cgutils.unpack_tuple(builder, args[1])
+        row, pair_ids, self.nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
+        self.builder = builder
+        row_super = builder.mul(row, self.nsuper)
+        self.q = vector_ptr(builder, context, q_t, q, self.at(row_super, CODE_BYTES), lanes)
+        self.sc = vector_ptr(builder, context, sc_t, sc, self.at(row_super, SUBS), SUBS)
+        self.d = element_ptr(builder, context, d_t, d, row_super)
+        self.tokens = []
+        for p in pair_ids:
+            p_super = builder.mul(p, self.nsuper)
+            offsets = element_ptr(builder, context, xo_t, xo, self.at(p_super, SUBS))
+            self.tokens.append(
+                (
+                    vector_ptr(builder, context, x_t, x, self.at(p_super, QK_K), lanes),
+                    element_ptr(builder, context, dx_t, dx, self.at(p_super, BLOCKS)),
+                    builder.bitcast(offsets, F32X8.as_pointer()),
+                    cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
+                )
+            )
+
+    def at(self, super_block, per: int):
+        """The index of super-block `super_block`'s first item, `per` items per super-block."""
+        return self.builder.mul(super_block, super_block.type(per))
+
+    def scales_and_offsets(self, simd, s):
+        """Super-block s's 16 scales as int16 (even sub-blocks first), and per pair the float32x8
+        sum of the scales times its offsets (the - 32 of every code)."""
+        b = self.builder
+        scales = b.load(b.gep(self.sc, [s]), align=1)
+        # even sub-blocks' scales, then the odd ones', against the pairs' offsets
+        halves = [
+            b.sitofp(b.shuffle_vector(scales, scales, lane_mask(range(8 * h, 8 * h + 8))), F32X8)
+            for h in (0, 1)
+        ]
+        totals = []
+        for _, _, xo_ptr, _ in self.tokens:
+            total = ir.Constant(F32X8, None)
+            for h, half_scales in enumerate(halves):
+                offsets_ptr = b.gep(xo_ptr, [b.add(self.at(s, 2), s.type(h))])
+                total = simd.fma(half_scales, b.load(offsets_ptr, align=4), total)
+            totals.append(total)
+        return b.sext(scales, I16X16), totals
+
+    def end_superblock(self, simd, s, totals):
+        """Each pair's float32x8 total of super-block s, times d, into its accumulator."""
+        b = self.builder
+        d_splat = simd.splat(b.load(b.gep(self.d, [s])))
+        for (*_, acc), total in zip(self.tokens, totals, strict=True):
+            b.store(simd.fma(total, d_splat, b.load(acc)), acc)
+
+    def results(self, simd):
+        return [simd.horizontal_sum(self.builder.load(acc)) for *_, acc in self.tokens]
+
+
 @intrinsic
 def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
     """(W[row] . x[p] for p in pairs): weights = Q6KMatrix.arrays and acts = q6_k_activations,
@@ -151,56 +214,18 @@ def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
     sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
 
     def codegen(context, builder, signature, args):
-        (q_t, sc_t, d_t), (x_t, dx_t, xo_t) = signature.args[:2]
-        q, sc, d = cgutils.unpack_tuple(builder, args[0])
-        x, dx, xo = cgutils.unpack_tuple(builder, args[1])
-        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
-        avx2 = Avx2Ir(builder)
-
-        def at(super_block, per):
-            return builder.mul(super_block, super_block.type(per))
+        ops = _Q6KOperands(context, builder, signature, args, 32)
+        avx2, at, q_ptr, tokens = Avx2Ir(builder), ops.at, ops.q, ops.tokens
 
         def bytes_of(value):
             return ir.Constant(I8X32, [value] * 32)
 
-        row_super = builder.mul(row, nsuper)
-        q_ptr = vector_ptr(builder, context, q_t, q, at(row_super, CODE_BYTES), 32)
-        sc_ptr = vector_ptr(builder, context, sc_t, sc, at(row_super, SUBS), SUBS)
-        d_ptr = element_ptr(builder, context, d_t, d, row_super)
-        tokens = []
-        for p in pair_ids:
-            p_super = builder.mul(p, nsuper)
-            offsets = element_ptr(builder, context, xo_t, xo, at(p_super, SUBS))
-            tokens.append(
-                (
-                    vector_ptr(builder, context, x_t, x, at(p_super, QK_K), 32),
-                    element_ptr(builder, context, dx_t, dx, at(p_super, BLOCKS)),
-                    builder.bitcast(offsets, F32X8.as_pointer()),
-                    cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
-                )
-            )
-        with cgutils.for_range(builder, nsuper) as loop:
+        with cgutils.for_range(builder, ops.nsuper) as loop:
             s = loop.index
             here = builder.gep(q_ptr, [at(s, 6)])
             for line in range(0, CODE_BYTES, CACHE_LINE):  # a super-block's codes
                 avx2.prefetch(here, s.type(AVX2.prefetch_bytes + line))
-            scales = builder.load(builder.gep(sc_ptr, [s]), align=1)
-            scales16 = builder.sext(scales, I16X16)
-            # even sub-blocks' scales, then the odd ones', against the pairs' offsets
-            halves = [
-                builder.sitofp(
-                    builder.shuffle_vector(scales, scales, lane_mask(range(8 * h, 8 * h + 8))),
-                    F32X8,
-                )
-                for h in (0, 1)
-            ]
-            sums = []
-            for _, _, xo_ptr, _ in tokens:
-                total = ir.Constant(F32X8, None)
-                for h, half_scales in enumerate(halves):
-                    offsets_ptr = builder.gep(xo_ptr, [builder.add(at(s, 2), s.type(h))])
-                    total = avx2.fma(half_scales, builder.load(offsets_ptr, align=4), total)
-                sums.append(total)
+            scales16, sums = ops.scales_and_offsets(avx2, s)
             for half in (0, 1):
                 runs = [
                     builder.load(
@@ -226,11 +251,8 @@ def _q6k_tile_dot_avx2(typingctx, weights, acts, row, pairs, superblocks):
                         dot = builder.sitofp(avx2.int_dot(codes, xv, pair_scales), F32X8)
                         x_scale = avx2.splat(builder.load(builder.gep(dx_ptr, [block])))
                         sums[t] = avx2.fma(dot, x_scale, sums[t])
-            d_splat = avx2.splat(builder.load(builder.gep(d_ptr, [s])))
-            for (*_, acc), total in zip(tokens, sums, strict=True):
-                builder.store(avx2.fma(total, d_splat, builder.load(acc)), acc)
-        results = [avx2.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
-        return context.make_tuple(builder, signature.return_type, results)
+            ops.end_superblock(avx2, s, sums)
+        return context.make_tuple(builder, signature.return_type, ops.results(avx2))
 
     return sig, codegen
 
@@ -249,14 +271,8 @@ def _q6k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
     sig = types.UniTuple(types.float32, tile)(weights, acts, types.intp, pairs, types.intp)
 
     def codegen(context, builder, signature, args):
-        (q_t, sc_t, d_t), (x_t, dx_t, xo_t) = signature.args[:2]
-        q, sc, d = cgutils.unpack_tuple(builder, args[0])
-        x, dx, xo = cgutils.unpack_tuple(builder, args[1])
-        row, pair_ids, nsuper = args[2], cgutils.unpack_tuple(builder, args[3]), args[4]
-        avx512 = Avx512Ir(builder)
-
-        def at(super_block, per):
-            return builder.mul(super_block, super_block.type(per))
+        ops = _Q6KOperands(context, builder, signature, args, 64)
+        avx512, at, q_ptr = Avx512Ir(builder), ops.at, ops.q
 
         def bytes_of(value):
             return ir.Constant(I8X64, [value] * 64)
@@ -271,42 +287,12 @@ def _q6k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
                 ),
             )
 
-        row_super = builder.mul(row, nsuper)
-        q_ptr = vector_ptr(builder, context, q_t, q, at(row_super, CODE_BYTES), 64)
-        sc_ptr = vector_ptr(builder, context, sc_t, sc, at(row_super, SUBS), SUBS)
-        d_ptr = element_ptr(builder, context, d_t, d, row_super)
-        tokens = []
-        for p in pair_ids:
-            p_super = builder.mul(p, nsuper)
-            tokens.append(
-                (
-                    vector_ptr(builder, context, x_t, x, at(p_super, QK_K), 64),
-                    builder.bitcast(
-                        element_ptr(builder, context, dx_t, dx, at(p_super, BLOCKS)),
-                        F32X8.as_pointer(),
-                    ),
-                    builder.bitcast(
-                        element_ptr(builder, context, xo_t, xo, at(p_super, SUBS)),
-                        F32X8.as_pointer(),
-                    ),
-                    cgutils.alloca_once_value(builder, ir.Constant(F32X8, None)),
-                )
-            )
-        with cgutils.for_range(builder, nsuper) as loop:
+        with cgutils.for_range(builder, ops.nsuper) as loop:
             s = loop.index
             here = builder.gep(q_ptr, [at(s, 3)])
             for line in range(0, CODE_BYTES, CACHE_LINE):  # a super-block's codes
                 avx512.prefetch(here, s.type(AVX512.prefetch_bytes + line))
-            scales = builder.load(builder.gep(sc_ptr, [s]), align=1)
-            scales16 = builder.sext(scales, I16X16)
-            # even sub-blocks' scales, then the odd ones', against the pairs' offsets
-            halves = [
-                builder.sitofp(
-                    builder.shuffle_vector(scales, scales, lane_mask(range(8 * h, 8 * h + 8))),
-                    F32X8,
-                )
-                for h in (0, 1)
-            ]
+            scales16, offset_totals = ops.scales_and_offsets(avx512, s)
             loads = [
                 builder.load(builder.gep(q_ptr, [builder.add(at(s, 3), s.type(i))]), align=1)
                 for i in range(3)
@@ -325,16 +311,16 @@ def _q6k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
             # (codes of two blocks, the blocks)
             masked = [builder.and_(v, bytes_of(0x3F)) for v in loads]
             block_pairs = [*zip(masked, [(0, 1), (2, 4), (5, 6)], strict=True), (last, (3, 7))]
-            for x_ptr, dx_ptr, xo_ptr, acc in tokens:
-                total8 = ir.Constant(F32X8, None)
-                for h, half_scales in enumerate(halves):
-                    offsets_ptr = builder.gep(xo_ptr, [builder.add(at(s, 2), s.type(h))])
-                    total8 = avx512.fma(half_scales, builder.load(offsets_ptr, align=4), total8)
+            totals = []
+            for (x_ptr, dx_ptr, _, _), total8 in zip(ops.tokens, offset_totals, strict=True):
                 xs = [
                     builder.load(builder.gep(x_ptr, [builder.add(at(s, 4), s.type(i))]), align=1)
                     for i in range(4)
                 ]
-                x_scales = builder.load(builder.gep(dx_ptr, [s]), align=4)  # the 8 blocks'
+                x_scales = builder.load(  # the 8 blocks'
+                    builder.bitcast(builder.gep(dx_ptr, [at(s, BLOCKS)]), F32X8.as_pointer()),
+                    align=4,
+                )
                 total16 = ir.Constant(F32X16, None)
                 for codes, (b0, b1) in block_pairs:
                     xv = halves_of(xs[b0 // 2], xs[b1 // 2], b0 % 2, b1 % 2)
@@ -348,17 +334,17 @@ def _q6k_tile_dot_avx512(typingctx, weights, acts, row, pairs, superblocks):
                         x_scales, x_scales, lane_mask([b0] * 8 + [b1] * 8)
                     )
                     total16 = avx512.fma(builder.sitofp(dot, F32X16), lanes, total16)
-                total = builder.fadd(
-                    total8,
+                totals.append(
                     builder.fadd(
-                        builder.shuffle_vector(total16, total16, lane_mask(range(8))),
-                        builder.shuffle_vector(total16, total16, lane_mask(range(8, 16))),
-                    ),
+                        total8,
+                        builder.fadd(
+                            builder.shuffle_vector(total16, total16, lane_mask(range(8))),
+                            builder.shuffle_vector(total16, total16, lane_mask(range(8, 16))),
+                        ),
+                    )
                 )
-                d_splat = avx512.splat(builder.load(builder.gep(d_ptr, [s])))
-                builder.store(avx512.fma(total, d_splat, builder.load(acc)), acc)
-        results = [avx512.horizontal_sum(builder.load(acc)) for *_, acc in tokens]
-        return context.make_tuple(builder, signature.return_type, results)
+            ops.end_superblock(avx512, s, totals)
+        return context.make_tuple(builder, signature.return_type, ops.results(avx512))
 
     return sig, codegen
 
