@@ -1,6 +1,8 @@
 """LLVM IR for the x86 SIMD instructions the tile kernels are made of, for the codegen of Numba
 `@intrinsic`s: plain Numba code never produces integer dot products such as `vpmaddubsw` (see
-shared/notes/cpu-kernels.md), so the kernels call LLVM's x86 intrinsics directly."""
+shared/notes/cpu-kernels.md), so the kernels call LLVM's x86 intrinsics directly. Numba's
+on-disk cache checks only a kernel's own file: after editing this one, clear it
+(cpu_kernels/__pycache__/*.nbi, *.nbc)."""
 
 from llvmlite import ir
 from numba.core import cgutils
