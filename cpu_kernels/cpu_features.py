@@ -93,4 +93,6 @@ def _kernel_path(forced: str | None) -> str:
 def kernel_of_path(kernels: dict, path: str):
     """The kernel of `path` in `kernels` (path -> kernel, one format's), or of the first path
     after it in the chain that has one: every format has a plain kernel."""
+    if path not in KERNEL_PATHS:
+        raise KernelPathError(f"no kernel path {path!r}: the paths are {', '.join(KERNEL_PATHS)}")
     return next(kernels[p] for p in KERNEL_PATHS[KERNEL_PATHS.index(path) :] if p in kernels)

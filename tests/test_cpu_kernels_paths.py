@@ -96,3 +96,8 @@ def test_a_format_without_a_kernel_of_a_path_runs_the_next_paths():
         "avx2 kernel",
         "plain kernel",
     ]
+
+
+def test_an_unknown_path_asked_of_a_format_is_refused():
+    with pytest.raises(KernelPathError, match="no kernel path 'sse9'"):
+        kernel_of_path({"plain": "plain kernel"}, "sse9")
