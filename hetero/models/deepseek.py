@@ -315,10 +315,12 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, hidden]
         weights, ids = self.gate(x)
-        out = self.experts(x, ids, weights)
-        if self.has_shared_experts:
-            out = out + self.shared_experts(x)
-        return out
+        if not self.has_shared_experts:
+            return self.experts(x, ids, weights)
+        # the routed experts start (on a CPU worker, say) while the shared experts run here
+        routed = self.experts.submit(x, ids, weights)
+        shared = self.shared_experts(x)
+        return routed.wait() + shared
 
 
 def parse_config(cfg: dict[str, Any]) -> DeepseekConfig:

@@ -1,12 +1,15 @@
 """The expert-backend interface: "these tokens go to these experts with these weights".
 
-A MoE block calls `experts(x, expert_ids, expert_weights)` and knows nothing else. `TorchExperts`
-is the reference backend (plain torch, autograd-capable); the runtime may swap a layer's backend
-for another that holds the same experts (CPU kernels, GPU, a split) without touching model code."""
+A MoE block calls `experts.submit(x, expert_ids, expert_weights)`, runs its shared experts while
+the routed ones compute, then `handle.wait()`s for their output; it knows nothing else.
+`TorchExperts` is the reference backend (plain torch, autograd-capable); the runtime may swap a
+layer's backend for another that holds the same experts (CPU kernels, GPU, a split) without
+touching model code."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +37,33 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class TorchExperts(nn.ModuleList):
-    """Routed experts of one layer as a list of `GatedMLP` (checkpoint names `experts.N.*`)."""
+class ExpertsHandle(Protocol):
+    """Routed experts under way: `wait()` blocks until their output is ready and returns it,
+    [tokens, hidden], or raises what the computation raised."""
 
-    def __init__(self, num_experts: int, hidden_size: int, expert_size: int):
-        super().__init__(GatedMLP(hidden_size, expert_size) for _ in range(num_experts))
+    def wait(self) -> torch.Tensor: ...
+
+
+class FinishedExperts:
+    """The handle of experts computed at submit (the reference backend, inline fallbacks)."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def wait(self) -> torch.Tensor:
+        return self.out
+
+
+class ExpertBackend:
+    """What every expert backend is (mixed into an `nn.Module`): `submit` starts the routed
+    experts and returns a handle; calling the module is submit-then-wait, for callers that have
+    nothing to run meanwhile."""
+
+    def submit(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> ExpertsHandle:
+        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
+        raise NotImplementedError
 
     @classmethod
     def of(cls, experts: list[nn.Module]) -> TorchExperts:
@@ -51,10 +76,24 @@ class TorchExperts(nn.ModuleList):
     def forward(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
+        return self.submit(x, expert_ids, expert_weights).wait()
+
+
+class TorchExperts(ExpertBackend, nn.ModuleList):
+    """Routed experts of one layer as a list of `GatedMLP` (checkpoint names `experts.N.*`),
+    computed at submit: autograd records through them like through any torch module."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int):
+        super().__init__(GatedMLP(hidden_size, expert_size) for _ in range(num_experts))
+
+    def submit(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> FinishedExperts:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
-        return run_grouped_by_expert(
+        out = run_grouped_by_expert(
             x, expert_ids, expert_weights, len(self), lambda e, xs: self[e](xs)
         )
+        return FinishedExperts(out)
 
 
 def run_grouped_by_expert(

@@ -1,5 +1,6 @@
 """Sparse MoE block with softmax top-k routing (Qwen2/3-MoE, Mixtral), optionally with a
-sigmoid-gated shared expert (Qwen2-MoE). Expert compute goes through the expert backend."""
+sigmoid-gated shared expert (Qwen2-MoE), which runs while the expert backend computes the
+routed experts."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, hidden]
         weights, ids = softmax_topk(self.gate(x), self.top_k, self.normalize_topk)
-        out = self.experts(x, ids, weights)
-        if self.has_shared_expert:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        if not self.has_shared_expert:
+            return self.experts(x, ids, weights)
+        # the routed experts start (on a CPU worker, say) while the shared expert runs here
+        routed = self.experts.submit(x, ids, weights)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed.wait() + shared

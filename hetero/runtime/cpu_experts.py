@@ -1,12 +1,15 @@
 """`NumbaExperts`: a layer's routed experts held as quantised blocks and run by cpu_kernels.
 
-Same call as `TorchExperts`, so the runtime can swap a layer's `mlp.experts` for it. Decode (few
-tokens) runs the grouped GEMV over all (token, expert) pairs at once, parallel over rows;
-prefill (many tokens) dequantises one expert at a time and uses torch's matmul, except where
-the format's kernel is the faster GEMM too (`runs_many_rows`: the panel formats on AVX2)."""
+Same interface as `TorchExperts`, so the runtime can swap a layer's `mlp.experts` for it; its
+`submit` hands the work to the expert worker thread, so the MoE block's shared experts run
+meanwhile. Decode (few tokens) runs the grouped GEMV over all (token, expert) pairs at once,
+parallel over rows; prefill (many tokens) dequantises one expert at a time and uses torch's
+matmul, except where the format's kernel is the faster GEMM too (`runs_many_rows`: the panel
+formats on AVX2)."""
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import numpy as np
@@ -25,7 +28,14 @@ from cpu_kernels.quant_matrix import (
     runs_many_rows,
 )
 from hetero.formats.gguf_quants import dequantize
-from hetero.models.experts import TorchExperts, run_grouped_by_expert
+from hetero.models.experts import (
+    ExpertBackend,
+    ExpertsHandle,
+    FinishedExperts,
+    TorchExperts,
+    run_grouped_by_expert,
+)
+from hetero.runtime.expert_worker import expert_worker
 
 
 class RawTensorSource(Protocol):
@@ -36,6 +46,13 @@ class RawTensorSource(Protocol):
 
 DECODE_MAX_TOKENS = 16  # more tokens per call go to the prefill path (a guess, not yet tuned)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# "0" runs the experts in the caller's thread, after which the shared experts run (the A/B of
+# bench/expert_overlap_bench.py); anything else, or unset, overlaps them
+OVERLAP_ENV = "HETERO_EXPERT_OVERLAP"
+
+
+def overlap_by_default() -> bool:
+    return os.environ.get(OVERLAP_ENV, "1") != "0"
 
 
 def matrix_from_weights(
@@ -51,9 +68,10 @@ def matrix_from_weights(
     return quantize_matrix(np.stack(arrays) if stacked else arrays[0], ggml_type)
 
 
-class NumbaExperts(nn.Module):
+class NumbaExperts(ExpertBackend, nn.Module):
     """Routed experts of one layer: gate and up stacked as one [experts, 2 * size, hidden]
-    matrix (one GEMV pass reads both), down as [experts, hidden, size]."""
+    matrix (one GEMV pass reads both), down as [experts, hidden, size]. `overlap`: whether
+    `submit` runs them on the expert worker (else at once, in the caller's thread)."""
 
     def __init__(self, gate_up: QuantMatrix, down: QuantMatrix, path: str | None = None):
         super().__init__()
@@ -65,6 +83,7 @@ class NumbaExperts(nn.Module):
             )
         self.gate_up, self.down, self.path = gate_up, down, path
         self.num_experts, self.expert_size = experts, double_size // 2
+        self.overlap = overlap_by_default()
 
     @property
     def nbytes(self) -> int:
@@ -118,7 +137,27 @@ class NumbaExperts(nn.Module):
             matrix_from_weights(gate_up, ggml_type), matrix_from_weights(down, ggml_type), path
         )
 
+    def extra_repr(self) -> str:
+        experts, hidden = self.num_experts, self.gate_up.shape[2]
+        name = type(self.gate_up).__name__
+        return f"experts={experts}, hidden={hidden}, expert_size={self.expert_size}, {name}"
+
+    def submit(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> ExpertsHandle:
+        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
+        worker = expert_worker() if self.overlap else None
+        if worker is None:
+            return FinishedExperts(self._compute(x, expert_ids, expert_weights))
+        return worker.submit(self._compute, x, expert_ids, expert_weights)
+
     def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # nothing runs meanwhile: computed in the caller's thread, without a worker handoff
+        return self._compute(x, expert_ids, expert_weights)
+
+    def _compute(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
@@ -131,7 +170,7 @@ class NumbaExperts(nn.Module):
         gate_up = grouped_gemv(self.gate_up, xs, pair_expert, self.path)
         hidden = silu_mul(gate_up, self.expert_size)
         y = grouped_gemv(self.down, hidden, pair_expert, self.path)
-        weights = np.ascontiguousarray(expert_weights.float().numpy())
+        weights = np.ascontiguousarray(expert_weights.detach().float().numpy())
         return torch.from_numpy(weighted_pair_sum(y, weights, top_k)).to(x.dtype)
 
     def _prefill(

@@ -1,5 +1,5 @@
 """Expert popularity recorded while a model runs: every MoE layer's expert backend is wrapped
-at the seam (`experts(x, expert_ids, expert_weights)`) to count the ids it is asked to run;
+at the seam (`experts.submit(x, expert_ids, expert_weights)`) to count the ids it is asked to run;
 the counts become a `RoutingProfile` for the planner (`hetero profile`)."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetero.models.experts import ExpertBackend, ExpertsHandle
 from placement.routing_profile import RoutingProfile
 
 
-class RecordingExperts(nn.Module):
+class RecordingExperts(ExpertBackend, nn.Module):
     """An expert backend that counts the expert ids it is asked to run, then delegates."""
 
     def __init__(self, inner: nn.Module, num_experts: int):
@@ -24,14 +25,14 @@ class RecordingExperts(nn.Module):
         self.counts = np.zeros(num_experts, dtype=np.int64)
         self.tokens = 0
 
-    def forward(
+    def submit(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> ExpertsHandle:
         # expert_ids: [tokens, top_k]
         ids = expert_ids.reshape(-1).cpu().numpy()
         self.counts += np.bincount(ids, minlength=len(self.counts))[: len(self.counts)]
         self.tokens += int(x.shape[0])
-        return self.inner(x, expert_ids, expert_weights)
+        return self.inner.submit(x, expert_ids, expert_weights)
 
 
 def num_experts_of(backend: nn.Module) -> int:
