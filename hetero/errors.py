@@ -20,3 +20,7 @@ class PromptTooLongError(HeteroError):
 
 class InvalidRequestError(HeteroError):
     """A generation parameter is out of range."""
+
+
+class KernelGradientError(HeteroError):
+    """A gradient was asked of a module that runs on the CPU kernels, which have no backward."""

@@ -36,6 +36,7 @@ from hetero.models.experts import (
     run_grouped_by_expert,
 )
 from hetero.runtime.expert_worker import expert_worker
+from hetero.runtime.no_backward import refuse_gradient
 
 
 class RawTensorSource(Protocol):
@@ -146,6 +147,7 @@ class NumbaExperts(ExpertBackend, nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> ExpertsHandle:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
+        refuse_gradient(self, x, expert_weights)
         worker = expert_worker() if self.overlap else None
         if worker is None:
             return FinishedExperts(self._compute(x, expert_ids, expert_weights))
@@ -155,12 +157,14 @@ class NumbaExperts(ExpertBackend, nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # nothing runs meanwhile: computed in the caller's thread, without a worker handoff
+        refuse_gradient(self, x, expert_weights)
         return self._compute(x, expert_ids, expert_weights)
 
     def _compute(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
-        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
+        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden].
+        # detach(): a gradient was refused at submit; these only come without autograd
         if x.shape[0] > DECODE_MAX_TOKENS and not runs_many_rows(self.gate_up, self.path):
             return self._prefill(x, expert_ids, expert_weights)
         top_k = expert_ids.shape[1]

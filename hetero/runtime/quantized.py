@@ -27,6 +27,7 @@ from hetero.runtime.cpu_experts import (
     NumbaExperts,
     matrix_from_weights,
 )
+from hetero.runtime.no_backward import refuse_gradient
 
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
@@ -34,8 +35,9 @@ DEQUANT_TILE_BYTES = 64 * 1024 * 1024  # prefill dequantises a dense weight this
 
 
 class QuantLinear(nn.Module):
-    """`nn.Linear` (no autograd) over a quantised [out, in] matrix: the GEMV for a few tokens,
-    dequantised row tiles and torch's matmul for many."""
+    """`nn.Linear` over a quantised [out, in] matrix, for inference (an input that needs a
+    gradient is refused): the GEMV for a few tokens, dequantised row tiles and torch's matmul
+    for many."""
 
     def __init__(self, weight: QuantMatrix, bias: nn.Parameter | None, path: str | None = None):
         super().__init__()
@@ -53,7 +55,8 @@ class QuantLinear(nn.Module):
         return (self.qweight,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]
+        # x: [..., in] -> [..., out]; detach(): only inputs without autograd pass
+        refuse_gradient(self, x)
         flat = x.detach().reshape(-1, self.in_features).float()
         if flat.shape[0] <= DECODE_MAX_TOKENS or runs_many_rows(self.qweight, self.path):
             pair_expert = np.zeros(flat.shape[0], np.int64)
@@ -109,7 +112,11 @@ class JoinedQuantLinear(nn.Module):
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.passes)
 
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, passes={len(self.passes)}"
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        refuse_gradient(self, x)
         outs = [p(x) for p in self.passes]
         return tuple(outs[k][..., start:stop] for k, start, stop in self._where)
 
