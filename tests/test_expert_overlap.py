@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 import threading
 
+import numba
 import pytest
 import torch
 from conftest import FAMILY_CONFIGS, make_checkpoint
@@ -56,6 +57,16 @@ def test_one_long_lived_worker_runs_every_job():
     threads = {expert_worker().submit(threading.current_thread).wait() for _ in range(20)}
     assert threads == {expert_worker().thread}
     assert threading.active_count() == before
+
+
+def test_worker_jobs_use_the_submitters_numba_thread_count():
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            assert expert_worker().submit(numba.get_num_threads).wait() == threads
+    finally:
+        numba.set_num_threads(before)
 
 
 class WaitsForTheSharedExpert(TorchExperts):

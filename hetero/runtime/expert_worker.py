@@ -18,10 +18,20 @@ class WorkerHandle:
     """A job on the worker: `wait()` blocks until it ran, then returns its result or raises its
     exception (the same object, so its type and the worker's traceback survive)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self._fn, self._args = fn, args
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._result = self._fn(*self._args)
+        except BaseException as error:  # handed to wait(); the worker lives on
+            self._error = error
+        finally:
+            self._fn = self._args = None  # the inputs are not kept alive by a finished job
+            self._done.set()
 
     def wait(self) -> Any:
         self._done.wait()
@@ -34,7 +44,7 @@ class ExpertWorker:
     """A daemon thread taking jobs from a queue, one at a time."""
 
     def __init__(self, name: str = "hetero-experts") -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[WorkerHandle, int]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -42,20 +52,16 @@ class ExpertWorker:
         """Queue fn(*args); its Numba kernels use as many threads as the submitting thread's
         (Numba's thread count is a per-thread setting, `hetero.load(threads=...)` sets it in
         the caller's)."""
-        handle = WorkerHandle()
-        self._jobs.put((fn, args, numba.get_num_threads(), handle))
+        handle = WorkerHandle(fn, args)
+        self._jobs.put((handle, numba.get_num_threads()))
         return handle
 
     def _run(self) -> None:
         while True:
-            fn, args, threads, handle = self._jobs.get()
-            try:
-                if numba.get_num_threads() != threads:
-                    numba.set_num_threads(threads)
-                handle._result = fn(*args)
-            except BaseException as error:  # handed to wait(); the worker lives on
-                handle._error = error
-            handle._done.set()
+            handle, threads = self._jobs.get()
+            if numba.get_num_threads() != threads:
+                numba.set_num_threads(threads)
+            handle.run()
 
 
 _worker: ExpertWorker | None = None
