@@ -139,8 +139,14 @@ def measure(kind: str, *args: str, threads: int) -> dict:
 
 
 def prepare(
-    directory: Path, layers: int, experts: int, gguf_types: tuple[str, ...]
+    directory: Path,
+    layers: int,
+    experts: int,
+    gguf_types: tuple[str, ...],
+    shared_expert: int = 0,
 ) -> dict[str, Path]:
+    """The bench model's bf16 safetensors in `directory` and its GGUF files beside it, each
+    written unless it exists."""
     if not (directory / "model.safetensors").exists():
         subprocess.run(
             [
@@ -151,6 +157,8 @@ def prepare(
                 str(layers),
                 "--experts",
                 str(experts),
+                "--shared-expert",
+                str(shared_expert),
             ],
             check=True,
         )

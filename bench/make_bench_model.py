@@ -1,6 +1,8 @@
 """Write the bench model: Qwen3-30B-A3B's geometry (hidden 2048, 32 q / 4 kv heads of 128,
 768-wide experts, top-8, vocab 151936), scaled down in layers and experts to fit this machine,
-as bf16 safetensors with random weights and the demo tokenizer.
+as bf16 safetensors with random weights and the demo tokenizer. `--shared-expert SIZE` adds a
+shared expert of that width behind a sigmoid gate, as Qwen2-MoE has (Qwen3 has none): the
+model is then a qwen2_moe (q/k/v biases, no q/k norms) of the same geometry.
 
     .venv/bin/python bench/make_bench_model.py /tmp/bench-qwen3moe --layers 4 --experts 32
 """
@@ -19,7 +21,12 @@ from hetero.demo_tokenizer import write_demo_tokenizer
 from hetero.models import qwen_moe
 
 
-def bench_config(layers: int, experts: int) -> dict:
+def bench_config(layers: int, experts: int, shared_expert: int = 0) -> dict:
+    shared = {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "shared_expert_intermediate_size": shared_expert,
+    }
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
@@ -40,6 +47,7 @@ def bench_config(layers: int, experts: int) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "eos_token_id": 151645,
+        **(shared if shared_expert else {}),
     }
 
 
@@ -48,10 +56,11 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--shared-expert", type=int, default=0, help="its width; 0: none")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     write_demo_tokenizer(args.out)
-    raw = bench_config(args.layers, args.experts)
+    raw = bench_config(args.layers, args.experts, args.shared_expert)
     (args.out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     with torch.device("meta"):
         net = qwen_moe.build(qwen_moe.parse_config(raw))
