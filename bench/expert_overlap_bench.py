@@ -1,8 +1,8 @@
-"""Decode tokens/s with and without the expert overlap (routed experts on the expert worker while
-the shared expert runs in the calling thread) on the bench model with a shared expert added,
-from its Q8_0 GGUF file, in one process: the two modes alternate (ABBA) over the repeats and
-each reports its median. Also one MoE layer's parts timed alone, for the bound the overlap
-can reach: serial = routed + shared, ideal = max(routed, shared).
+"""Decode (and prefill) tokens/s with and without the expert overlap (routed experts on the
+expert worker while the shared expert runs in the calling thread) on the bench model with a
+shared expert added, from its Q8_0 GGUF file, in one process: the two modes alternate (ABBA)
+over the repeats and each reports its median. Also one MoE layer's parts timed alone, for the
+bound the overlap can reach: serial = routed + shared, ideal = max(routed, shared).
 
     .venv/bin/python bench/expert_overlap_bench.py --dir /tmp/bench-qwen3moe-shared --threads 2
 """
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numba
@@ -35,8 +36,38 @@ def set_overlap(model, overlap: bool) -> None:
             module.overlap = overlap
 
 
-def decode_tok_s(model, new_tokens: int) -> float:
-    return model.generate([1], max_new_tokens=new_tokens, ignore_eos=True).decode_tok_s
+def decode(model, new_tokens: int) -> tuple[float, float]:
+    """(decode tok/s, CPU ms of this process per token): on a loaded machine a mode can gain
+    tok/s by taking more of the cores from other processes, which the CPU time shows."""
+    began = time.process_time()
+    result = model.generate([1], max_new_tokens=new_tokens, ignore_eos=True)
+    return result.decode_tok_s, 1e3 * (time.process_time() - began) / new_tokens
+
+
+def prefill(model, prompt: list[int]) -> tuple[float, float]:
+    """(prefill tok/s, CPU ms per prompt token)."""
+    began = time.process_time()
+    result = model.generate(prompt, max_new_tokens=1, ignore_eos=True)
+    return result.prefill_tok_s, 1e3 * (time.process_time() - began) / len(prompt)
+
+
+def overlap_ab(model, measure: Callable[[], tuple[float, float]], repeats: int) -> str:
+    """`measure` run `repeats` times per mode, the modes alternating ABBA: a markdown table of
+    the medians, and the ratio."""
+    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for r in range(repeats):
+        for overlap in (True, False) if r % 2 == 0 else (False, True):
+            set_overlap(model, overlap)
+            runs[overlap].append(measure())
+    tok_s = {mode: statistics.median(t for t, _ in runs[mode]) for mode in runs}
+    lines = ["| mode | tok/s (median) | CPU ms per token (median) | runs (tok/s) |"]
+    lines.append("|---|---|---|---|")
+    for overlap, label in ((False, "serial (HETERO_EXPERT_OVERLAP=0)"), (True, "overlap")):
+        values = ", ".join(f"{t:.2f}" for t, _ in runs[overlap])
+        cpu_ms = statistics.median(c for _, c in runs[overlap])
+        lines.append(f"| {label} | {tok_s[overlap]:.2f} | {cpu_ms:.2f} | {values} |")
+    lines.append(f"\noverlap / serial: {tok_s[True] / tok_s[False]:.3f}x")
+    return "\n".join(lines)
 
 
 def interleaved_median_ms(fns: dict[str, Callable[[], object]], calls: int) -> dict[str, float]:
@@ -117,6 +148,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=6, help="decodes per mode")
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--prefills", type=int, default=4, help="prefills per mode")
     parser.add_argument("--layer-calls", type=int, default=200, help="calls per layer part")
     args = parser.parse_args()
 
@@ -128,19 +161,12 @@ def main() -> None:
         f"shared expert {args.shared_expert} wide), {args.threads} threads, decode "
         f"{args.new_tokens} tokens after a 1-token prompt, {args.repeats} per mode, ABBA order"
     )
-    decode_tok_s(model, 4)  # warm-up
-    runs: dict[bool, list[float]] = {True: [], False: []}
-    for r in range(args.repeats):
-        for overlap in (True, False) if r % 2 == 0 else (False, True):
-            set_overlap(model, overlap)
-            runs[overlap].append(decode_tok_s(model, args.new_tokens))
-    on, off = statistics.median(runs[True]), statistics.median(runs[False])
-    print("\n| mode | decode tok/s (median) | runs |\n|---|---|---|")
-    for overlap, label in ((False, "serial (HETERO_EXPERT_OVERLAP=0)"), (True, "overlap")):
-        values = ", ".join(f"{v:.2f}" for v in runs[overlap])
-        print(f"| {label} | {statistics.median(runs[overlap]):.2f} | {values} |")
-    print(f"\noverlap / serial: {on / off:.3f}x")
-
+    decode(model, 4)  # warm-up
+    print(f"\ndecode:\n{overlap_ab(model, lambda: decode(model, args.new_tokens), args.repeats)}")
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), generator=generator)
+    measure = partial(prefill, model, prompt.tolist())
+    print(f"\nprefill {args.prompt_tokens} tokens:\n{overlap_ab(model, measure, args.prefills)}\n")
     parts = layer_parts_ms(model, args.layer_calls)
     serial = parts["routed"] + parts["shared"]
     ideal = max(parts["routed"], parts["shared"])
