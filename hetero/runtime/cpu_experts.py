@@ -164,7 +164,7 @@ class NumbaExperts(ExpertBackend, nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden].
-        # detach(): a gradient was refused at submit; these only come without autograd
+        # detach(): inputs that need a gradient were refused (submit, forward); these have none
         if x.shape[0] > DECODE_MAX_TOKENS and not runs_many_rows(self.gate_up, self.path):
             return self._prefill(x, expert_ids, expert_weights)
         top_k = expert_ids.shape[1]
