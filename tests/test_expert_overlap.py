@@ -5,7 +5,9 @@ the GIL; the tokens decoded are the same with and without the overlap."""
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import signal
 import threading
 
 import numba
@@ -67,6 +69,21 @@ def test_worker_jobs_use_the_submitters_numba_thread_count():
             assert expert_worker().submit(numba.get_num_threads).wait() == threads
     finally:
         numba.set_num_threads(before)
+
+
+def test_a_forked_child_starts_its_own_worker():
+    expert_worker()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes "ok" if a job ran; a hung one is killed by the alarm
+        signal.alarm(10)
+        try:
+            os.write(write, b"ok" if expert_worker().submit(lambda: True).wait() else b"no")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 2) == b"ok"
 
 
 class WaitsForTheSharedExpert(TorchExperts):

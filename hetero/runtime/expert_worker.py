@@ -5,6 +5,7 @@ at once."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -66,6 +67,15 @@ class ExpertWorker:
 
 _worker: ExpertWorker | None = None
 _worker_lock = threading.Lock()
+
+
+def _forget_worker() -> None:
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()
+
+
+# a forked child has no copy of the worker thread: it starts its own at its first submit
+os.register_at_fork(after_in_child=_forget_worker)
 
 
 def expert_worker() -> ExpertWorker | None:
