@@ -21,6 +21,7 @@ import hetero
 from hetero.models import deepseek
 from hetero.models.experts import TorchExperts
 from hetero.models.moe import SparseMoE
+from hetero.runtime.assembler import SplitExperts
 from hetero.runtime.cpu_experts import NumbaExperts
 from hetero.runtime.expert_worker import ExpertWorker, expert_worker
 
@@ -86,22 +87,22 @@ def test_a_forked_child_starts_its_own_worker():
     assert os.read(read, 2) == b"ok"
 
 
-class WaitsForTheSharedExpert(TorchExperts):
-    """Routed experts that run on the worker and finish only once the shared expert has run:
-    a block that waited for them before running its shared expert would never finish."""
+class FinishesAfter(TorchExperts):
+    """Routed experts that run on the worker and finish only once `event` is set: a caller that
+    waited for them before setting it would never finish."""
 
-    def __init__(self, experts: TorchExperts, shared_ran: threading.Event):
+    def __init__(self, experts: list[torch.nn.Module], event: threading.Event):
         super().__init__(0, 0, 0)
         self.extend(experts)
-        self.shared_ran = shared_ran
+        self.event = event
 
     def submit(self, x, expert_ids, expert_weights):
-        def after_the_shared_expert() -> torch.Tensor:
-            if not self.shared_ran.wait(DEADLOCK_S):
-                raise TimeoutError("the block waited for its routed experts first")
-            return super(WaitsForTheSharedExpert, self).submit(x, expert_ids, expert_weights).wait()
+        def after_the_event() -> torch.Tensor:
+            if not self.event.wait(DEADLOCK_S):
+                raise TimeoutError("waited for before the event: nothing ran meanwhile")
+            return super(FinishesAfter, self).submit(x, expert_ids, expert_weights).wait()
 
-        return expert_worker().submit(after_the_shared_expert)
+        return expert_worker().submit(after_the_event)
 
 
 def sparse_moe() -> tuple[torch.nn.Module, str]:
@@ -126,10 +127,24 @@ def test_moe_block_runs_its_shared_experts_while_the_routed_experts_compute(make
         want = block(x)
     shared_ran = threading.Event()
     getattr(block, shared_name).register_forward_hook(lambda *_: shared_ran.set())
-    block.experts = WaitsForTheSharedExpert(block.experts, shared_ran)
+    block.experts = FinishesAfter(list(block.experts), shared_ran)
     with torch.no_grad():
         got = block(x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_split_experts_submit_every_backend_before_waiting_for_any():
+    torch.manual_seed(2)
+    whole = TorchExperts(4, 16, 8)
+    x, ids, weights = torch.randn(3, 16), torch.tensor([[0, 3], [1, 2], [3, 0]]), torch.rand(3, 2)
+    second_started = threading.Event()
+    second = TorchExperts.of([whole[1], whole[3]])
+    second[1].register_forward_pre_hook(lambda *_: second_started.set())  # expert 3, routed
+    split = SplitExperts(
+        [(FinishesAfter([whole[0], whole[2]], second_started), [0, 2]), (second, [1, 3])], 4
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(split(x, ids, weights), whole(x, ids, weights))
 
 
 def test_numba_experts_give_the_same_output_on_the_worker_and_inline():

@@ -18,7 +18,7 @@ from torch import nn
 
 from hetero.errors import HeteroError
 from hetero.loading.weights import file_name, materialise
-from hetero.models.experts import TorchExperts
+from hetero.models.experts import ExpertBackend, ExpertsHandle, TorchExperts
 from hetero.runtime.disk import DiskLinear, DiskMLP, stored_matrix
 from placement.plan import Plan
 from placement.tensor_groups import classify
@@ -263,10 +263,11 @@ class Assembler:
         return materialise(self.checkpoint, source, shape, backends.load_dtype, backends.fp8_block)
 
 
-class SplitExperts(nn.Module):
+class SplitExperts(ExpertBackend, nn.Module):
     """A layer's routed experts held by several backends (some on the CPU kernels, some on
     disk): each (token, slot) pair runs on the backend holding its expert, as a one-slot
-    routing, and the weighted outputs are summed per token."""
+    routing, and the weighted outputs are summed per token. Every backend is submitted before
+    any is waited for, so one on a worker runs while the others compute here."""
 
     def __init__(self, parts: list[tuple[nn.Module, list[int]]], num_experts: int):
         super().__init__()
@@ -281,23 +282,37 @@ class SplitExperts(nn.Module):
             raise ValueError(f"experts {np.flatnonzero(owner < 0).tolist()} have no backend")
         self._owner, self._local = torch.from_numpy(owner), torch.from_numpy(local)
 
-    def forward(
+    def submit(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
-    ) -> torch.Tensor:
-        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden]
+    ) -> SummedParts:
+        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
         top_k = expert_ids.shape[1]
         ids = expert_ids.reshape(-1)
         weights = expert_weights.reshape(-1, 1)
         owner, local = self._owner[ids], self._local[ids]
         token = torch.arange(ids.numel()) // top_k  # pairs are token-major
-        out = torch.zeros_like(x)
+        started = []
         for b, backend in enumerate(self.parts):
             pairs = (owner == b).nonzero().squeeze(1)
             if pairs.numel() == 0:
                 continue
-            y = backend(x[token[pairs]], local[pairs, None], weights[pairs])
-            out.index_add_(0, token[pairs], y.to(out.dtype))
-        return out
+            rows = token[pairs]
+            started.append((rows, backend.submit(x[rows], local[pairs, None], weights[pairs])))
+        return SummedParts(torch.zeros_like(x), started)
+
+
+class SummedParts:
+    """`SplitExperts` under way: wait() adds each backend's pair outputs into their tokens'
+    rows, in the order of the backends."""
+
+    def __init__(self, out: torch.Tensor, started: list[tuple[torch.Tensor, ExpertsHandle]]):
+        self.out, self.started = out, started
+
+    def wait(self) -> torch.Tensor:
+        # out: [tokens, hidden]; each part: (token of each pair [pairs], its [pairs, hidden])
+        for rows, handle in self.started:
+            self.out.index_add_(0, rows, handle.wait().to(self.out.dtype))
+        return self.out
 
 
 def split_layer(kernel_backend: nn.Module, kept: list[int], experts: TorchExperts) -> nn.Module:
