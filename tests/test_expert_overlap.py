@@ -190,7 +190,7 @@ def test_decode_tokens_are_identical_with_and_without_the_overlap(model_type, tm
 
 def compiled_kernels() -> list[tuple[str, CPUDispatcher]]:
     found = []
-    for info in pkgutil.iter_modules(cpu_kernels.__path__, "cpu_kernels."):
+    for info in pkgutil.walk_packages(cpu_kernels.__path__, "cpu_kernels."):
         module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if isinstance(obj, CPUDispatcher) and obj.__module__ == module.__name__:
