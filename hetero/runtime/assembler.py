@@ -61,6 +61,11 @@ class Placement:
     def device(self, group: str) -> str:
         return self.devices.get(group, "cpu")
 
+    def executed_device(self, group: str) -> str:
+        """Where this build runs a group: the plan's device, but the CPU for "gpu"."""
+        device = self.device(group)
+        return "cpu" if device == "gpu" else device
+
     def module_device(self, module_name: str) -> str:
         """The device of a linear's group: "layers.3.self_attn.q_proj" -> its attention's."""
         return self.device(classify(f"{module_name}.weight")[0])
@@ -245,6 +250,7 @@ class Assembler:
         if not kept or not self.backends.kernels:
             return None  # torch runs the block; its disk experts are computed from the file
         from hetero.runtime import quantized
+        from hetero.runtime.cpu_experts import overlap_by_default
 
         if self.backends.stored_kernels:
             kernels = quantized.stored_kernel_experts(self.checkpoint, [names[e] for e in kept])
@@ -254,6 +260,9 @@ class Assembler:
                 {p: self.float_weight(names[e][p], shapes[p]) for p in projections} for e in kept
             ]
             kernels = quantized.converted_kernel_experts(weights, self.backends.convert_to)
+        layer = name.split(".")[1]
+        shared = self.placement.executed_device(f"layers.{layer}.shared_experts")
+        kernels.overlap = overlap_by_default(shared_experts_on_cpu=shared == "cpu")
         self.built.kernel_modules.append(kernels)
         return split_layer(kernels, kept, block)
 

@@ -47,13 +47,18 @@ class RawTensorSource(Protocol):
 
 DECODE_MAX_TOKENS = 16  # more tokens per call go to the prefill path (a guess, not yet tuned)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# "0" runs the experts in the caller's thread, after which the shared experts run (the A/B of
-# bench/expert_overlap_bench.py); anything else, or unset, overlaps them
+# "1" runs the routed experts on the expert worker while the shared experts run, "0" in the
+# caller's thread before them (the A/B of bench/expert_overlap_bench.py); unset, the model
+# assembler decides: overlap pays only where the shared experts run off the CPU (on the CPU
+# alone both sides share the cores and the memory bus: 0.96x decode in expert-overlap.md)
 OVERLAP_ENV = "HETERO_EXPERT_OVERLAP"
 
 
-def overlap_by_default() -> bool:
-    return os.environ.get(OVERLAP_ENV, "1") != "0"
+def overlap_by_default(shared_experts_on_cpu: bool = False) -> bool:
+    setting = os.environ.get(OVERLAP_ENV)
+    if setting is None:
+        return not shared_experts_on_cpu
+    return setting != "0"
 
 
 def matrix_from_weights(
