@@ -1,15 +1,18 @@
 """Decode attention on the CPU in Numba: one query token per sequence over its history, read in
 place from a paged KV store (no gathered copy of the history).
 
-The store is flat rows [slots, kv_heads, d] (what a paged cache's blocks are laid out as); each
-sequence names its history's rows in order (`slots`). Torch's version of this step costs a
+The store is flat rows [slots, kv_heads, d] (what a paged cache's blocks are laid out as), float32
+or bfloat16 bits as uint16 (numpy has no bfloat16; a row is widened to float32 as it is read, so
+a bf16 cache takes half the memory and the arithmetic stays float32); each sequence names its
+history's rows in order (`slots`). Torch's version of this step costs a
 gather of every sequence's history per layer plus ~10 small ops (each ~5-40 us of dispatch on
 the 2-core machines), which outweighs the arithmetic at decode lengths; this is one call."""
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 # exp(x) = 2^n e^r with x = n ln2 + r: ln2 split in two (Cody-Waite) so n ln2 is exact enough
 LOG2E = np.float32(1.4426950408889634)
@@ -48,19 +51,52 @@ def softmax_numerators(row, top, bits, poly):
     return total
 
 
+def float32_row(stored, scratch):
+    """A row of a store as float32 (in Numba): float32 rows as they are, bfloat16 bits (uint16)
+    widened into `scratch` (same length), exactly: a bfloat16 is a float32's top half."""
+
+
+@overload(float32_row, jit_options={"nogil": True})
+def _float32_row_numba(stored, scratch):
+    if stored.dtype == types.uint16:
+
+        def widen(stored, scratch):
+            bits = scratch.view(np.uint32)
+            for i in range(len(stored)):  # a loop LLVM vectorises
+                bits[i] = np.uint32(stored[i]) << np.uint32(16)
+            return scratch
+
+        return widen
+    if stored.dtype == types.float32:
+        return lambda stored, scratch: stored
+    raise TypeError(f"KV stores are float32 or bfloat16 bits (uint16), not {stored.dtype}")
+
+
+@njit(nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def softmax_rows(scores, bits, poly):
+    """scores: float32 [groups, length] -> each row's exp(row - its max) in place; returns the
+    row sums [groups] (the normalisers, divided out once at the end). bits, poly: scratch of
+    at least `length` for `softmax_numerators`."""
+    norm = np.empty(scores.shape[0], np.float32)
+    for g in range(scores.shape[0]):
+        row = scores[g]
+        norm[g] = softmax_numerators(row, row.max(), bits, poly)
+    return norm
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
     """out[s, h] = softmax(scale * q[s, h] . K_s) @ V_s for each sequence s and query head h,
     where K_s, V_s are rows slots[s, :lengths[s]] of the stores at kv head h // (heads /
     kv_heads) (grouped-query attention).
 
-    q: float32 [n, heads, d]; k_store: float32 [rows, kv_heads, d]; v_store: float32 [rows,
-    kv_heads, dv]; slots: int64 [n, >= max length]; lengths: int64 [n] (each >= 1); out:
-    float32 [n, heads, dv]. Parallel over (sequence, kv head): each job reads a key and a value
-    row once for all the query heads that share it, and keeps their outputs in a local
-    [groups, dv] sum (1.6x the speed of per-head passes at 544 tokens); the softmax subtracts
-    each head's maximum score, takes `softmax_numerators` (another 1.1-1.15x) and sums in
-    float32."""
+    q: float32 [n, heads, d]; k_store: float32 or uint16 (bfloat16 bits) [rows, kv_heads, d];
+    v_store: like k_store, [rows, kv_heads, dv]; slots: int64 [n, >= max length]; lengths:
+    int64 [n] (each >= 1); out: float32 [n, heads, dv]. Parallel over (sequence, kv head): each
+    job reads a key and a value row once for all the query heads that share it, and keeps their
+    outputs in a local [groups, dv] sum (1.6x the speed of per-head passes at 544 tokens); the
+    softmax subtracts each head's maximum score, takes `softmax_numerators` (another
+    1.1-1.15x) and sums in float32."""
     n, heads, d = q.shape
     kv_heads, dv = k_store.shape[1], v_store.shape[2]
     groups = heads // kv_heads
@@ -68,23 +104,20 @@ def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
         s, h = job // kv_heads, job % kv_heads
         length = lengths[s]
         queries = q[s, h * groups : (h + 1) * groups].copy()
+        key_row = np.empty(d, np.float32)
+        value_row = np.empty(dv, np.float32)
         scores = np.empty((groups, length), np.float32)
         for t in range(length):
-            key = k_store[slots[s, t], h]
+            key = float32_row(k_store[slots[s, t], h], key_row)
             for g in range(groups):
                 total = np.float32(0.0)
                 for i in range(d):
                     total += queries[g, i] * key[i]
                 scores[g, t] = total * scale
-        bits = np.empty(length, np.int32)
-        poly = np.empty(length, np.float32)
-        norm = np.empty(groups, np.float32)
-        for g in range(groups):
-            row = scores[g]
-            norm[g] = softmax_numerators(row, row.max(), bits, poly)
+        norm = softmax_rows(scores, np.empty(length, np.int32), np.empty(length, np.float32))
         acc = np.zeros((groups, dv), np.float32)
         for t in range(length):
-            value = v_store[slots[s, t], h]
+            value = float32_row(v_store[slots[s, t], h], value_row)
             for g in range(groups):
                 weight = scores[g, t]
                 for i in range(dv):
