@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from hetero.errors import InvalidRequestError
-from hetero.runtime.model import DTYPES, QUANT_CHOICES, Model
+from hetero.runtime.model import DTYPES, KV_DTYPES, QUANT_CHOICES, Model
 
 if TYPE_CHECKING:
     from placement.plan import Plan
@@ -41,6 +41,12 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         "--dram-budget",
         default=None,
         help="without --plan: DRAM budget, e.g. 64GiB, 80%% (what does not fit stays on disk)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=list(KV_DTYPES),
+        help="KV cache dtype (default: the compute dtype); bf16 halves a float32 model's cache",
     )
 
 
@@ -74,6 +80,7 @@ def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
     )
     for line in model.placement.log_lines():
         print(f"hetero: {line}", file=sys.stderr, flush=True)
+    model.kv_dtype = args.kv_dtype
     if model.quant_report is not None:
         print(f"hetero: {model.quant_report.summary()}", file=sys.stderr, flush=True)
     return model

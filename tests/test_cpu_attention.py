@@ -1,10 +1,13 @@
-"""The Numba paged decode attention against a float64 torch reference on fresh random inputs,
-and the runtime choosing it only where it applies.
+"""The Numba paged decode attention against a float64 torch reference on fresh random inputs
+(float32 and bfloat16 stores), the runtime's backends against each other, and the runtime
+choosing the kernels exactly where they apply.
 
 Error budget: scores and the weighted sum are float32 sums of d (or length) products, each
 within ~n * 2^-24 of its float64 value relative to the sum of magnitudes; softmax weights sum
 to 1, so the output moves by at most a few times 1e-6 of the largest |value|. 1e-5 * max |v|
-leaves room for that and for exp's own rounding."""
+leaves room for that and for exp's own rounding. A bfloat16 store is widened exactly, so the
+same budget holds against a reference on the widened values; against a float32 cache of the
+unrounded values see `bf16_cache_budget`."""
 
 import numba
 import numpy as np
@@ -13,8 +16,24 @@ import torch
 
 import hetero
 from cpu_kernels.attention import paged_decode_attention, softmax_numerators
+from hetero.models.batch import GroupedQueryStep
+from hetero.runtime.attention import NUMBA_DECODE, TORCH, choose_backend
 from hetero.runtime.batch import ForwardBatch, SequenceSlice
-from hetero.runtime.kv_cache import PagedKVCache
+from hetero.runtime.kv_cache import KVLayerSpec, PagedKVCache
+
+SEED = 15
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even as torch does."""
+    return torch.from_numpy(a).bfloat16().view(torch.uint16).numpy()
+
+
+def widened(store: np.ndarray) -> np.ndarray:
+    """A store as the float64 values the kernel reads (bfloat16 bits widened exactly)."""
+    if store.dtype == np.uint16:
+        return (store.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return store.astype(np.float64)
 
 
 def reference(q, k_store, v_store, slots, lengths, scale):
@@ -25,8 +44,8 @@ def reference(q, k_store, v_store, slots, lengths, scale):
     for s in range(n):
         rows = slots[s, : lengths[s]]
         for h in range(heads):
-            keys = k_store[rows, h // groups].astype(np.float64)
-            values = v_store[rows, h // groups].astype(np.float64)
+            keys = widened(k_store)[rows, h // groups]
+            values = widened(v_store)[rows, h // groups]
             scores = scale * keys @ q[s, h].astype(np.float64)
             weights = np.exp(scores - scores.max())
             out[s, h] = weights / weights.sum() @ values
@@ -41,11 +60,14 @@ def reference(q, k_store, v_store, slots, lengths, scale):
         (16, 1, 32, 48, [17, 16]),  # multi-query, a value width unlike the key's
     ],
 )
-def test_paged_decode_attention_matches_reference(heads, kv_heads, d, dv, lengths):
-    rng = np.random.default_rng()
+@pytest.mark.parametrize("store_dtype", [np.float32, np.uint16], ids=["f32", "bf16"])
+def test_paged_decode_attention_matches_reference(heads, kv_heads, d, dv, lengths, store_dtype):
+    rng = np.random.default_rng(SEED)
     rows, n = 1024, len(lengths)
     k_store = rng.standard_normal((rows, kv_heads, d), dtype=np.float32)
     v_store = rng.standard_normal((rows, kv_heads, dv), dtype=np.float32)
+    if store_dtype == np.uint16:
+        k_store, v_store = bf16_bits(k_store), bf16_bits(v_store)
     longest = max(lengths)
     slots = np.stack([rng.permutation(rows)[:longest] for _ in range(n)])  # scattered rows
     q = rng.standard_normal((n, heads, d), dtype=np.float32) * 2
@@ -54,7 +76,7 @@ def test_paged_decode_attention_matches_reference(heads, kv_heads, d, dv, length
     scale = d**-0.5
     paged_decode_attention(q, k_store, v_store, slots, lengths, np.float32(scale), out)
     want = reference(q, k_store, v_store, slots, lengths, scale)
-    assert np.abs(out - want).max() <= 1e-5 * np.abs(v_store).max()
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(widened(v_store)).max()
 
 
 def test_paged_decode_attention_ignores_rows_past_each_length():
@@ -75,8 +97,10 @@ def test_paged_decode_attention_ignores_rows_past_each_length():
     np.testing.assert_array_equal(again[:1], out[:1])
 
 
-def batch_and_cache(lengths: list[int], new: list[int]):
-    kv = PagedKVCache([{"k": (2, 16), "v": (2, 16)}], num_blocks=32, block_size=4)
+def batch_and_cache(lengths: list[int], new: list[int], dtype=torch.float32):
+    kv = PagedKVCache(
+        [KVLayerSpec({"k": (2, 16), "v": (2, 16)}, dtype)], num_blocks=32, block_size=4
+    )
     slices = []
     for past, count in zip(lengths, new, strict=True):
         seq, _ = kv.new_sequence()
@@ -85,40 +109,89 @@ def batch_and_cache(lengths: list[int], new: list[int]):
     return ForwardBatch(slices, kv), kv
 
 
-@pytest.mark.parametrize("new", [[1, 1, 1], [1, 3, 1]], ids=["all decoding", "a prompt too"])
-def test_self_attention_agrees_with_the_torch_path(new):
-    torch.manual_seed(0)
-    lengths = [5, 0, 9]
-    batch, kv = batch_and_cache(lengths, new)
-    for name in ("k", "v"):  # histories already in the cache
-        kv.storage[0][name].normal_()
-    tokens = sum(new)
-    q, k, v = torch.randn(tokens, 8, 16), torch.randn(tokens, 2, 16), torch.randn(tokens, 2, 16)
-    got = batch.self_attention(0, q, k, v, 0.25)
-    history = batch.cached(0, k=k, v=v)  # the torch path on the same cache
-    want = batch.attention(q, history["k"], history["v"], 0.25)
+def random_step(tokens: int, seed: int = SEED) -> GroupedQueryStep:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(tokens, heads, 16, generator=g) for heads in (8, 2, 2))
+    return GroupedQueryStep(q, k, v, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_numba_decode_agrees_with_the_torch_reference(dtype):
+    lengths = [5, 0, 9]  # a sequence with no history, one past two blocks and a bit
+    batch, kv = batch_and_cache(lengths, [1, 1, 1], dtype)
+    for store in kv.storage[0].values():  # histories already in the cache
+        store.copy_(torch.randn(store.shape, generator=torch.Generator().manual_seed(SEED)))
+    step = random_step(3)
+    got = NUMBA_DECODE.grouped_query(batch, 0, step)
+    want = TORCH.grouped_query(batch, 0, step)  # the same cache, widened by torch
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_kernel_runs_only_where_it_applies(monkeypatch):
-    calls = []
+def bf16_cache_budget(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+    """How far attention over a bf16 copy of a float32 history may move: each stored value is
+    rounded to 8 significant bits (relative error <= 2^-8), so a score moves by at most
+    e = 2^-8 * scale * sum |q_i k_i| and each softmax weight by a factor within exp(+-2e); the
+    output moves by <= (2e + 2^-8) * max |v| (the rounded values themselves), plus float32
+    rounding. q: [heads, d]; keys: [length, kv_heads, d] (one sequence)."""
+    groups = q.shape[0] // keys.shape[1]
+    magnitudes = torch.einsum("hd,thd->ht", q.abs(), keys.abs().repeat_interleave(groups, 1))
+    e = 2.0**-8 * scale * magnitudes.max()
+    return float((2 * e + 2.0**-8) * values.abs().max()) + 1e-5
+
+
+def test_a_bf16_cache_stays_within_its_rounding_of_a_float32_cache():
+    lengths, step = [7, 20], random_step(2)
+    wide_batch, wide = batch_and_cache(lengths, [1, 1])
+    narrow_batch, narrow = batch_and_cache(lengths, [1, 1], torch.bfloat16)
+    g = torch.Generator().manual_seed(SEED)
+    for name, store in wide.storage[0].items():
+        store.copy_(torch.randn(store.shape, generator=g))
+        narrow.storage[0][name].copy_(store)  # rounded to bf16
+    got = narrow_batch.attention(0, step)
+    want = wide_batch.attention(0, step)
+    for s, length in enumerate(np.array(lengths) + 1):
+        rows = wide_batch.read_slots[s, :length]
+        history = [wide.storage[0][name][rows] for name in ("k", "v")]
+        assert (got[s] - want[s]).abs().max() <= bf16_cache_budget(step.q[s], *history, 0.25)
+
+
+def count_kernel_calls(monkeypatch) -> list:
     import cpu_kernels.attention as kernels
 
+    calls = []
     real = kernels.paged_decode_attention
     monkeypatch.setattr(kernels, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
-    q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
-    batch, _ = batch_and_cache([3, 4], [1, 1])
-    batch.self_attention(0, q, k, v, 0.25)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_every_sequence_decoding_over_a_cpu_cache_runs_the_kernel(monkeypatch, dtype):
+    calls = count_kernel_calls(monkeypatch)
+    batch, _ = batch_and_cache([3, 4], [1, 1], dtype)
+    step = random_step(2)
+    assert choose_backend(batch, 0, step) is NUMBA_DECODE
+    batch.attention(0, step)
     assert calls == [1]
-    # a prompt in the step, autograd, another dtype: the torch path
-    batch, _ = batch_and_cache([3, 0], [1, 2])
-    batch.self_attention(
-        0, torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16), 0.25
-    )
-    batch, _ = batch_and_cache([3, 4], [1, 1])
-    batch.self_attention(0, q.requires_grad_(), k, v, 0.25)
-    batch.self_attention(0, q.detach().double(), k.double(), v.double(), 0.25)
-    assert calls == [1]
+
+
+def test_prompts_autograd_and_other_dtypes_take_the_torch_reference(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
+    step = random_step(2)
+    with_prompt, _ = batch_and_cache([3, 0], [1, 2])
+    decoding, _ = batch_and_cache([3, 4], [1, 1])
+    half_cache, _ = batch_and_cache([3, 4], [1, 1], torch.float16)
+    q, k, v = step.q, step.k, step.v
+    cases = [
+        (with_prompt, random_step(3)),
+        (ForwardBatch.fresh(2), step),  # no cache
+        (decoding, GroupedQueryStep(q.clone().requires_grad_(), k, v, 0.25)),
+        (decoding, GroupedQueryStep(q.double(), k.double(), v.double(), 0.25)),
+        (half_cache, step),
+    ]
+    for batch, case in cases:
+        assert choose_backend(batch, 0, case) is TORCH
+        batch.attention(0, case)
+    assert calls == []
 
 
 def test_demo_decode_matches_its_own_full_forward():

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from hetero.config import TransformerConfig
+from hetero.models.batch import Batch, GroupedQueryStep
 from hetero.models.decoder import RMSNorm
 from hetero.models.rope import RotaryEmbedding
-from hetero.runtime.batch import ForwardBatch
 
 
 class SelfAttention(nn.Module):
@@ -46,7 +46,7 @@ class SelfAttention(nn.Module):
     def cache_entries(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.kv_heads, self.head_dim), "v": (self.kv_heads, self.head_dim)}
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         # x: [tokens, hidden]
         t = x.shape[0]
         if self.qkv_proj is not None:
@@ -60,5 +60,5 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.batch_cos_sin(batch, x.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        out = batch.self_attention(self.layer_idx, q, k, v, self.head_dim**-0.5)
+        out = batch.attention(self.layer_idx, GroupedQueryStep(q, k, v, self.head_dim**-0.5))
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetero.runtime.batch import ForwardBatch
+from hetero.models.batch import Batch
 
 
 class RMSNorm(nn.Module):
@@ -36,7 +36,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), batch)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -56,7 +56,7 @@ class CausalLM(nn.Module):
     def forward(
         self,
         token_ids: torch.Tensor,
-        batch: ForwardBatch,
+        batch: Batch,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """token_ids: [tokens] -> logits [rows, vocab] for `logit_rows` (all tokens if None).

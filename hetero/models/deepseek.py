@@ -13,10 +13,10 @@ from torch import nn
 
 from hetero.config import TransformerConfig, raise_unsupported
 from hetero.errors import ModelFormatError
+from hetero.models.batch import Batch, LatentStep
 from hetero.models.decoder import CausalLM, DecoderLayer, RMSNorm
 from hetero.models.experts import GatedMLP, TorchExperts
 from hetero.models.rope import RotaryEmbedding, yarn_mscale
-from hetero.runtime.batch import ForwardBatch
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 # the load-balancing bias decides expert choice; bf16 rounding would change it
@@ -155,7 +155,8 @@ class DeepseekConfig(TransformerConfig):
 class LatentAttention(nn.Module):
     """MLA. Per token the cache holds the normalised KV latent [kv_lora_rank] and the roped key
     part [qk_rope_head_dim] that all heads share; kv_b_proj expands the history to per-head
-    keys (no-rope part) and values at each step."""
+    keys (no-rope part) and values: over the whole history (the torch path), or absorbed into
+    the queries and the output (decoding on the CPU kernels)."""
 
     def __init__(self, c: DeepseekConfig, layer_idx: int):
         super().__init__()
@@ -189,7 +190,7 @@ class LatentAttention(nn.Module):
     def cache_entries(self) -> dict[str, tuple[int, ...]]:
         return {"latent": (self.kv_lora_rank,), "k_rope": (self.rope_dim,)}
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         # x: [tokens, hidden]
         t = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
@@ -201,22 +202,9 @@ class LatentAttention(nn.Module):
         cos, sin = self.rotary.batch_cos_sin(batch, x.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)
         k_rope = self.rotary.apply(k_rope[:, None, :], cos, sin)[:, 0]  # [tokens, rope_dim]
-        history = batch.cached(self.layer_idx, latent=latent, k_rope=k_rope)
-        keys, values = self.expand(history["latent"], history["k_rope"])
-        q = torch.cat((q_nope, q_rope), dim=-1)  # [tokens, heads, qk_dim]
-        out = batch.attention(q, keys, values, self.scale)
+        step = LatentStep(q_nope, q_rope, latent, k_rope, self.kv_b_proj, self.v_dim, self.scale)
+        out = batch.attention(self.layer_idx, step)
         return self.o_proj(out.reshape(t, self.heads * self.v_dim))
-
-    def expand(
-        self, latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """latent: [seqs, n, kv_lora_rank], k_rope: [seqs, n, rope_dim] -> keys
-        [seqs, n, heads, qk_dim], values [seqs, n, heads, v_dim]."""
-        seqs, n = latent.shape[:2]
-        kv = self.kv_b_proj(latent).view(seqs, n, self.heads, -1)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k_rope = k_rope[:, :, None, :].expand(seqs, n, self.heads, self.rope_dim)
-        return torch.cat((k_nope, k_rope), dim=-1), v
 
 
 def group_limited_mask(

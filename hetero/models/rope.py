@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hetero.config import RopeConfig
+from hetero.models.batch import Batch
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -95,8 +96,8 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
         self.settings = (dim, rope)  # what cos/sin depend on besides positions
 
-    def batch_cos_sin(self, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`cos_sin` of a ForwardBatch's positions, computed once per batch for every layer
+    def batch_cos_sin(self, batch: Batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cos_sin` of a batch's positions, computed once per batch for every layer
         with the same settings."""
         return batch.memo(
             ("rope", self.settings, dtype), lambda: self.cos_sin(batch.positions, dtype)

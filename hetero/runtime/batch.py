@@ -1,10 +1,9 @@
-"""A forward batch: tokens of one or more sequences laid out flat as [tokens, ...], their
-positions, and the attention interface every model calls (cache write/read + causal attention).
-
-Histories come back padded, [sequences, longest, ...], so that a step of many decoding
-sequences runs one batched attention per layer. Without a KV cache (`ForwardBatch.fresh`) each
-sequence attends only to its own tokens: that is the path `Model.logits` and training take,
-and autograd runs through it."""
+"""A forward batch: tokens of one or more sequences laid out flat as [tokens, ...], and what the
+attention backends need to know about them: positions, lengths, the cache slots each token is
+written to and each history is read from, which sequences decode one token. It is the
+`hetero.models.batch.Batch` the models run on; attention itself is the backends' (`attention/`).
+Without a KV cache (`ForwardBatch.fresh`) each sequence attends only to its own tokens: that is
+the path `Model.logits` and training take, and autograd runs through it."""
 
 from __future__ import annotations
 
@@ -12,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from hetero.models.batch import AttentionStep
+from hetero.runtime.attention import attend
 from hetero.runtime.kv_cache import PagedKVCache
 
 
@@ -79,126 +79,13 @@ class ForwardBatch:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def cached(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Store this step's per-token entries (each [tokens, ...]) and return every sequence's
-        whole history of each entry, this step included: [sequences, longest, ...], zero past
-        each sequence's end."""
-        if self.kv is None:
-            history = {name: t[self.history_index] for name, t in new.items()}
-        else:
-            self.kv.write(layer, self.write_slots, new)
-            history = self.kv.gather(layer, self.read_slots)
-        if not self.padded:
-            return history
-        pad = ~self.valid
-        return {
-            name: t.masked_fill(pad.view(*pad.shape, *([1] * (t.dim() - 2))), 0)
-            for name, t in history.items()
-        }
-
-    def self_attention(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Store this step's keys and values (cache entries "k" and "v") and attend: causal
-        attention of each sequence's new tokens over its history. q: [tokens, q_heads, d];
-        k: [tokens, kv_heads, d]; v: [tokens, kv_heads, dv] -> [tokens, q_heads, dv].
-
-        A step where every sequence decodes one token, over a float32 cache in CPU memory and
-        without autograd, runs `paged_decode_attention`: one Numba call reading the history in
-        place, where the torch path gathers a copy of it per layer."""
-        if self._cpu_decode_step(q, layer):
-            # imported here: Numba's import costs ~80 MB and a model torch runs may never decode
-            from cpu_kernels.attention import paged_decode_attention
-
-            self.kv.write(layer, self.write_slots, {"k": k, "v": v})
-            store = self.kv.storage[layer]
-            out = np.empty((q.shape[0], q.shape[1], v.shape[-1]), np.float32)
-            paged_decode_attention(
-                q.detach().contiguous().numpy(),
-                store["k"].numpy(),
-                store["v"].numpy(),
-                self.read_slots.numpy(),
-                self.lengths.numpy(),
-                np.float32(scale),
-                out,
-            )
-            return torch.from_numpy(out)
-        history = self.cached(layer, k=k, v=v)
-        return self.attention(q, history["k"], history["v"], scale)
-
-    def _cpu_decode_step(self, q: torch.Tensor, layer: int) -> bool:
-        if self.kv is None or len(self.decoding) != len(self.slices):
-            return False
-        return all(cpu_kernel_input(t) for t in (q, *self.kv.storage[layer].values()))
-
-    def attention(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Causal attention of each sequence's new tokens over its history.
-        q: [tokens, q_heads, d]; keys: [sequences, longest, kv_heads, d];
-        values: [sequences, longest, kv_heads, dv] -> [tokens, q_heads, dv]"""
-        out = q.new_empty(q.shape[0], q.shape[1], values.shape[-1])
-        groups = q.shape[1] // keys.shape[2]
-        if self.decoding:
-            # one query per sequence: a single batched call; padding is masked off
-            index = self.decode_index
-            decode_keys, decode_values = keys, values
-            if len(self.decoding) < len(self.slices):  # prompts in the batch too
-                decode_keys, decode_values = keys[index], values[index]
-            valid = self.valid[index] if self.padded else None
-            rows = self.decode_rows
-            out[rows] = decode_attention(q[rows], decode_keys, decode_values, valid, scale)
-        for i, s in enumerate(self.slices):
-            if s.new_len == 1:
-                continue
-            start, length = self.token_starts[i], s.past_len + s.new_len
-            qs = q[start : start + s.new_len].transpose(0, 1)  # [heads, n, d]
-            ks = heads_first(keys[i, :length], groups, q.dtype)
-            vs = heads_first(values[i, :length], groups, q.dtype)
-            # query j sits at absolute position past_len + j and sees keys 0..past_len + j
-            q_pos = torch.arange(s.past_len, length, device=q.device)
-            mask = q_pos[:, None] >= torch.arange(length, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-            out[start : start + s.new_len] = o.transpose(0, 1)
-        return out
-
-
-def cpu_kernel_input(t: torch.Tensor) -> bool:
-    """Whether the Numba glue kernels may take `t`: float32 in CPU memory, and no gradient to
-    track (they return plain arrays, which autograd cannot run through)."""
-    if t.dtype != torch.float32 or t.device.type != "cpu":
-        return False
-    return not (t.requires_grad and torch.is_grad_enabled())
+    def attention(self, layer: int, step: AttentionStep) -> torch.Tensor:
+        """Store the step's cache entries and attend, on the backend `attend` picks for this
+        layer, batch and step."""
+        return attend(self, layer, step)
 
 
 def tensor(array: np.ndarray, device="cpu") -> torch.Tensor:
     """A numpy array as a torch tensor on `device` (shared memory on the CPU)."""
     t = torch.from_numpy(array)
     return t if str(device) == "cpu" else t.to(device)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    valid: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """One query per sequence over its history, each kv head's query heads in one matmul (no
-    copies of the shared keys). q: [n, q_heads, d]; keys: [n, length, kv_heads, d]; values:
-    [n, length, kv_heads, dv]; valid: bool [n, length] or None (no padding) -> [n, q_heads, dv]"""
-    n, heads, d = q.shape
-    kv_heads = keys.shape[2]
-    qg = q.view(n, kv_heads, heads // kv_heads, d)
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).to(q.dtype))  # [n, kv, groups, length]
-    if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores * scale, dim=-1, dtype=torch.float32).to(values.dtype)
-    out = torch.matmul(probs, values.transpose(1, 2))  # [n, kv, groups, dv]
-    return out.reshape(n, heads, values.shape[-1]).to(q.dtype)
-
-
-def heads_first(t: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """[..., length, kv_heads, d] -> [..., q_heads, length, d], each kv head shared by
-    `groups` query heads."""
-    return t.transpose(-3, -2).repeat_interleave(groups, dim=-3).to(dtype)

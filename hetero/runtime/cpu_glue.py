@@ -12,7 +12,7 @@ from cpu_kernels.norms import rms_norm
 from cpu_kernels.rope import rope_cos_sin, rope_rotate
 from hetero.models.decoder import RMSNorm
 from hetero.models.rope import RotaryEmbedding
-from hetero.runtime.batch import cpu_kernel_input
+from hetero.runtime.kernel_inputs import cpu_kernel_input
 
 
 class NumbaRMSNorm(nn.Module):

@@ -1,7 +1,8 @@
 """Paged KV cache: a fixed pool of blocks of `block_size` tokens; each sequence owns a block table.
 
 Each layer declares what it stores per token (`{"k": (kv_heads, head_dim), "v": ...}` for
-GQA, `{"latent": (rank,), "k_rope": (dim,)}` for MLA), so every attention kind shares one cache.
+GQA, `{"latent": (rank,), "k_rope": (dim,)}` for MLA), its dtype and its device, so every
+attention kind shares one cache.
 
 Prefix caching: a full block is named by a hash of its tokens and of everything before it.
 A new sequence whose prompt starts with cached blocks shares them (reference counted) and skips
@@ -24,6 +25,16 @@ class KVCacheFullError(HeteroError):
     """No free blocks are left for a sequence to grow."""
 
 
+@dataclass(frozen=True)
+class KVLayerSpec:
+    """What one layer keeps per token, in which dtype, where (layers may differ: a bf16 cache
+    on the CPU beside a GPU layer's own)."""
+
+    entries: EntryShapes
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+
 @dataclass
 class _SequenceBlocks:
     table: list[int] = field(default_factory=list)
@@ -31,24 +42,20 @@ class _SequenceBlocks:
 
 
 class PagedKVCache:
-    def __init__(
-        self,
-        layer_entries: list[EntryShapes],
-        num_blocks: int,
-        block_size: int = 16,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
+    def __init__(self, layers: list[KVLayerSpec], num_blocks: int, block_size: int = 16):
+        self.layers = layers
         self.block_size = block_size
         self.num_blocks = num_blocks
         # storage[layer][name]: [num_blocks * block_size, *shape]; torch.empty leaves the pages
         # untouched, so memory is committed only as sequences fill blocks.
         self.storage = [
             {
-                name: torch.empty((num_blocks * block_size, *shape), dtype=dtype, device=device)
-                for name, shape in entries.items()
+                name: torch.empty(
+                    (num_blocks * block_size, *shape), dtype=spec.dtype, device=spec.device
+                )
+                for name, shape in spec.entries.items()
             }
-            for entries in layer_entries
+            for spec in layers
         ]
         self.bytes_per_token = sum(
             t[0].numel() * t.element_size() for layer in self.storage for t in layer.values()

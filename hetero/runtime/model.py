@@ -3,6 +3,7 @@ chat templating) the CLI and server are built on."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from hetero.runtime.assembler import (
 )
 from hetero.runtime.batch import ForwardBatch
 from hetero.runtime.engine import Engine, GenerationResult, Request
-from hetero.runtime.kv_cache import PagedKVCache
+from hetero.runtime.kv_cache import KVLayerSpec, PagedKVCache
 from hetero.runtime.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
 
@@ -46,6 +47,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # checkpoints where `auto_kernel_type` says so; "none": torch runs everything in the model
 # dtype; a type: quantise float weights at load (hetero.runtime.assembler.CONVERT_TYPES)
 QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32")
+# KV cache dtype; "auto": the model dtype. A bf16 cache under float32 compute halves its memory;
+# the CPU decode kernels widen it as they read it.
+KV_DTYPES = {"auto": None, "bf16": torch.bfloat16, "f32": torch.float32}
 
 
 class Model:
@@ -67,6 +71,7 @@ class Model:
         self.quant_report: QuantReport | None = None  # set by `load` when kernels run weights
         self.placement = Placement()  # where `load` put each tensor group
         self.disk_bytes = 0  # weight bytes computed from the memory-mapped file
+        self.kv_dtype = "auto"  # what `new_kv_cache` allocates by default (KV_DTYPES)
 
     @property
     def weight_bytes(self) -> int:
@@ -187,10 +192,21 @@ class Model:
         with torch.inference_mode():
             return self.net(ids, ForwardBatch.fresh(len(ids))).float()
 
-    def new_kv_cache(self, max_tokens: int, max_sequences: int = 1) -> PagedKVCache:
+    def new_kv_cache(
+        self, max_tokens: int, max_sequences: int = 1, kv_dtype: str | None = None
+    ) -> PagedKVCache:
+        """Room for `max_sequences` of `max_tokens`, each layer's cache beside its attention,
+        in `kv_dtype` (KV_DTYPES; None: `self.kv_dtype`)."""
+        kv_dtype = kv_dtype or self.kv_dtype
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+        dtype = KV_DTYPES[kv_dtype] or self.dtype
         blocks = max_sequences * -(-max_tokens // KV_BLOCK_TOKENS)
-        entries = [layer.self_attn.cache_entries() for layer in self.net.layers]
-        return PagedKVCache(entries, blocks, KV_BLOCK_TOKENS, dtype=self.dtype)
+        specs = [
+            KVLayerSpec(layer.self_attn.cache_entries(), dtype, module_device(layer.self_attn))
+            for layer in self.net.layers
+        ]
+        return PagedKVCache(specs, blocks, KV_BLOCK_TOKENS)
 
     # ---- text ----------------------------------------------------------------------------
 
@@ -343,3 +359,10 @@ def fp8_block_size(raw_config: dict[str, Any]) -> tuple[int, int]:
 def resolve_dtype(dtype: str, raw_config: dict[str, Any]) -> torch.dtype:
     """'auto' keeps the checkpoint's dtype (zero-copy loading); otherwise a name from DTYPES."""
     return DTYPES[dtype_name(dtype, raw_config)]
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's tensors live (the CPU for one that has none, e.g. all kernel weights)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")

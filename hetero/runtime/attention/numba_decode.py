@@ -1,0 +1,84 @@
+"""The CPU kernels' attention backend: a step where every sequence decodes one token, over a KV
+cache in CPU memory (float32, or bfloat16 widened as it is read) and without autograd, is one
+Numba call per layer reading each history in place, where the torch backend gathers a copy of
+it per layer plus ~10 small ops (each ~5-40 us of dispatch on the 2-core machines)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from hetero.models.batch import AttentionStep, GroupedQueryStep, LatentStep
+from hetero.runtime.kernel_inputs import cpu_kernel_input
+
+if TYPE_CHECKING:  # the batch module imports the backends
+    from hetero.runtime.batch import ForwardBatch
+
+# cache dtypes the kernels read: float32, and bfloat16 as its bits (numpy has no bfloat16)
+KERNEL_STORE_DTYPES = {torch.float32: None, torch.bfloat16: torch.uint16}
+
+
+class NumbaDecodeAttention:
+    def applies(self, batch: ForwardBatch, layer: int, step: AttentionStep) -> bool:
+        if batch.kv is None or len(batch.decoding) != len(batch.slices):
+            return False
+        stores = batch.kv.storage[layer].values()
+        if any(t.device.type != "cpu" or t.dtype not in KERNEL_STORE_DTYPES for t in stores):
+            return False
+        if isinstance(step, LatentStep):
+            weights = step.absorbed_weights()
+            inputs = [step.q_nope, step.q_rope, step.latent, step.k_rope]
+            return weights is not None and all(map(cpu_kernel_input, [*inputs, *weights]))
+        return all(map(cpu_kernel_input, (step.q, step.k, step.v)))
+
+    def grouped_query(
+        self, batch: ForwardBatch, layer: int, step: GroupedQueryStep
+    ) -> torch.Tensor:
+        # imported here: Numba's import costs ~80 MB and a model torch runs may never decode
+        from cpu_kernels.attention import paged_decode_attention
+
+        batch.kv.write(layer, batch.write_slots, step.cache_entries())
+        store = batch.kv.storage[layer]
+        q = step.q
+        out = np.empty((q.shape[0], q.shape[1], step.v.shape[-1]), np.float32)
+        paged_decode_attention(
+            q.detach().contiguous().numpy(),
+            kernel_store(store["k"]),
+            kernel_store(store["v"]),
+            batch.read_slots.numpy(),
+            batch.lengths.numpy(),
+            np.float32(step.scale),
+            out,
+        )
+        return torch.from_numpy(out)
+
+    def latent(self, batch: ForwardBatch, layer: int, step: LatentStep) -> torch.Tensor:
+        """The absorbed form: q_nope through kv_b's key part into the latent space, attention
+        over the cached latents, the result through kv_b's value part. Per step that is two
+        [heads] batched matmuls of one row per sequence, where expanding the history costs a
+        kv_b matmul over every cached token."""
+        from cpu_kernels.mla_decode import latent_attention_decode
+
+        batch.kv.write(layer, batch.write_slots, step.cache_entries())
+        store = batch.kv.storage[layer]
+        key_part, value_part = step.absorbed_weights()  # [heads, nope, rank], [heads, v, rank]
+        q_latent = torch.bmm(step.q_nope.transpose(0, 1), key_part)  # [heads, n, rank]
+        out = latent_attention_decode(
+            q_latent.transpose(0, 1).contiguous().numpy(),
+            step.q_rope.contiguous().numpy(),
+            kernel_store(store["latent"]),
+            kernel_store(store["k_rope"]),
+            batch.read_slots.numpy(),
+            batch.lengths.numpy(),
+            step.scale,
+        )  # [n, heads, rank]
+        mixed = torch.from_numpy(out).transpose(0, 1)  # [heads, n, rank]
+        return torch.bmm(mixed, value_part.transpose(1, 2)).transpose(0, 1)  # [n, heads, v]
+
+
+def kernel_store(t: torch.Tensor) -> np.ndarray:
+    """A CPU cache tensor as the array the kernels read (shared memory): bfloat16 as uint16."""
+    bits = KERNEL_STORE_DTYPES[t.dtype]
+    return (t if bits is None else t.view(bits)).numpy()
