@@ -204,6 +204,18 @@ def test_demo_decode_matches_its_own_full_forward():
     assert logits[len(ids) - 1 :].argmax(-1).tolist() == result.token_ids
 
 
+def test_a_bf16_cache_halves_the_memory_and_decodes_on_the_kernel(monkeypatch):
+    model = hetero.load("demo", progress=False)
+    wide, narrow = (model.new_kv_cache(64, kv_dtype=name) for name in ("f32", "bf16"))
+    assert wide.bytes_per_token == 2 * narrow.bytes_per_token
+    ids = model.tokenizer.encode("The experts said")
+    want = model.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
+    calls = count_kernel_calls(monkeypatch)
+    model.kv_dtype = "bf16"
+    assert model.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids == want
+    assert len(calls) == 5 * len(model.net.layers)
+
+
 def test_softmax_numerators_match_exp():
     @numba.njit
     def numerators(row, top):

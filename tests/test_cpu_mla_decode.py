@@ -1,5 +1,6 @@
 """The Numba latent-attention (MLA) decode kernel in the absorbed form against a float64 reference
-of the expanded form DeepSeek's code runs, on fresh random inputs, float32 and bfloat16 stores.
+of the expanded form DeepSeek's code runs, on fresh random inputs, float32 and bfloat16 stores;
+the runtime's Numba MLA backend against its torch reference.
 
 Error budget, per sequence and head: a float32 sum of n products is within LAMBDA * sqrt(n) *
 2^-24 of the sum of their magnitudes except with probability 2 exp(-LAMBDA^2 / 2) (Higham and
@@ -12,11 +13,19 @@ sums add LAMBDA sqrt(length + rank) 2^-24 max |value|."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from cpu_kernels.mla_decode import latent_attention_decode
+from hetero.models.batch import LatentStep
+from hetero.runtime.attention import NUMBA_DECODE, TORCH, choose_backend
+from hetero.runtime.attention.numba_decode import kernel_store
+from hetero.runtime.batch import ForwardBatch, SequenceSlice
+from hetero.runtime.kv_cache import KVLayerSpec, PagedKVCache
 
 SEED = 15
 
@@ -138,3 +147,60 @@ def test_latent_decode_refuses_stores_of_another_rank():
             np.ones(1, np.int64),
             1.0,
         )
+
+
+def latent_case(lengths, dtype, heads, rank, rope, nope, v_dim):
+    """A paged latent cache (blocks of 4) holding random histories, a batch of one decoding
+    token per sequence, and that token's MLA step with a random kv_b."""
+    kv = PagedKVCache(
+        [KVLayerSpec({"latent": (rank,), "k_rope": (rope,)}, dtype)], num_blocks=128, block_size=4
+    )
+    slices = []
+    for past in lengths:
+        seq, _ = kv.new_sequence()
+        kv.reserve(seq, past + 1)
+        slices.append(SequenceSlice(seq, past, 1))
+    g = torch.Generator().manual_seed(SEED)
+    for store in kv.storage[0].values():
+        store.copy_(torch.randn(store.shape, generator=g))
+    kv_b = nn.Linear(rank, heads * (nope + v_dim), bias=False).requires_grad_(False)
+    kv_b.weight.copy_(torch.randn(kv_b.weight.shape, generator=g) * rank**-0.5)
+    n = len(lengths)
+    step = LatentStep(
+        torch.randn(n, heads, nope, generator=g) * 2,
+        torch.randn(n, heads, rope, generator=g) * 2,
+        torch.randn(n, rank, generator=g),
+        torch.randn(n, rope, generator=g),
+        kv_b,
+        v_dim,
+        (nope + rope) ** -0.5,
+    )
+    return ForwardBatch(slices, kv), kv, step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_numba_latent_backend_agrees_with_the_torch_reference(shape, dtype):
+    heads, rank, rope, nope, v_dim, lengths = SHAPES[shape]
+    batch, kv, step = latent_case(lengths, dtype, heads, rank, rope, nope, v_dim)
+    assert choose_backend(batch, 0, step) is NUMBA_DECODE
+    got = NUMBA_DECODE.latent(batch, 0, step)
+    want = TORCH.latent(batch, 0, step)  # expands the same (widened) history through kv_b
+    # each is within `budget` of the float64 value, so within twice it of each other
+    w_key, w_value = (w.numpy() for w in step.absorbed_weights())
+    store = [kernel_store(kv.storage[0][name]) for name in ("latent", "k_rope")]
+    q_nope, q_rope = step.q_nope.numpy(), step.q_rope.numpy()
+    lengths = batch.lengths.numpy()
+    allowed = 2 * budget(q_nope, q_rope, *store, w_key, w_value, lengths, step.scale)
+    assert ((got - want).abs().amax(-1).numpy() <= allowed).all()
+
+
+def test_latent_steps_without_a_plain_kv_b_weight_take_the_torch_reference():
+    batch, _, step = latent_case([3], torch.float32, 2, 16, 4, 8, 8)
+    wrapped = LatentStep(*astuple_shallow(step, kv_b=nn.Sequential(step.kv_b)))
+    assert choose_backend(batch, 0, wrapped) is TORCH
+    torch.testing.assert_close(batch.attention(0, wrapped), NUMBA_DECODE.latent(batch, 0, step))
+
+
+def astuple_shallow(step: LatentStep, **changes) -> list:
+    return [changes.get(f.name, getattr(step, f.name)) for f in dataclasses.fields(step)]

@@ -11,7 +11,9 @@ import torch
 from test_parity import reference_logits, relative_error
 
 import hetero
+from cpu_kernels import mla_decode
 from hetero.models import deepseek
+from hetero.runtime.attention import NUMBA_DECODE
 from hetero.runtime.batch import ForwardBatch, SequenceSlice
 
 # DeepSeek's released YaRN settings, scaled down: trained on 64 positions, stretched 4x to 256.
@@ -207,3 +209,44 @@ def test_v3_group_routing_keeps_experts_of_the_best_groups_and_unbiased_weights(
     )
     assert sorted(ids[0].tolist()) == [0, 3]
     assert torch.allclose(weights.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
+def test_cpu_decode_runs_the_latent_kernel_with_the_torch_paths_tokens(
+    model_type, checkpoint_factory, monkeypatch
+):
+    path, _ = checkpoint_factory(model_type)
+    model = hetero.load(path, dtype="float32", progress=False)
+    ids = random_ids(20, model.config.vocab_size, seed=6)
+    calls, real = [], mla_decode.latent_attention_decode
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(mla_decode, "latent_attention_decode", counted)
+    kernel_tokens = model.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids
+    assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step, every layer
+    monkeypatch.setattr(NUMBA_DECODE, "applies", lambda *args: False)
+    assert model.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids == kernel_tokens
+
+
+def test_a_bf16_latent_cache_decodes_within_its_rounding(checkpoint_factory):
+    path, _ = checkpoint_factory("deepseek_v3")
+    model = hetero.load(path, dtype="float32", progress=False)
+    ids = random_ids(40, model.config.vocab_size, seed=7)
+    prompt_len = 30
+    kv = model.new_kv_cache(max_tokens=len(ids), kv_dtype="bf16")
+    assert all(store.dtype == torch.bfloat16 for layer in kv.storage for store in layer.values())
+    seq, _ = kv.new_sequence()
+    kv.reserve(seq, len(ids))
+    with torch.inference_mode():
+        batch = ForwardBatch([SequenceSlice(seq, 0, prompt_len)], kv)
+        cached = [model.net(torch.tensor(ids[:prompt_len]), batch)[-1]]
+        for position in range(prompt_len, len(ids)):
+            batch = ForwardBatch([SequenceSlice(seq, position, 1)], kv)
+            cached.append(model.net(torch.tensor([ids[position]]), batch)[0])
+    fresh = model.logits(ids)[prompt_len - 1 :]
+    # each cached value is within 2^-8 of its float32 value, relative; the logits move by less
+    # (4.5e-4 of the largest here)
+    assert relative_error(torch.stack(cached), fresh) < 2.0**-8
