@@ -61,9 +61,10 @@ def _float32_row_numba(stored, scratch):
     if stored.dtype == types.uint16:
 
         def widen(stored, scratch):
-            bits = scratch.view(np.uint32)
-            for i in range(len(stored)):  # a loop LLVM vectorises
-                bits[i] = np.uint32(stored[i]) << np.uint32(16)
+            # a loop LLVM vectorises; a scalar bit view, where `scratch.view(np.uint32)` would
+            # cost an array object (two atomic reference counts) per row: 3x the time
+            for i in range(len(stored)):
+                scratch[i] = np.uint32(np.uint32(stored[i]) << np.uint32(16)).view(np.float32)
             return scratch
 
         return widen
