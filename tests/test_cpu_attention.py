@@ -208,6 +208,8 @@ def test_a_bf16_cache_halves_the_memory_and_decodes_on_the_kernel(monkeypatch):
     model = hetero.load("demo", progress=False)
     wide, narrow = (model.new_kv_cache(64, kv_dtype=name) for name in ("f32", "bf16"))
     assert wide.bytes_per_token == 2 * narrow.bytes_per_token
+    with pytest.raises(hetero.InvalidRequestError, match="KV cache dtype 'fp8'"):
+        model.new_kv_cache(64, kv_dtype="fp8")
     ids = model.tokenizer.encode("The experts said")
     want = model.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
     calls = count_kernel_calls(monkeypatch)

@@ -199,7 +199,9 @@ class Model:
         in `kv_dtype` (KV_DTYPES; None: `self.kv_dtype`)."""
         kv_dtype = kv_dtype or self.kv_dtype
         if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+            raise InvalidRequestError(
+                f"unknown KV cache dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}"
+            )
         dtype = KV_DTYPES[kv_dtype] or self.dtype
         blocks = max_sequences * -(-max_tokens // KV_BLOCK_TOKENS)
         specs = [
