@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from test_cpu_attention import bf16_bits, widened
 from torch import nn
 
 from cpu_kernels.mla_decode import latent_attention_decode
@@ -28,18 +29,6 @@ from hetero.runtime.batch import ForwardBatch, SequenceSlice
 from hetero.runtime.kv_cache import KVLayerSpec, PagedKVCache
 
 SEED = 15
-
-
-def bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), rounded to nearest even as torch does."""
-    return torch.from_numpy(a).bfloat16().view(torch.uint16).numpy()
-
-
-def widened(store: np.ndarray) -> np.ndarray:
-    """A store as the float64 values the kernel reads (bfloat16 bits widened exactly)."""
-    if store.dtype == np.uint16:
-        return (store.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return store.astype(np.float64)
 
 
 def expanded_reference(q_nope, q_rope, latent, k_rope, w_key, w_value, slots, lengths, scale):
@@ -197,10 +186,6 @@ def test_numba_latent_backend_agrees_with_the_torch_reference(shape, dtype):
 
 def test_latent_steps_without_a_plain_kv_b_weight_take_the_torch_reference():
     batch, _, step = latent_case([3], torch.float32, 2, 16, 4, 8, 8)
-    wrapped = LatentStep(*astuple_shallow(step, kv_b=nn.Sequential(step.kv_b)))
+    wrapped = dataclasses.replace(step, kv_b=nn.Sequential(step.kv_b))
     assert choose_backend(batch, 0, wrapped) is TORCH
     torch.testing.assert_close(batch.attention(0, wrapped), NUMBA_DECODE.latent(batch, 0, step))
-
-
-def astuple_shallow(step: LatentStep, **changes) -> list:
-    return [changes.get(f.name, getattr(step, f.name)) for f in dataclasses.fields(step)]
