@@ -1,7 +1,7 @@
 """Decode attention on the CPU in Numba: one query token per sequence over its history, read in
 place from a paged KV store (no gathered copy of the history).
 
-The store is flat rows [slots, kv_heads, d] (what a paged cache's blocks are laid out as), float32
+The store is head-major flat rows [kv_heads, slots, d] (a paged cache's blocks), float32
 or bfloat16 bits as uint16 (numpy has no bfloat16; a row is widened to float32 as it is read, so
 a bf16 cache takes half the memory and the arithmetic stays float32); each sequence names its
 history's rows in order (`slots`). Torch's version of this step costs a
@@ -91,15 +91,15 @@ def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
     where K_s, V_s are rows slots[s, :lengths[s]] of the stores at kv head h // (heads /
     kv_heads) (grouped-query attention).
 
-    q: float32 [n, heads, d]; k_store: float32 or uint16 (bfloat16 bits) [rows, kv_heads, d];
-    v_store: like k_store, [rows, kv_heads, dv]; slots: int64 [n, >= max length]; lengths:
+    q: float32 [n, heads, d]; k_store: float32 or uint16 (bfloat16 bits) [kv_heads, rows, d];
+    v_store: like k_store, [kv_heads, rows, dv]; slots: int64 [n, >= max length]; lengths:
     int64 [n] (each >= 1); out: float32 [n, heads, dv]. Parallel over (sequence, kv head): each
     job reads a key and a value row once for all the query heads that share it, and keeps their
     outputs in a local [groups, dv] sum (1.6x the speed of per-head passes at 544 tokens); the
     softmax subtracts each head's maximum score, takes `softmax_numerators` (another
     1.1-1.15x) and sums in float32."""
     n, heads, d = q.shape
-    kv_heads, dv = k_store.shape[1], v_store.shape[2]
+    kv_heads, dv = k_store.shape[0], v_store.shape[2]
     groups = heads // kv_heads
     for job in prange(n * kv_heads):
         s, h = job // kv_heads, job % kv_heads
@@ -109,7 +109,7 @@ def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
         value_row = np.empty(dv, np.float32)
         scores = np.empty((groups, length), np.float32)
         for t in range(length):
-            key = float32_row(k_store[slots[s, t], h], key_row)
+            key = float32_row(k_store[h, slots[s, t]], key_row)
             for g in range(groups):
                 total = np.float32(0.0)
                 for i in range(d):
@@ -118,7 +118,7 @@ def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
         norm = softmax_rows(scores, np.empty(length, np.int32), np.empty(length, np.float32))
         acc = np.zeros((groups, dv), np.float32)
         for t in range(length):
-            value = float32_row(v_store[slots[s, t], h], value_row)
+            value = float32_row(v_store[h, slots[s, t]], value_row)
             for g in range(groups):
                 weight = scores[g, t]
                 for i in range(dv):

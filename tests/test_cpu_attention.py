@@ -39,13 +39,13 @@ def widened(store: np.ndarray) -> np.ndarray:
 def reference(q, k_store, v_store, slots, lengths, scale):
     """float64: per sequence and head, softmax(scale * q . K) @ V over its rows, GQA groups."""
     n, heads, _ = q.shape
-    groups = heads // k_store.shape[1]
+    groups = heads // k_store.shape[0]
     out = np.zeros((n, heads, v_store.shape[2]))
     for s in range(n):
         rows = slots[s, : lengths[s]]
         for h in range(heads):
-            keys = widened(k_store)[rows, h // groups]
-            values = widened(v_store)[rows, h // groups]
+            keys = widened(k_store)[h // groups, rows]
+            values = widened(v_store)[h // groups, rows]
             scores = scale * keys @ q[s, h].astype(np.float64)
             weights = np.exp(scores - scores.max())
             out[s, h] = weights / weights.sum() @ values
@@ -64,8 +64,8 @@ def reference(q, k_store, v_store, slots, lengths, scale):
 def test_paged_decode_attention_matches_reference(heads, kv_heads, d, dv, lengths, store_dtype):
     rng = np.random.default_rng(SEED)
     rows, n = 1024, len(lengths)
-    k_store = rng.standard_normal((rows, kv_heads, d), dtype=np.float32)
-    v_store = rng.standard_normal((rows, kv_heads, dv), dtype=np.float32)
+    k_store = rng.standard_normal((kv_heads, rows, d), dtype=np.float32)  # head-major
+    v_store = rng.standard_normal((kv_heads, rows, dv), dtype=np.float32)
     if store_dtype == np.uint16:
         k_store, v_store = bf16_bits(k_store), bf16_bits(v_store)
     longest = max(lengths)
@@ -81,15 +81,15 @@ def test_paged_decode_attention_matches_reference(heads, kv_heads, d, dv, length
 
 def test_paged_decode_attention_ignores_rows_past_each_length():
     rng = np.random.default_rng()
-    k_store = rng.standard_normal((64, 2, 16), dtype=np.float32)
-    v_store = rng.standard_normal((64, 2, 16), dtype=np.float32)
+    k_store = rng.standard_normal((2, 64, 16), dtype=np.float32)
+    v_store = rng.standard_normal((2, 64, 16), dtype=np.float32)
     slots = np.arange(64).reshape(2, 32)
     q = rng.standard_normal((2, 4, 16), dtype=np.float32)
     lengths = np.array([10, 32])
     out = np.empty((2, 4, 16), np.float32)
     paged_decode_attention(q, k_store, v_store, slots, lengths, np.float32(0.25), out)
-    k_store[10:32] = 1e6  # rows sequence 0 does not own
-    v_store[10:32] = np.nan
+    k_store[:, 10:32] = 1e6  # rows sequence 0 does not own
+    v_store[:, 10:32] = np.nan
     again = np.empty_like(out)
     paged_decode_attention(
         q[:1], k_store, v_store, slots[:1], lengths[:1], np.float32(0.25), again[:1]
@@ -151,8 +151,9 @@ def test_a_bf16_cache_stays_within_its_rounding_of_a_float32_cache():
     want = wide_batch.attention(0, step)
     for s, length in enumerate(np.array(lengths) + 1):
         rows = wide_batch.read_slots[s, :length]
-        history = [wide.storage[0][name][rows] for name in ("k", "v")]
-        assert (got[s] - want[s]).abs().max() <= bf16_cache_budget(step.q[s], *history, 0.25)
+        history = wide.gather(0, rows)
+        allowed = bf16_cache_budget(step.q[s], history["k"], history["v"], 0.25)
+        assert (got[s] - want[s]).abs().max() <= allowed
 
 
 def count_kernel_calls(monkeypatch) -> list:

@@ -46,19 +46,23 @@ class PagedKVCache:
         self.layers = layers
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # storage[layer][name]: [num_blocks * block_size, *shape]; torch.empty leaves the pages
-        # untouched, so memory is committed only as sequences fill blocks.
+        # storage[layer][name]: [*shape[:-1], num_blocks * block_size, shape[-1]], per-head
+        # entries head-major ([kv_heads, rows, d]): a decode job reads one head's history, which
+        # is then contiguous within each block (the Numba decode kernel ran 2x faster from DRAM
+        # than over [rows, kv_heads, d], 16 sequences of 1024 tokens). torch.empty leaves the
+        # pages untouched, so memory is committed only as sequences fill blocks.
+        rows = num_blocks * block_size
         self.storage = [
             {
                 name: torch.empty(
-                    (num_blocks * block_size, *shape), dtype=spec.dtype, device=spec.device
+                    (*shape[:-1], rows, shape[-1]), dtype=spec.dtype, device=spec.device
                 )
                 for name, shape in spec.entries.items()
             }
             for spec in layers
         ]
         self.bytes_per_token = sum(
-            t[0].numel() * t.element_size() for layer in self.storage for t in layer.values()
+            t.numel() // rows * t.element_size() for layer in self.storage for t in layer.values()
         )
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks
@@ -166,14 +170,22 @@ class PagedKVCache:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, entries: dict[str, torch.Tensor]) -> None:
-        """Store per-token entries ([tokens, ...] each) at flat storage rows `slots` [tokens]."""
+        """Store per-token entries ([tokens, *shape] each) at flat storage rows `slots`
+        [tokens]."""
         for name, value in entries.items():
             store = self.storage[layer][name]
-            store[slots.to(store.device)] = value.to(store.dtype)
+            rows = value.movedim(0, -2)  # [*shape[:-1], tokens, shape[-1]]
+            store[..., slots.to(store.device), :] = rows.to(store.dtype)
 
     def gather(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Entries at flat storage rows `slots` (any shape, e.g. [sequences, length])."""
-        return {name: store[slots.to(store.device)] for name, store in self.storage[layer].items()}
+        """Entries at flat storage rows `slots` (any shape, e.g. [sequences, length]):
+        [*slots.shape, *shape] each."""
+        gathered = {}
+        for name, store in self.storage[layer].items():
+            rows = store[..., slots.to(store.device), :]  # [*shape[:-1], *slots.shape, last]
+            heads = store.dim() - 2  # leading entry dimensions, moved back behind the slots
+            gathered[name] = rows.movedim(tuple(range(heads)), tuple(range(-1 - heads, -1)))
+        return gathered
 
 
 def block_hash(parent: int, tokens: list[int]) -> int:
