@@ -46,7 +46,8 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         "--kv-dtype",
         default="auto",
         choices=list(KV_DTYPES),
-        help="KV cache dtype (default: the compute dtype); bf16 halves a float32 model's cache",
+        help="KV cache dtype without --plan (default: the compute dtype); bf16 halves a float32 "
+        "model's cache; a plan's own KV dtype wins",
     )
 
 
@@ -64,7 +65,20 @@ def plan_from_args(args: argparse.Namespace, context: int | None, sequences: int
                 "budgets (make another with `hetero plan MODEL --vram-budget ... --save FILE`)"
             )
         return load_plan(args.plan)
-    return plan_for_model(args.model, args.vram_budget, args.dram_budget, context, sequences)
+    return plan_for_model(
+        args.model, args.vram_budget, args.dram_budget, context, sequences, kv_dtype_of_run(args)
+    )
+
+
+def kv_dtype_of_run(args: argparse.Namespace) -> str:
+    """The KV cache dtype a run allocates: --kv-dtype, or "auto": its compute dtype."""
+    if args.kv_dtype != "auto":
+        return args.kv_dtype
+    from hetero.demo import resolve_model_path
+    from hetero.runtime.model import compute_dtype
+
+    dtype = compute_dtype(resolve_model_path(args.model), args.dtype, args.quant)
+    return {v: k for k, v in KV_DTYPES.items()}[dtype]
 
 
 def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
@@ -80,7 +94,7 @@ def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
     )
     for line in model.placement.log_lines():
         print(f"hetero: {line}", file=sys.stderr, flush=True)
-    model.kv_dtype = args.kv_dtype
+    model.kv_dtype = plan.kv_cache.dtype  # the plan sized the cache in it; a saved plan too
     if model.quant_report is not None:
         print(f"hetero: {model.quant_report.summary()}", file=sys.stderr, flush=True)
     return model

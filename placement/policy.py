@@ -386,12 +386,13 @@ def plan_for_model(
     dram_budget: str | None,
     context: int | None,
     concurrency: int,
+    kv_dtype: str = "bf16",
 ) -> Plan:
     """The plan a run without `--plan` executes, made now for the budgets given (defaults: this
     machine's free VRAM and available DRAM) and `context` tokens per sequence (None: the
-    default, at most the model's limit)."""
+    default, at most the model's limit), the KV cache in `kv_dtype` (bf16, f16, f32)."""
     inventory = open_model(model_arg, None)
     budgets = resolve_budgets(vram_budget, dram_budget, None, machine_memory())
     tokens = min(DEFAULT_CONTEXT if context is None else context, inventory.context_limit)
-    workload = Workload(tokens, concurrency, 512, "bf16")
+    workload = Workload(tokens, concurrency, 512, kv_dtype)
     return make_plan(inventory, budgets, workload, load_hardware(None), [], None, None)

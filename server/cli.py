@@ -116,8 +116,9 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     log_plan(plan)
     log(
-        f"KV cache: {tokens} tokens in {kv.num_blocks} blocks of {kv.block_size} "
-        f"({tokens * kv.bytes_per_token / 2**20:.1f} MiB reserved, committed as used)"
+        f"KV cache: {tokens} tokens in {kv.num_blocks} blocks of {kv.block_size}, "
+        f"{kv_dtype_names(kv)} ({tokens * kv.bytes_per_token / 2**20:.1f} MiB reserved, "
+        f"committed as used)"
     )
     log(
         f"maximum concurrency at {context} tokens per request: {tokens // context} "
@@ -130,6 +131,13 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def kv_dtype_names(kv) -> str:
+    """The allocated cache's dtype(s) and device(s), as the plan names them."""
+    names = {"torch.float32": "f32", "torch.bfloat16": "bf16", "torch.float16": "f16"}
+    kinds = sorted({f"{names.get(str(s.dtype), s.dtype)} on {s.device.type}" for s in kv.layers})
+    return ", ".join(kinds)
 
 
 def log_plan(plan: Plan) -> None:

@@ -250,3 +250,19 @@ def test_a_bf16_latent_cache_decodes_within_its_rounding(checkpoint_factory):
     # each cached value is within 2^-8 of its float32 value, relative; the logits move by less
     # (4.5e-4 of the largest here)
     assert relative_error(torch.stack(cached), fresh) < 2.0**-8
+
+
+def test_converted_weights_keep_kv_b_float_for_the_latent_kernel(checkpoint_factory, monkeypatch):
+    path, _ = checkpoint_factory("deepseek_v3")
+    model = hetero.load(path, quant="q8_0", progress=False)
+    assert model.quant_report.modules > 0  # the kernels run the other linears and experts
+    assert all(type(layer.self_attn.kv_b_proj) is torch.nn.Linear for layer in model.net.layers)
+    calls, real = [], mla_decode.latent_attention_decode
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(mla_decode, "latent_attention_decode", counted)
+    model.generate(random_ids(8, model.config.vocab_size, seed=2), max_new_tokens=3)
+    assert calls

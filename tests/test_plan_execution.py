@@ -5,6 +5,7 @@ a corrupt plan, a budget too small and a vanished model file are one line and ex
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from placement.plan import Plan, load_plan
 
 # half of the experts of layers 0 and 2, and layer 1's attention, on disk
 DISK_RULES = ("layers\\.[02]\\..*experts\\.[0-7]\\.=disk", "layers\\.1\\.self_attn=disk")
+DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16"}
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 
@@ -198,3 +200,38 @@ def test_split_experts_match_one_backend_holding_them_all():
     torch.testing.assert_close(split(x, ids, weights), whole(x, ids, weights), msg=f"seed {seed}")
     one = ids[:1, :1]  # a single pair: one backend gets none
     assert torch.equal(split(x[:1], one, weights[:1, :1]), whole(x[:1], one, weights[:1, :1]))
+
+
+@pytest.mark.parametrize(("kv_dtype", "expected"), [("auto", "f32"), ("bf16", "bf16")])
+def test_the_kv_cache_allocated_is_the_one_the_plan_sized(demo, kv_dtype, expected):
+    from hetero.model_options import load_from_args, plan_from_args
+
+    args = argparse.Namespace(
+        model=str(demo),
+        dtype="auto",
+        quant="auto",
+        threads=None,
+        kv_dtype=kv_dtype,
+        plan=None,
+        vram_budget=None,
+        dram_budget=None,
+    )
+    plan = plan_from_args(args, 64, 2)
+    model = load_from_args(args, plan)
+    kv = model.new_kv_cache(plan.kv_cache.tokens, plan.kv_cache.sequences)
+    assert plan.kv_cache.dtype == expected
+    assert {str(layer.dtype) for layer in kv.layers} == {f"torch.{DTYPE_NAMES[expected]}"}
+    assert kv.bytes_per_token == plan.kv_cache.bytes_per_token
+    assert kv.num_blocks * kv.block_size * kv.bytes_per_token == plan.kv_cache.nbytes["cpu"]
+
+
+def test_a_saved_plans_kv_dtype_wins(demo, tmp_path):
+    from hetero.model_options import load_from_args
+
+    made = run_hetero(
+        "plan", str(demo), "--kv-dtype", "bf16", "--context", "64", "--save", str(tmp_path / "p")
+    )
+    assert made.returncode == 0, made.stderr
+    args = argparse.Namespace(model=str(demo), dtype="auto", quant="auto", threads=None)
+    model = load_from_args(args, load_plan(tmp_path / "p"))
+    assert model.new_kv_cache(64).layers[0].dtype == torch.bfloat16

@@ -23,7 +23,9 @@ from hetero.runtime.disk import DiskLinear, DiskMLP, stored_matrix
 from placement.plan import Plan
 from placement.tensor_groups import classify
 
-ROUTER_SUFFIXES = (".mlp.gate", "shared_expert_gate")  # kept float: they decide routing
+# linears kept float: routers decide routing; MLA's kv_b is split into its key and value parts
+# by the absorbed decode (a GGUF file stores it as two tensors, so it has no kernel form either)
+FLOAT_SUFFIXES = (".mlp.gate", "shared_expert_gate", "self_attn.kv_b_proj")
 DEVICES = ("gpu", "cpu", "disk")
 # `quant` names of the types float weights may be converted to for the CPU kernels at load
 CONVERT_TYPES = {
@@ -144,7 +146,8 @@ def check_plan_fits(plan: Plan, model_path: Path) -> None:
 
 
 def kernel_targets(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Expert blocks and linears that may leave torch (kernels or disk), routers excluded."""
+    """Expert blocks and linears that may leave torch (kernels or disk), those of
+    FLOAT_SUFFIXES excluded."""
     found, experts = [], []
     for name, module in net.named_modules():
         if any(name.startswith(prefix + ".") for prefix in experts):
@@ -152,7 +155,7 @@ def kernel_targets(net: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, TorchExperts):
             experts.append(name)
             found.append((name, module))
-        elif isinstance(module, nn.Linear) and not name.endswith(ROUTER_SUFFIXES):
+        elif isinstance(module, nn.Linear) and not name.endswith(FLOAT_SUFFIXES):
             found.append((name, module))
     return found
 

@@ -49,7 +49,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32")
 # KV cache dtype; "auto": the model dtype. A bf16 cache under float32 compute halves its memory;
 # the CPU decode kernels widen it as they read it.
-KV_DTYPES = {"auto": None, "bf16": torch.bfloat16, "f32": torch.float32}
+KV_DTYPES = {"auto": None, "bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
 
 class Model:
@@ -130,12 +130,7 @@ class Model:
             raw = read_config_json(model_dir)
         family = family_for(raw)
         config = family.parse_config(raw)
-        quant_type = None if quant in ("auto", "none") else quant
-        if quant == "auto" and not gguf and dtype == "auto":
-            quant_type = auto_kernel_type(raw)
-        kernels = quant_type is not None or (gguf and quant == "auto")
-        if kernels and dtype == "auto":
-            dtype = "float32"  # the kernels take and give float32; so does the rest on a CPU
+        quant_type, kernels, dtype = kernel_choice(raw, gguf, dtype, quant)
         torch_dtype = resolve_dtype(dtype, raw)
         # weights converted at load are read in the file's dtype (zero-copy), not converted first
         load_dtype = resolve_dtype("auto", raw) if quant_type else torch_dtype
@@ -312,6 +307,30 @@ class Model:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
             )
+
+
+def kernel_choice(
+    raw_config: dict[str, Any], gguf: bool, dtype: str, quant: str
+) -> tuple[str | None, bool, str]:
+    """What `Model.load` does with these options: (the type float weights are converted to at
+    load or None, whether the CPU kernels run weights, the compute dtype name or "auto")."""
+    quant_type = None if quant in ("auto", "none") else quant
+    if quant == "auto" and not gguf and dtype == "auto":
+        quant_type = auto_kernel_type(raw_config)
+    kernels = quant_type is not None or (gguf and quant == "auto")
+    if kernels and dtype == "auto":
+        dtype = "float32"  # the kernels take and give float32; so does the rest on a CPU
+    return quant_type, kernels, dtype
+
+
+def compute_dtype(path: Path, dtype: str, quant: str) -> torch.dtype:
+    """The dtype a model at `path` computes in when loaded with these options, known before
+    it loads (reads config.json, or a GGUF file's metadata only where it must)."""
+    gguf = path.suffix == ".gguf" or path.is_file()
+    if gguf and (quant == "auto" or dtype != "auto"):
+        return resolve_dtype("float32" if dtype == "auto" else dtype, {})
+    raw = GGUFCheckpoint(path).config if gguf else read_config_json(path)
+    return resolve_dtype(kernel_choice(raw, gguf, dtype, quant)[2], raw)
 
 
 def auto_kernel_type(raw_config: dict[str, Any]) -> str | None:
