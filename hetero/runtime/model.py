@@ -371,7 +371,7 @@ def fp8_block_size(raw_config: dict[str, Any]) -> tuple[int, int]:
     if method != "fp8":
         raise UnsupportedModelError(
             f"{method!r}-quantised safetensors are not supported; use the bf16/fp16 checkpoint "
-            f"(GGUF support is coming)"
+            f"or a GGUF file of the model"
         )
     block = quant.get("weight_block_size") or (128, 128)
     return int(block[0]), int(block[1])
