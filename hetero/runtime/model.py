@@ -111,9 +111,7 @@ class Model:
         (experts and dense layers). `plan` (from `hetero plan`) says where each tensor group
         runs; a plan made for another model is refused (`PlanMismatchError`)."""
         model_dir = Path(path).expanduser()
-        gguf = model_dir.suffix == ".gguf" or model_dir.is_file()
-        if not gguf and not model_dir.is_dir():
-            raise ModelFormatError(f"model directory {model_dir} does not exist")
+        gguf = is_gguf(model_dir)
         if quant not in QUANT_CHOICES:
             raise InvalidRequestError(
                 f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}"
@@ -323,10 +321,18 @@ def kernel_choice(
     return quant_type, kernels, dtype
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file (else a model directory); refuses a path that is neither."""
+    gguf = path.suffix == ".gguf" or path.is_file()
+    if not gguf and not path.is_dir():
+        raise ModelFormatError(f"model directory {path} does not exist")
+    return gguf
+
+
 def compute_dtype(path: Path, dtype: str, quant: str) -> torch.dtype:
     """The dtype a model at `path` computes in when loaded with these options, known before
     it loads (reads config.json, or a GGUF file's metadata only where it must)."""
-    gguf = path.suffix == ".gguf" or path.is_file()
+    gguf = is_gguf(path)
     if gguf and (quant == "auto" or dtype != "auto"):
         return resolve_dtype("float32" if dtype == "auto" else dtype, {})
     raw = GGUFCheckpoint(path).config if gguf else read_config_json(path)
