@@ -6,12 +6,15 @@ a corrupt plan, a budget too small and a vanished model file are one line and ex
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
+from conftest import make_checkpoint
 
 import hetero
 from hetero.demo import write_demo
@@ -235,3 +238,44 @@ def test_a_saved_plans_kv_dtype_wins(demo, tmp_path):
     args = argparse.Namespace(model=str(demo), dtype="auto", quant="auto", threads=None)
     model = load_from_args(args, load_plan(tmp_path / "p"))
     assert model.new_kv_cache(64).layers[0].dtype == torch.bfloat16
+
+
+DISK_RSS_PROBE = """
+    import json, psutil, torch, hetero
+    from placement.plan import load_plan
+    plan = load_plan({plan!r}) if {plan!r} else None
+    torch.ones(1) @ torch.ones(1)
+    model = hetero.load({path!r}, progress=False, quant="f32", plan=None)
+    del model
+    before = psutil.Process().memory_info().rss
+    model = hetero.load({path!r}, progress=False, quant="f32", plan=plan)
+    after_load = psutil.Process().memory_info().rss
+    tokens = model.generate([1, 2, 3], max_new_tokens=2).token_ids
+    print(json.dumps(dict(grown=after_load - before, tokens=tokens)))
+"""
+
+
+def test_experts_on_disk_take_no_dram_at_load(tmp_path):
+    """A model larger than DRAM runs: experts the plan leaves on disk are not copied into
+    memory at load (the kernels' DRAM copy is what an all-DRAM load adds)."""
+    path = tmp_path / "wide-moe"
+    path.mkdir()
+    # 2 MoE layers x 32 experts of 3 x 64 x 2048 float32: 96 MiB of routed experts
+    make_checkpoint(
+        path, "qwen3_moe", num_experts=32, moe_intermediate_size=2048, mlp_only_layers=[]
+    )
+    expert_bytes = 2 * 32 * 3 * 64 * 2048 * 4
+    plan_file = tmp_path / "plan.json"
+    make_plan(str(path), plan_file, "experts=disk")
+
+    def probe(plan: str) -> dict:
+        code = textwrap.dedent(DISK_RSS_PROBE.format(path=str(path), plan=plan))
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    in_dram, on_disk = probe(""), probe(str(plan_file))
+    assert in_dram["grown"] > 0.8 * expert_bytes  # repacked for the kernels: anonymous memory
+    assert on_disk["grown"] < 0.1 * expert_bytes
+    assert on_disk["tokens"] == in_dram["tokens"]
