@@ -73,13 +73,9 @@ def test_kv_cache_holds_only_the_latent_per_token(checkpoint_factory):
     )
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
-def test_cached_decoding_equals_fresh_forward(model_type, checkpoint_factory):
-    path, _ = checkpoint_factory(model_type, rope_scaling=YARN, max_position_embeddings=256)
-    model = hetero.load(path, dtype="float32", progress=False)
-    ids = random_ids(80, model.config.vocab_size, seed=5)
-    prompt_len = 70
-    kv = model.new_kv_cache(max_tokens=len(ids))
+def cached_decode_logits(model, ids: list[int], prompt_len: int, kv) -> torch.Tensor:
+    """Logits of a prompt's last token and of each later token decoded one at a time over
+    the KV cache `kv`: [len(ids) - prompt_len + 1, vocab]."""
     seq, _ = kv.new_sequence()
     kv.reserve(seq, len(ids))
     with torch.inference_mode():
@@ -88,8 +84,31 @@ def test_cached_decoding_equals_fresh_forward(model_type, checkpoint_factory):
         for position in range(prompt_len, len(ids)):
             batch = ForwardBatch([SequenceSlice(seq, position, 1)], kv)
             cached.append(model.net(torch.tensor([ids[position]]), batch)[0])
+    return torch.stack(cached)
+
+
+def count_latent_kernel_calls(monkeypatch) -> list:
+    """Each call of the MLA decode kernel appends to the returned list."""
+    calls, real = [], mla_decode.latent_attention_decode
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(mla_decode, "latent_attention_decode", counted)
+    return calls
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
+def test_cached_decoding_equals_fresh_forward(model_type, checkpoint_factory):
+    path, _ = checkpoint_factory(model_type, rope_scaling=YARN, max_position_embeddings=256)
+    model = hetero.load(path, dtype="float32", progress=False)
+    ids = random_ids(80, model.config.vocab_size, seed=5)
+    prompt_len = 70
+    kv = model.new_kv_cache(max_tokens=len(ids))
+    cached = cached_decode_logits(model, ids, prompt_len, kv)
     fresh = model.logits(ids)[prompt_len - 1 :]
-    assert relative_error(torch.stack(cached), fresh) < 1e-5
+    assert relative_error(cached, fresh) < 1e-5
 
 
 def released_v2_lite_config(**changes) -> dict:
@@ -218,13 +237,7 @@ def test_cpu_decode_runs_the_latent_kernel_with_the_torch_paths_tokens(
     path, _ = checkpoint_factory(model_type)
     model = hetero.load(path, dtype="float32", progress=False)
     ids = random_ids(20, model.config.vocab_size, seed=6)
-    calls, real = [], mla_decode.latent_attention_decode
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(mla_decode, "latent_attention_decode", counted)
+    calls = count_latent_kernel_calls(monkeypatch)
     kernel_tokens = model.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids
     assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step, every layer
     monkeypatch.setattr(NUMBA_DECODE, "applies", lambda *args: False)
@@ -238,18 +251,11 @@ def test_a_bf16_latent_cache_decodes_within_its_rounding(checkpoint_factory):
     prompt_len = 30
     kv = model.new_kv_cache(max_tokens=len(ids), kv_dtype="bf16")
     assert all(store.dtype == torch.bfloat16 for layer in kv.storage for store in layer.values())
-    seq, _ = kv.new_sequence()
-    kv.reserve(seq, len(ids))
-    with torch.inference_mode():
-        batch = ForwardBatch([SequenceSlice(seq, 0, prompt_len)], kv)
-        cached = [model.net(torch.tensor(ids[:prompt_len]), batch)[-1]]
-        for position in range(prompt_len, len(ids)):
-            batch = ForwardBatch([SequenceSlice(seq, position, 1)], kv)
-            cached.append(model.net(torch.tensor([ids[position]]), batch)[0])
+    cached = cached_decode_logits(model, ids, prompt_len, kv)
     fresh = model.logits(ids)[prompt_len - 1 :]
     # each cached value is within 2^-8 of its float32 value, relative; the logits move by less
     # (4.5e-4 of the largest here)
-    assert relative_error(torch.stack(cached), fresh) < 2.0**-8
+    assert relative_error(cached, fresh) < 2.0**-8
 
 
 def test_converted_weights_keep_kv_b_float_for_the_latent_kernel(checkpoint_factory, monkeypatch):
@@ -257,12 +263,6 @@ def test_converted_weights_keep_kv_b_float_for_the_latent_kernel(checkpoint_fact
     model = hetero.load(path, quant="q8_0", progress=False)
     assert model.quant_report.modules > 0  # the kernels run the other linears and experts
     assert all(type(layer.self_attn.kv_b_proj) is torch.nn.Linear for layer in model.net.layers)
-    calls, real = [], mla_decode.latent_attention_decode
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(mla_decode, "latent_attention_decode", counted)
+    calls = count_latent_kernel_calls(monkeypatch)
     model.generate(random_ids(8, model.config.vocab_size, seed=2), max_new_tokens=3)
     assert calls

@@ -15,6 +15,8 @@ import textwrap
 import pytest
 import torch
 from conftest import make_checkpoint
+from test_cli import assert_one_line_error
+from test_cli import hetero as run_hetero
 
 import hetero
 from hetero.demo import write_demo
@@ -29,33 +31,11 @@ DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16"}
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 
-def run_hetero(*args: str, cache=None) -> subprocess.CompletedProcess:
-    env = None
-    if cache is not None:
-        import os
-
-        env = dict(os.environ, HETERO_CACHE=str(cache))
-    return subprocess.run(
-        [sys.executable, "-m", "hetero", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-
-
 def make_plan(model: str, path, *rules: str) -> Plan:
     overrides = [arg for rule in rules for arg in ("--override", rule)]
     made = run_hetero("plan", model, "--vram-budget", "0", *overrides, "--save", str(path))
     assert made.returncode == 0, made.stderr
     return load_plan(path)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("hetero: error:") and fragment in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture(scope="module")
