@@ -87,6 +87,12 @@ def create_app(state: ServerState) -> FastAPI:
     async def http_error(request: Request, err: StarletteHTTPException):
         return refusal(request.url.path, RequestError(str(err.detail), status=err.status_code))
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        # a bug, not a bad request: still an error object the client can read, never a traceback
+        message = f"internal error: {type(err).__name__}: {err}"
+        return refusal(request.url.path, RequestError(message, status=500, kind="server_error"))
+
     app.add_middleware(RequestGuard, state=state)
 
     async def json_body(request: Request) -> dict[str, Any]:

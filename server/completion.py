@@ -34,23 +34,83 @@ class Prepared:
         return split_reasoning(text, self.starts_in_reasoning)
 
 
-def chat_prompt(model: Model, messages: Any, template_kwargs: dict[str, Any]) -> str:
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def message_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI content parts of type "text". Other
+    parts (images, audio, files) are refused: this server's models read text only, and a
+    silently dropped image would be answered as if it had been seen."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise RequestError(
+            f"{where}.content must be a string or an array of parts", param="messages"
+        )
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            named = f"of type '{kind}' " if isinstance(kind, str) else ""
+            raise RequestError(
+                f"{where}.content[{j}] {named}is not supported: this model reads text only; "
+                "send parts of type 'text'",
+                param="messages",
+            )
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}.content[{j}].text must be a string", param="messages")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def tool_call_fields(message: dict[str, Any], where: str) -> dict[str, Any]:
+    """An assistant message's earlier `tool_calls`, checked (OpenAI's form, or Ollama's with
+    `arguments` an object), so the chat template can render them back to the model."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return {}
+    if not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls must be an array", param="messages")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(
+                f"{where}.tool_calls[{j}] must be an object with function.name", param="messages"
+            )
+        if not isinstance(function.get("arguments", {}), str | dict):
+            raise RequestError(
+                f"{where}.tool_calls[{j}].function.arguments must be a string or an object",
+                param="messages",
+            )
+    return {"tool_calls": calls}
+
+
+def chat_prompt(
+    model: Model,
+    messages: Any,
+    template_kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list", param="messages")
+        raise RequestError("'messages' must be a non-empty array", param="messages")
     clean = []
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            if not all(isinstance(p, dict) for p in content):
-                raise RequestError(f"messages[{i}].content parts must be objects", param="messages")
-            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-        if content is not None and not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string", param="messages")
-        clean.append({**message, "content": content or ""})
+            raise RequestError(f"{where} must be an object with a 'role'", param="messages")
+        if message["role"] not in CHAT_ROLES:
+            raise RequestError(
+                f"{where}.role '{message['role']}' is not one of {', '.join(CHAT_ROLES)}",
+                param="messages",
+            )
+        clean.append(
+            {**message, "content": message_text(message.get("content"), where)}
+            | tool_call_fields(message, where)
+        )
     try:
-        return model.apply_chat_template(clean, add_generation_prompt=True, **template_kwargs)
+        return model.apply_chat_template(
+            clean, add_generation_prompt=True, tools=tools, **template_kwargs
+        )
     except HeteroError as err:
         raise RequestError(str(err), param="messages") from None
 
@@ -64,8 +124,10 @@ def prepare(
     stop: tuple[str, ...],
     logprobs: int | None,
     chat: bool,
+    ignore_eos: bool = False,
 ) -> Prepared:
-    """Tokenise, check the context window, and build the engine request."""
+    """Tokenise, check the context window, and build the engine request. `ignore_eos`: run to
+    max_tokens past the model's end-of-sequence tokens (vLLM's flag, for benchmarks)."""
     if isinstance(prompt, str):
         prompt_ids = model.tokenizer.encode(prompt, add_special_tokens=not chat)
     else:
@@ -89,7 +151,7 @@ def prepare(
         max_new_tokens=room if max_tokens is None else max_tokens,
         sampling=sampling,
         stop=stop,
-        eos_token_ids=frozenset(model.eos_token_ids),
+        eos_token_ids=frozenset() if ignore_eos else frozenset(model.eos_token_ids),
         logprobs=logprobs,
     )
     thinks = chat and model.tokenizer.token_to_id("</think>") is not None

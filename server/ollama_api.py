@@ -23,22 +23,17 @@ def now_iso() -> str:
 
 
 def final_stats(result: GenerationResult, started_ns: int) -> dict[str, Any]:
-    total = time.perf_counter_ns() - started_ns
-    prompt_ns = (
-        int(1e9 * (result.prompt_tokens - result.cached_prompt_tokens) / result.prefill_tok_s)
-        if result.prefill_tok_s
-        else 0
-    )
-    eval_ns = int(1e9 * len(result.token_ids) / result.decode_tok_s) if result.decode_tok_s else 0
+    """Ollama's counters. The prefill makes the first token, so prompt_eval_duration covers
+    it and eval_duration the steps after it: the two add up to at most total_duration."""
     return {
         "done": True,
         "done_reason": "length" if result.finish_reason == "length" else "stop",
-        "total_duration": total,
+        "total_duration": time.perf_counter_ns() - started_ns,
         "load_duration": 0,
         "prompt_eval_count": result.prompt_tokens,
-        "prompt_eval_duration": prompt_ns,
+        "prompt_eval_duration": int(result.prefill_s * 1e9),
         "eval_count": result.completion_tokens,
-        "eval_duration": eval_ns,
+        "eval_duration": int(result.decode_s * 1e9),
     }
 
 

@@ -22,7 +22,11 @@ from server.validation import RequestError, field, stop_strings
 def check_common(state: ServerState, body: dict[str, Any]) -> None:
     state.check_model(field(body, "model", str, state.served_name))
     if field(body, "n", int, 1) != 1:
-        raise RequestError("only n=1 is supported", param="n")
+        raise RequestError(
+            "'n' must be 1: this server returns one choice per request; send n requests "
+            "(with different seeds) for n choices",
+            param="n",
+        )
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:
@@ -86,6 +90,7 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
         stop_strings(body),
         top_logprobs if want_logprobs else None,
         chat=True,
+        ignore_eos=field(body, "ignore_eos", bool, False),
     )
     events = EventStream(state.engine, prepared.request)
     meta = {
@@ -190,11 +195,16 @@ async def completions(state: ServerState, body: dict[str, Any], http_request) ->
     )
     if not isinstance(prompt, str) and not valid_ids:
         raise RequestError("'prompt' must be a string or a list of token ids", param="prompt")
-    if field(body, "echo", bool, False):
-        raise RequestError("echo is not supported", param="echo")
     stream = field(body, "stream", bool, False)
     include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
     logprobs = field(body, "logprobs", int, None, 0, 20)
+    echo = field(body, "echo", bool, False)
+    if echo and logprobs is not None:
+        raise RequestError(
+            "'echo' with 'logprobs' is not supported (the prompt's logprobs are not computed); "
+            "send one or the other",
+            param="echo",
+        )
     prepared = prepare(
         state.model,
         state.context_length,
@@ -204,7 +214,9 @@ async def completions(state: ServerState, body: dict[str, Any], http_request) ->
         stop_strings(body),
         logprobs,
         chat=False,
+        ignore_eos=field(body, "ignore_eos", bool, False),
     )
+    echoed = "" if not echo else prompt if isinstance(prompt, str) else state.token_texts(prompt)
     events = EventStream(state.engine, prepared.request)
     meta = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -214,13 +226,13 @@ async def completions(state: ServerState, body: dict[str, Any], http_request) ->
     }
     if stream:
         return StreamingResponse(
-            completion_stream(state, events, meta, include_usage, logprobs is not None),
+            completion_stream(state, events, meta, include_usage, logprobs is not None, echoed),
             media_type="text/event-stream",
         )
     result = await collect(events, http_request)
     choice = {
         "index": 0,
-        "text": result.text,
+        "text": echoed + result.text,
         "finish_reason": finish_reason(result),
         "logprobs": completion_logprobs(state, result.logprobs) if logprobs is not None else None,
     }
@@ -233,6 +245,7 @@ def completion_stream(
     meta: dict[str, Any],
     include_usage: bool,
     want_logprobs: bool,
+    echoed: str,
 ) -> AsyncIterator[str]:
     template = ChunkTemplate(meta, {})
 
@@ -253,7 +266,8 @@ def completion_stream(
             out += sse({**meta, "choices": [], "usage": usage(event.result)})
         return out
 
-    return stream_text(events, render, tail="data: [DONE]\n\n")
+    head = template({"index": 0, "text": echoed, "finish_reason": None, "logprobs": None})
+    return stream_text(events, render, head if echoed else "", tail="data: [DONE]\n\n")
 
 
 def completion_logprobs(state: ServerState, logprobs: list[TokenLogprob]) -> dict[str, Any]:

@@ -39,6 +39,9 @@ class ServerState:
     def token_text(self, token_id: int) -> str:
         return _token_text(self.model.tokenizer, token_id)
 
+    def token_texts(self, token_ids: list[int]) -> str:
+        return self.model.tokenizer.decode(token_ids, skip_special_tokens=False)
+
 
 @lru_cache(maxsize=65536)
 def _token_text(tokenizer, token_id: int) -> str:

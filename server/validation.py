@@ -56,15 +56,35 @@ def field(
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(
-            k.__name__.replace("str", "string").replace("float", "number") for k in kinds
+        names = " or ".join(JSON_KINDS[k] for k in kinds)
+        raise RequestError(
+            f"'{name}' must be {names}, got {JSON_KINDS.get(type(value), 'a value')}", param=name
         )
-        raise RequestError(f"'{name}' must be a {names}, got {type(value).__name__}", param=name)
     if isinstance(value, float) and not math.isfinite(value):
-        raise RequestError(f"'{name}' must be finite", param=name)
+        raise RequestError(f"'{name}' must be a finite number", param=name)
     if low is not None and value < low or high is not None and value > high:
-        raise RequestError(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+        raise RequestError(f"'{name}' must be {allowed_range(low, high)}, got {value}", param=name)
     return value
+
+
+# how a request's author names the JSON types (Python's type names mean nothing to them)
+JSON_KINDS = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    dict: "an object",
+    list: "an array",
+}
+
+
+def allowed_range(low: float | None, high: float | None) -> str:
+    """'>= 1', '<= 2', or 'between 0 and 2', in the words an error message uses."""
+    if high is None:
+        return f">= {low:g}"
+    if low is None:
+        return f"<= {high:g}"
+    return f"between {low:g} and {high:g}"
 
 
 def stop_strings(body: dict[str, Any], name: str = "stop") -> tuple[str, ...]:

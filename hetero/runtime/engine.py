@@ -69,6 +69,8 @@ class GenerationResult:
     cached_prompt_tokens: int  # prompt tokens served by the prefix cache
     prefill_tok_s: float
     decode_tok_s: float
+    prefill_s: float = 0.0  # admission to the first token
+    decode_s: float = 0.0  # first token to the last: completion_tokens - 1 steps
     stop_string: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -343,6 +345,8 @@ class Engine:
             cached_prompt_tokens=sequence.cached,
             prefill_tok_s=computed_prompt / prefill_s if prefill_s > 0 else 0.0,
             decode_tok_s=sequence.decode_steps / decode_s if decode_s > 0 else 0.0,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
             stop_string=sequence.stops.matched,
             logprobs=sequence.logprobs,
         )

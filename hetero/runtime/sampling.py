@@ -44,7 +44,8 @@ class Sampler:
         self.params = params
         self.generator = torch.Generator()
         if params.seed is not None:
-            self.generator.manual_seed(params.seed)
+            # torch takes a seed in [0, 2**64); clients send any integer (negative, or wider)
+            self.generator.manual_seed(params.seed % 2**64)
         else:
             self.generator.seed()
 
