@@ -10,8 +10,10 @@ from typing import Any
 from hetero.errors import HeteroError
 from hetero.reasoning import ReasoningStream, prompt_opens_reasoning, split_reasoning
 from hetero.runtime.engine import Request
+from hetero.runtime.grammar import Grammar
 from hetero.runtime.model import Model
 from hetero.runtime.sampling import SamplingParams
+from server.tool_calls import NO_TOOLS, ToolCall, ToolCallStream, ToolUse, split_tool_calls
 from server.validation import RequestError, field
 
 # JSON text with non-ASCII characters kept, as json.dumps(..., ensure_ascii=False) writes it:
@@ -24,14 +26,42 @@ class Prepared:
     request: Request
     reasoning: bool  # split <think>...</think> from the answer
     starts_in_reasoning: bool
+    tool_use: ToolUse = NO_TOOLS
 
-    def reasoning_stream(self) -> ReasoningStream | None:
-        return ReasoningStream(self.starts_in_reasoning) if self.reasoning else None
+    def split(self, text: str) -> tuple[str | None, str, list[ToolCall]]:
+        """(reasoning or None, answer, tool calls) of a whole reply."""
+        reasoning = None
+        if self.reasoning:
+            reasoning, text = split_reasoning(text, self.starts_in_reasoning)
+        if self.tool_use.parses_calls:
+            text, calls = split_tool_calls(text)
+            return reasoning, text, calls
+        return reasoning, text, []
 
-    def split(self, text: str) -> tuple[str | None, str]:
-        if not self.reasoning:
-            return None, text
-        return split_reasoning(text, self.starts_in_reasoning)
+    def stream(self) -> ReplyStream:
+        return ReplyStream(
+            ReasoningStream(self.starts_in_reasoning) if self.reasoning else None,
+            ToolCallStream() if self.tool_use.parses_calls else None,
+        )
+
+
+class ReplyStream:
+    """A streamed reply's text, step by step, as (reasoning, answer, tool calls completed)."""
+
+    def __init__(self, reasoning: ReasoningStream | None, tools: ToolCallStream | None):
+        self.reasoning, self.tools = reasoning, tools
+
+    def push(self, text: str, last: bool) -> tuple[str, str, list[ToolCall]]:
+        thought, text = self.reasoning.push(text) if self.reasoning else ("", text)
+        if last and self.reasoning:
+            tail_thought, tail_text = self.reasoning.flush()
+            thought, text = thought + tail_thought, text + tail_text
+        if self.tools is None:
+            return thought, text, []
+        text, calls = self.tools.push(text)
+        if last:
+            text += self.tools.flush()
+        return thought, text, calls
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -125,6 +155,8 @@ def prepare(
     logprobs: int | None,
     chat: bool,
     ignore_eos: bool = False,
+    grammar: Grammar | None = None,
+    tool_use: ToolUse = NO_TOOLS,
 ) -> Prepared:
     """Tokenise, check the context window, and build the engine request. `ignore_eos`: run to
     max_tokens past the model's end-of-sequence tokens (vLLM's flag, for benchmarks)."""
@@ -153,10 +185,11 @@ def prepare(
         stop=stop,
         eos_token_ids=frozenset() if ignore_eos else frozenset(model.eos_token_ids),
         logprobs=logprobs,
+        grammar=grammar,
     )
     thinks = chat and model.tokenizer.token_to_id("</think>") is not None
     opens = thinks and isinstance(prompt, str) and prompt_opens_reasoning(prompt)
-    return Prepared(request, thinks, opens)
+    return Prepared(request, thinks, opens, tool_use)
 
 
 def read_sampling(

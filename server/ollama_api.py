@@ -14,7 +14,9 @@ from hetero import __version__
 from hetero.runtime.engine import Event, GenerationResult
 from server.bridge import EventStream, stream_text
 from server.completion import Prepared, chat_prompt, prepare, read_sampling, to_json
+from server.response_format import ollama_format
 from server.state import ServerState, collect
+from server.tool_calls import NO_TOOLS, ToolUse, read_tool_use
 from server.validation import RequestError, field, stop_strings
 
 
@@ -41,7 +43,13 @@ def ndjson(data: dict[str, Any]) -> str:
     return to_json(data) + "\n"
 
 
-def prepare_ollama(state: ServerState, body: dict[str, Any], prompt: str | None, chat: bool):
+def prepare_ollama(
+    state: ServerState,
+    body: dict[str, Any],
+    prompt: str | None,
+    chat: bool,
+    tool_use: ToolUse = NO_TOOLS,
+):
     state.check_model(field(body, "model", str))
     options = field(body, "options", dict, {})
     num_predict = field(options, "num_predict", int, None)
@@ -55,6 +63,8 @@ def prepare_ollama(state: ServerState, body: dict[str, Any], prompt: str | None,
         stop_strings(options),
         None,
         chat=chat,
+        grammar=ollama_format(body, state.grammars),
+        tool_use=tool_use,
     )
 
 
@@ -62,8 +72,11 @@ async def api_chat(state: ServerState, body: dict[str, Any], http_request) -> An
     template_kwargs = {}
     if isinstance(body.get("think"), bool):
         template_kwargs["enable_thinking"] = body["think"]
-    prompt = chat_prompt(state.model, body.get("messages"), template_kwargs)
-    prepared = prepare_ollama(state, body, prompt, chat=True)
+    # Ollama has no tool_choice: the model always chooses
+    tools = {"tools": body.get("tools")}
+    tool_use = read_tool_use(tools, state.model.tokenizer.chat_template, state.grammars)
+    prompt = chat_prompt(state.model, body.get("messages"), template_kwargs, tool_use.tools)
+    prepared = prepare_ollama(state, body, prompt, chat=True, tool_use=tool_use)
     return await respond(state, body, prepared, http_request, chat=True)
 
 
@@ -101,11 +114,13 @@ async def respond(state, body, prepared: Prepared, http_request, chat: bool) -> 
         )
     result = await collect(events, http_request)
     base = {"model": state.served_name, "created_at": now_iso()}
-    thinking, content = prepared.split(result.text)
+    thinking, content, calls = prepared.split(result.text)
     if chat:
         message = {"role": "assistant", "content": content}
         if thinking is not None:
             message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = [call.ollama() for call in calls]
         return JSONResponse({**base, "message": message, **final_stats(result, started)})
     reply = {"response": content}
     if thinking is not None:
@@ -116,20 +131,19 @@ async def respond(state, body, prepared: Prepared, http_request, chat: bool) -> 
 def ollama_stream(
     state, events: EventStream, prepared: Prepared, started: int, chat: bool
 ) -> AsyncIterator[str]:
-    reasoning = prepared.reasoning_stream()
+    reply = prepared.stream()
 
     def render(event: Event) -> str:
         if event.error:
             return ndjson({"error": event.error})
-        thought, text = reasoning.push(event.text) if reasoning else ("", event.text)
-        if event.result is not None and reasoning:
-            tail_thought, tail_text = reasoning.flush()
-            thought, text = thought + tail_thought, text + tail_text
+        thought, text, calls = reply.push(event.text, last=event.result is not None)
         base = {"model": state.served_name, "created_at": now_iso()}
         if chat:
             message = {"role": "assistant", "content": text}
             if thought:
                 message["thinking"] = thought
+            if calls:
+                message["tool_calls"] = [call.ollama() for call in calls]
             piece = {"message": message}
         else:
             piece = {"response": text}

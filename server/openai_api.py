@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hetero.runtime.engine import Event, GenerationResult, TokenLogprob
 from server.bridge import EventStream, stream_text
 from server.completion import Prepared, chat_prompt, prepare, read_sampling, to_json
+from server.response_format import openai_format
 from server.state import ServerState, collect
+from server.tool_calls import read_tool_use
 from server.validation import RequestError, field, stop_strings
 
 
@@ -80,7 +82,15 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", int, None, 1, None)
     template_kwargs = field(body, "chat_template_kwargs", dict, {})
-    prompt = chat_prompt(state.model, body.get("messages"), template_kwargs)
+    tool_use = read_tool_use(body, state.model.tokenizer.chat_template, state.grammars)
+    grammar = openai_format(body, state.grammars)
+    if grammar is not None and tool_use.grammar is not None:
+        raise RequestError(
+            "'response_format' and a forced 'tool_choice' ask for two different outputs; "
+            "send one of them",
+            param="response_format",
+        )
+    prompt = chat_prompt(state.model, body.get("messages"), template_kwargs, tool_use.tools)
     prepared = prepare(
         state.model,
         state.context_length,
@@ -91,6 +101,8 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
         top_logprobs if want_logprobs else None,
         chat=True,
         ignore_eos=field(body, "ignore_eos", bool, False),
+        grammar=grammar or tool_use.grammar,
+        tool_use=tool_use,
     )
     events = EventStream(state.engine, prepared.request)
     meta = {
@@ -104,14 +116,20 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
             media_type="text/event-stream",
         )
     result = await collect(events, http_request)
-    reasoning, content = prepared.split(result.text)
-    message: dict[str, Any] = {"role": "assistant", "content": content}
+    reasoning, content, calls = prepared.split(result.text)
+    # OpenAI's content is null beside tool calls when the model wrote nothing else
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": content or None if calls else content,
+    }
     if reasoning is not None:
         message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [call.openai() for call in calls]
     choice: dict[str, Any] = {
         "index": 0,
         "message": message,
-        "finish_reason": finish_reason(result),
+        "finish_reason": "tool_calls" if calls else finish_reason(result),
         "logprobs": chat_logprobs(state, result.logprobs) if want_logprobs else None,
     }
     return JSONResponse(
@@ -134,26 +152,28 @@ def chat_stream(
     def chunk(delta: dict[str, Any], reason: str | None = None, logprobs=None) -> str:
         return template({"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs})
 
-    reasoning = prepared.reasoning_stream()
+    reply = prepared.stream()
+    calls_sent = 0
 
     def render(event: Event) -> str:
+        nonlocal calls_sent
         if event.error:
             return error_event(event)
-        thought, text = reasoning.push(event.text) if reasoning else ("", event.text)
-        if event.result is not None and reasoning:
-            tail_thought, tail_text = reasoning.flush()
-            thought, text = thought + tail_thought, text + tail_text
-        delta = {}
+        thought, text, calls = reply.push(event.text, last=event.result is not None)
+        delta: dict[str, Any] = {}
         if thought:
             delta["reasoning_content"] = thought
         if text:
             delta["content"] = text
+        if calls:
+            delta["tool_calls"] = [c.openai(calls_sent + i) for i, c in enumerate(calls)]
+            calls_sent += len(calls)
         logprobs = (
             chat_logprobs(state, event.logprobs) if want_logprobs and event.logprobs else None
         )
         out = chunk(delta, logprobs=logprobs) if delta or logprobs else ""
         if event.result is not None:
-            out += chunk({}, finish_reason(event.result))
+            out += chunk({}, "tool_calls" if calls_sent else finish_reason(event.result))
             if include_usage:
                 out += sse(
                     {

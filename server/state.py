@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from hetero.runtime.engine import Engine, GenerationResult
+from hetero.runtime.grammar import GrammarCompiler
 from hetero.runtime.model import Model
 from server.bridge import EventStream
 from server.validation import RequestError
@@ -35,6 +36,12 @@ class ServerState:
                 param="model",
                 code="model_not_found",
             )
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built on the first request that needs one (about a second on a 150k vocabulary)."""
+        model = self.model
+        return GrammarCompiler(model.tokenizer, model.config.vocab_size, model.eos_token_ids)
 
     def token_text(self, token_id: int) -> str:
         return _token_text(self.model.tokenizer, token_id)

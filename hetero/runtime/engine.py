@@ -19,6 +19,13 @@ import torch
 from hetero.errors import HeteroError, InvalidRequestError
 from hetero.models.decoder import CausalLM
 from hetero.runtime.batch import ForwardBatch, SequenceSlice
+from hetero.runtime.grammar import (
+    CLOSING_MARGIN_TOKENS,
+    Grammar,
+    apply_token_masks,
+    closing_token,
+    fill_token_masks,
+)
 from hetero.runtime.kv_cache import KVCacheFullError, PagedKVCache
 from hetero.runtime.sampling import Sampler, SamplingParams
 from hetero.runtime.stopping import StopStrings
@@ -50,6 +57,7 @@ class Request:
     stop: tuple[str, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's plus top n
+    grammar: Grammar | None = None  # constrained decoding: only tokens the grammar allows
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class _Sequence:
         self.sampler = Sampler(request.sampling)
         self.decoder = StreamDecoder(tokenizer)
         self.stops = StopStrings(list(request.stop))
+        self.matcher = request.grammar.matcher() if request.grammar is not None else None
         self.tokens = list(request.prompt_ids)  # prompt, then completion
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] = []
@@ -277,6 +286,19 @@ class Engine:
         lse = None
         if any(sequence.request.logprobs is not None for sequence, _ in sampled):
             lse = torch.logsumexp(logits, dim=-1)
+        constrained = [i for i, (s, _) in enumerate(sampled) if s.matcher is not None]
+        if constrained:  # one mask per constrained stream, all computed in one call
+            masks = fill_token_masks([sampled[i][0].matcher for i in constrained], logits.shape[1])
+            with torch.inference_mode():  # the logits are inference tensors
+                logits[constrained] = apply_token_masks(logits[constrained], masks)
+                for row, i in enumerate(constrained):
+                    sequence = sampled[i][0]
+                    left = sequence.request.max_new_tokens - len(sequence.output)
+                    if left <= CLOSING_MARGIN_TOKENS:  # end the answer before the budget does
+                        text = "".join(sequence.text)
+                        close = closing_token(sequence.request.grammar, masks[row], text)
+                        if close is not None:
+                            logits[i].fill_(-torch.inf)[close] = 0.0
         for i, (sequence, _) in enumerate(sampled):
             self._take_token(sequence, logits[i], None if lse is None else lse[i])
 
@@ -295,6 +317,11 @@ class Engine:
         token = sequence.sampler(logits, request.prompt_ids, sequence.output)
         logprob = token_logprob(logits, lse, token, request.logprobs)
         self.completion_tokens_total += 1
+        grammar_done = False
+        if sequence.matcher is not None:
+            sequence.matcher.consume_token(token)
+            # a complete answer: a stop, whether or not the model writes its EOS token next
+            grammar_done = sequence.matcher.is_stopped()
         if token in request.eos_token_ids:
             if logprob is not None:
                 sequence.logprobs.append(logprob)
@@ -306,7 +333,7 @@ class Engine:
         sequence.logprobs.extend(new_logprobs)
         text = sequence.stops.push(sequence.decoder.push(token))
         sequence.text.append(text)
-        if sequence.stops.matched is not None:
+        if sequence.stops.matched is not None or grammar_done:
             self._finish(sequence, "stop", text=text, token=token, logprobs=new_logprobs)
         elif len(sequence.output) >= request.max_new_tokens:
             self._finish(sequence, "length", text=text, token=token, logprobs=new_logprobs)

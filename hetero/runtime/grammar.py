@@ -17,9 +17,21 @@ import torch
 from hetero.errors import InvalidRequestError
 from hetero.tokenizer import Tokenizer
 
-# A grammar's JSON without optional whitespace: a model (a random-weight one above all) could
-# otherwise fill its token budget with spaces and never close the object.
-JSON_OPTIONS = {"whitespace_flexible": False}
+# JSON laid out as json.dumps writes it (and chat templates render tool calls), with no other
+# whitespace: a model (a random-weight one above all) could otherwise fill its token budget
+# with spaces and never close the object.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+# Tokens that end JSON soonest. When a stream's token budget runs low, the engine takes the first
+# of these the grammar allows (EOS first, then what closes the innermost open string, object or
+# array, then the shortest values and separators, a lone space last for the one JSON_OPTIONS
+# puts after ":" and ",") instead of the model's choice, so a string is
+# closed and then its object rather than cut off at max_tokens. Where none is allowed (a required
+# key's letters, an enum) the grammar leaves the model one path anyway.
+CLOSERS = {"{": "}", "[": "]"}
+VALUE_TEXTS = ("0", "null", '"', '": ', ": ", ":", ", ", ",", " 0", " ")
+CLOSING_MARGIN_TOKENS = 48  # a budget this low starts the closing
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,8 @@ class Grammar:
 
     tokenizer: llguidance.LLTokenizer
     source: str  # llguidance's grammar text
+    eos_ids: tuple[int, ...]
+    closing_ids: dict[str, int]  # the single token of each of CLOSERS' and VALUE_TEXTS' texts
 
     def matcher(self) -> llguidance.LLMatcher:
         return llguidance.LLMatcher(self.tokenizer, self.source, log_level=0)
@@ -43,6 +57,10 @@ class GrammarCompiler:
             tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=sorted(eos_token_ids)
         )
         self._compiled = lru_cache(maxsize=256)(self._compile)
+        self.eos_ids = tuple(sorted(eos_token_ids))
+        texts = [*CLOSERS.values(), *VALUE_TEXTS]
+        single = {text: self.tokenizer.tokenize_str(text) for text in texts}
+        self.closing_ids = {text: ids[0] for text, ids in single.items() if len(ids) == 1}
 
     def json_schema(self, schema: dict[str, Any]) -> Grammar:
         """A grammar for JSON text matching `schema` ({"type": "object"} for any object)."""
@@ -50,20 +68,25 @@ class GrammarCompiler:
         return self._compiled(text)
 
     def lark(self, grammar: str) -> Grammar:
+        """A Lark grammar; `%json {schema}` embeds a JSON schema (laid out as JSON_OPTIONS says
+        when the schema carries them under "x-guidance", as `lark_json` writes it)."""
         return self._compiled(llguidance.LLMatcher.grammar_from_lark(grammar))
 
     def _compile(self, source: str) -> Grammar:
-        ok, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.tokenizer)
-        if not ok:
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            source, self.tokenizer
+        )
+        if failed:
             raise InvalidRequestError(f"the schema cannot be compiled: {'; '.join(messages)}")
-        return Grammar(self.tokenizer, source)
-
-
-def json_schema_text(schema: dict[str, Any]) -> str:
-    return json.dumps(schema, sort_keys=True)
+        return Grammar(self.tokenizer, source, self.eos_ids, self.closing_ids)
 
 
 _executor: llguidance.LLExecutor | None = None
+
+
+def lark_json(schema: dict[str, Any]) -> str:
+    """`schema` as a Lark `%json` rule body, laid out as JSON_OPTIONS says."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
 
 def fill_token_masks(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
@@ -77,6 +100,44 @@ def fill_token_masks(matchers: list[llguidance.LLMatcher], vocab_size: int) -> t
         _executor, [(m, i) for i, m in enumerate(matchers)], masks
     )
     return masks
+
+
+def closing_token(grammar: Grammar, mask: torch.Tensor, text: str) -> int | None:
+    """mask: [ceil(vocab / 32)] int32, a stream's allowed tokens; text: its answer so far ->
+    the token that ends its JSON soonest among those allowed, or None."""
+    in_string, open_brackets = json_nesting(text)
+    if in_string:
+        order = ['"']
+    else:
+        order = [CLOSERS[open_brackets[-1]]] if open_brackets else []
+        order += VALUE_TEXTS
+    ids = [*grammar.eos_ids, *(grammar.closing_ids.get(t) for t in order)]
+    for token in ids:
+        if token is not None and int(mask[token // 32]) >> (token % 32) & 1:
+            return token
+    return None
+
+
+def json_nesting(text: str) -> tuple[bool, list[str]]:
+    """Whether `text` (JSON, perhaps inside other text) ends inside a string, and the brackets
+    still open there, outermost first."""
+    in_string = escaped = False
+    brackets: list[str] = []
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in CLOSERS:
+            brackets.append(char)
+        elif char in "}]" and brackets:
+            brackets.pop()
+    return in_string, brackets
 
 
 def apply_token_masks(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
