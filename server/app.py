@@ -142,6 +142,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def api_tags():
         return ollama_api.tags(state)
 
+    @app.post("/api/show")
+    async def api_show(request: Request):
+        return ollama_api.show(state, await json_body(request))
+
+    @app.get("/api/ps")
+    async def api_ps():
+        return ollama_api.running(state)
+
     @app.get("/api/version")
     async def api_version():
         return ollama_api.version()

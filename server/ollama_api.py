@@ -1,5 +1,5 @@
 """Ollama-compatible endpoints (/api/chat, /api/generate streamed as NDJSON or not,
-/api/tags, /api/version), so Ollama clients work unchanged."""
+/api/tags, /api/show, /api/ps, /api/version), so Ollama clients work unchanged."""
 
 from __future__ import annotations
 
@@ -157,28 +157,17 @@ def ollama_stream(
 
 
 def tags(state: ServerState) -> dict[str, Any]:
-    model = state.model
-    size = model.weight_bytes
-    family = model.config.model_type
-    billions = model.parameter_count / 1e9
-    return {
-        "models": [
-            {
-                "name": f"{state.served_name}:latest",
-                "model": f"{state.served_name}:latest",
-                "modified_at": datetime.fromtimestamp(state.started, UTC).isoformat(),
-                "size": size,
-                "digest": f"{abs(hash(str(model.path))):064x}"[-64:],
-                "details": {
-                    "format": "safetensors",
-                    "family": family,
-                    "families": [family],
-                    "parameter_size": f"{billions:.2f}B",
-                    "quantization_level": str(model.dtype).removeprefix("torch."),
-                },
-            }
-        ]
-    }
+    return {"models": [state.info.tag()]}
+
+
+def running(state: ServerState) -> dict[str, Any]:
+    return {"models": [state.info.running(state.context_length)]}
+
+
+def show(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+    # clients send "model"; older ones "name"
+    state.check_model(field(body, "model", str, None) or field(body, "name", str))
+    return state.info.show(state.context_length)
 
 
 def version() -> dict[str, str]:

@@ -12,6 +12,7 @@ from hetero.runtime.engine import Engine, GenerationResult
 from hetero.runtime.grammar import GrammarCompiler
 from hetero.runtime.model import Model
 from server.bridge import EventStream
+from server.model_info import ModelInfo
 from server.validation import RequestError
 
 DISCONNECT_POLL_S = 0.25
@@ -36,6 +37,10 @@ class ServerState:
                 param="model",
                 code="model_not_found",
             )
+
+    @cached_property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.model, self.served_name, self.started)
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
