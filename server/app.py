@@ -18,10 +18,11 @@ from hetero.errors import HeteroError
 from hetero.runtime.engine import QueueFullError
 from server import ollama_api, openai_api
 from server.metrics import render_metrics
+from server.openapi import OPENAPI
 from server.state import ServerState
 from server.validation import RequestError
 
-OPEN_PATHS = ("/", "/health", "/metrics", "/favicon.ico")
+OPEN_PATHS = ("/", "/health", "/metrics", "/favicon.ico", "/openapi.json")
 
 
 def refusal(path: str, err: RequestError) -> JSONResponse:
@@ -153,6 +154,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/api/version")
     async def api_version():
         return ollama_api.version()
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return OPENAPI
 
     @app.get("/health")
     async def health():
