@@ -202,7 +202,8 @@ def read_sampling(
         top_p=field(body, "top_p", float, top_p, 0.0, 1.0),
         top_k=field(body, "top_k", int, top_k, 0, None),
         min_p=field(body, "min_p", float, 0.0, 0.0, 1.0),
-        repetition_penalty=field(body, repetition_key, float, 1.0, 0.0, None),
+        # beyond these a penalty divides logits into infinities
+        repetition_penalty=field(body, repetition_key, float, 1.0, 0.01, 100.0),
         presence_penalty=field(body, "presence_penalty", float, 0.0, -2.0, 2.0),
         frequency_penalty=field(body, "frequency_penalty", float, 0.0, -2.0, 2.0),
         seed=field(body, "seed", int, None),

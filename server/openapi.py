@@ -75,7 +75,7 @@ OPENAI_COMMON = {
     "stream_options": {"type": "object", "properties": {"include_usage": BOOLEAN}},
     "max_tokens": {**INTEGER, "minimum": 1},
     "ignore_eos": BOOLEAN,
-    "repetition_penalty": {**NUMBER, "exclusiveMinimum": 0},
+    "repetition_penalty": {**NUMBER, "minimum": 0.01, "maximum": 100},
     **SAMPLING,
 }
 CHAT = {
@@ -124,7 +124,7 @@ OLLAMA_OPTIONS = {
     "properties": {
         **SAMPLING,
         "num_predict": INTEGER,
-        "repeat_penalty": {**NUMBER, "exclusiveMinimum": 0},
+        "repeat_penalty": {**NUMBER, "minimum": 0.01, "maximum": 100},
     },
 }
 OLLAMA_FORMAT = {"anyOf": [{"const": "json"}, {"type": "object"}]}

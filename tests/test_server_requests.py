@@ -131,3 +131,17 @@ def test_ollama_timings_add_up_within_the_total(url):
     ).json()
     assert reply["eval_count"] >= 1
     assert 0 < reply["prompt_eval_duration"] + reply["eval_duration"] <= reply["total_duration"]
+
+
+@pytest.mark.parametrize(
+    "extra, status",
+    [
+        ({"temperature": 5e-324}, 200),
+        ({"top_p": 5e-324, "temperature": 1}, 200),
+        ({"repetition_penalty": 5e-324}, 400),
+        ({"repetition_penalty": 1e300}, 400),
+    ],
+)
+def test_extreme_sampling_values_are_served_or_refused(url, extra, status):
+    response = post(url, CHAT, {"messages": USER, "max_tokens": 4, **extra})
+    assert response.status_code == status, response.text

@@ -12,6 +12,8 @@ import torch
 
 from hetero.errors import InvalidRequestError
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,7 +53,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> int:
         """logits: [vocab] -> the chosen token id."""
-        if self.params.temperature == 0.0:
+        # below this, logits / temperature overflow to inf: the draw is the argmax anyway
+        if self.params.temperature < GREEDY_BELOW_TEMPERATURE:
             scores = self.penalised(logits, prompt_ids, output_ids)
             if scores.device.type == "cpu":  # numpy's argmax: ~15x torch's on a vocab row here
                 return int(np.argmax(scores.float().numpy()))
