@@ -6,9 +6,6 @@ from __future__ import annotations
 import argparse
 import platform
 
-import psutil
-import torch
-
 from hetero.errors import InvalidRequestError
 from hetero.model_options import load_from_args, plan_from_args
 
@@ -25,6 +22,9 @@ def add_bench_command(commands, add_model_options) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    import psutil  # here, not at the top: `hetero --help` runs without torch
+    import torch
+
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeat < 1:
         raise InvalidRequestError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeat >= 1")
     context = args.prompt_tokens + args.new_tokens

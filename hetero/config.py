@@ -12,6 +12,15 @@ from typing import Any, Self
 
 from hetero.errors import InvalidRequestError, ModelFormatError, UnsupportedModelError
 
+# The dtypes and quantisations a model loads with, named here (no torch import) so the command
+# line's parser and --help run without loading torch. "auto": a GGUF file's quantised and BF16
+# tensors run on the CPU kernels, and so do float checkpoints where `auto_kernel_type` says so;
+# "none": torch runs everything in the model dtype; a type: quantise float weights at load
+# (hetero.runtime.assembler.CONVERT_TYPES)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32")
+KV_DTYPE_NAMES = ("auto", "bf16", "f16", "f32")  # hetero.runtime.model.KV_DTYPES' keys
+
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # the KV cache is allocated in blocks of this many tokens; the planner sizes it in whole blocks
 KV_BLOCK_TOKENS = 16

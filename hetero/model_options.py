@@ -8,10 +8,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from hetero.config import DTYPE_NAMES, KV_DTYPE_NAMES, QUANT_CHOICES
 from hetero.errors import InvalidRequestError
-from hetero.runtime.model import DTYPES, KV_DTYPES, QUANT_CHOICES, Model
 
 if TYPE_CHECKING:
+    from hetero.runtime.model import Model
     from placement.plan import Plan
 
 
@@ -20,7 +21,7 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", *DTYPES],
+        choices=["auto", *DTYPE_NAMES],
         help="compute dtype (default: the checkpoint's; float32 when CPU kernels run weights)",
     )
     p.add_argument(
@@ -45,7 +46,7 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-dtype",
         default="auto",
-        choices=list(KV_DTYPES),
+        choices=KV_DTYPE_NAMES,
         help="KV cache dtype without --plan (default: the compute dtype); bf16 halves a float32 "
         "model's cache; a plan's own KV dtype wins",
     )
@@ -75,7 +76,7 @@ def kv_dtype_of_run(args: argparse.Namespace) -> str:
     if args.kv_dtype != "auto":
         return args.kv_dtype
     from hetero.demo import resolve_model_path
-    from hetero.runtime.model import compute_dtype
+    from hetero.runtime.model import KV_DTYPES, compute_dtype
 
     dtype = compute_dtype(resolve_model_path(args.model), args.dtype, args.quant)
     return {v: k for k, v in KV_DTYPES.items()}[dtype]

@@ -46,6 +46,16 @@ def test_version_and_help():
         assert command in help_text.stdout
 
 
+@pytest.mark.parametrize("command", [[], ["serve"], ["generate"], ["bench"]])
+def test_help_answers_without_importing_torch(command):
+    probe = (
+        "import sys\nfrom hetero.cli import main\ntry: main([*sys.argv[1:], '--help'])\n"
+        "except SystemExit: pass\nsys.exit(3 if 'torch' in sys.modules else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True)
+    assert done.returncode == 0, f"`hetero {' '.join(command)} --help` imported torch"
+
+
 def test_generate_on_the_demo_model(tmp_path):
     result = hetero("generate", "demo", "--prompt", "hello", "-n", "8", env_cache=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -38,9 +38,14 @@ def cap_reply_tokens(page, tokens: int = 200) -> None:
 def browser():
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM, "Chromium is needed for the web page test: apt-get install chromium"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:  # the system's Chromium, else the one `playwright install chromium` fetched
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        except Exception as err:  # playwright raises its own Error for a missing browser
+            pytest.fail(
+                f"Chromium is needed for the web page test ({str(err).splitlines()[0]}): "
+                "apt-get install chromium, or .venv/bin/python -m playwright install chromium"
+            )
         yield browser
         browser.close()
 

@@ -10,7 +10,6 @@ from functools import lru_cache
 from typing import Any
 
 import llguidance
-import llguidance.torch as llguidance_torch
 import numpy as np
 import torch
 
@@ -95,10 +94,12 @@ def fill_token_masks(matchers: list[llguidance.LLMatcher], vocab_size: int) -> t
     global _executor
     if _executor is None:
         _executor = llguidance.LLExecutor()
-    masks = torch.full(((len(matchers)), (vocab_size + 31) // 32), -1, dtype=torch.int32)
-    llguidance_torch.fill_next_token_bitmask_par(
-        _executor, [(m, i) for i, m in enumerate(matchers)], masks
-    )
+    masks = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    # llguidance.torch's wrapper would do the same, but importing it compiles a torch kernel
+    # (over a second at start-up) the CPU path never uses
+    row_bytes = masks.shape[1] * masks.element_size()
+    pairs = [(m, i) for i, m in enumerate(matchers)]
+    _executor.unsafe_compute_mask_ptr(pairs, masks.data_ptr(), row_bytes, len(matchers))
     return masks
 
 

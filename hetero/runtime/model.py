@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hetero.config import KV_BLOCK_TOKENS, TransformerConfig, dtype_name, read_config_json
+from hetero.config import (
+    DTYPE_NAMES,
+    KV_BLOCK_TOKENS,
+    KV_DTYPE_NAMES,
+    QUANT_CHOICES,
+    TransformerConfig,
+    dtype_name,
+    read_config_json,
+)
 from hetero.errors import (
     InvalidRequestError,
     ModelFormatError,
@@ -42,14 +50,12 @@ if TYPE_CHECKING:
     from hetero.runtime.quantized import QuantReport
     from placement.plan import Plan
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# "auto": a GGUF file's quantised and BF16 tensors run on the CPU kernels, and so do float
-# checkpoints where `auto_kernel_type` says so; "none": torch runs everything in the model
-# dtype; a type: quantise float weights at load (hetero.runtime.assembler.CONVERT_TYPES)
-QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # KV cache dtype; "auto": the model dtype. A bf16 cache under float32 compute halves its memory;
 # the CPU decode kernels widen it as they read it.
-KV_DTYPES = {"auto": None, "bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+KV_DTYPES = dict(
+    zip(KV_DTYPE_NAMES, (None, torch.bfloat16, torch.float16, torch.float32), strict=True)
+)
 
 
 class Model:
