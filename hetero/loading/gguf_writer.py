@@ -23,6 +23,7 @@ from hetero.loading.gguf_names import rope_interleave, to_gguf
 from hetero.loading.gguf_tokenizer import gguf_tokenizer_metadata
 from hetero.loading.quant_mix import FILE_TYPES, tensor_types
 from hetero.models.rope import llama3_frequency_factors
+from hetero.progress import track
 
 
 @dataclass
@@ -69,7 +70,7 @@ def write_gguf(model: Any, out: Path, file_type: str, split_max_bytes: int = 0) 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, tensor in plan.items():
+    for name, tensor in track(plan.items(), f"writing {file_type}", len(plan)):
         writer.write_tensor_data(quantize(tensor.values(), types[name]))
     writer.close()
     return files

@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from hetero.errors import ModelFormatError
 from hetero.loading.fp8 import SCALE_SUFFIX, dequantize_fp8_rows
 from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
+from hetero.progress import progress_bar
 
 CONVERT_SLICE_BYTES = 32 * 1024 * 1024
 
@@ -35,18 +34,8 @@ def load_weights(
     params = dict(net.named_parameters(remove_duplicate=False))
     names = tensor_names(net, checkpoint, checkpoint_name, tie_word_embeddings)
     total = sum(checkpoint.entries[n].nbytes for n in set(names.values()))
-    bar = Progress(
-        TextColumn("loading"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=not progress,
-    )
     loaded: dict[str, torch.Tensor] = {}
-    with bar:
-        task = bar.add_task("load", total=total)
+    with progress_bar("loading", total, in_bytes=True, enabled=progress) as bar:
         for name, param in params.items():
             source = names[name]
             if source not in loaded:
@@ -54,7 +43,7 @@ def load_weights(
                 loaded[source] = materialise(
                     checkpoint, source, tuple(param.shape), target, fp8_block
                 )
-                bar.advance(task, checkpoint.entries[source].nbytes)
+                bar.advance(checkpoint.entries[source].nbytes)
             set_parameter(net, name, loaded[source])
 
 

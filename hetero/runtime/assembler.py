@@ -19,6 +19,7 @@ from torch import nn
 from hetero.errors import HeteroError
 from hetero.loading.weights import file_name, materialise
 from hetero.models.experts import ExpertBackend, ExpertsHandle, TorchExperts
+from hetero.progress import track
 from hetero.runtime.disk import DiskLinear, DiskMLP, stored_matrix
 from placement.plan import Plan
 from placement.tensor_groups import classify
@@ -198,7 +199,8 @@ class Assembler:
         return file_name(module_name, self._checkpoint_name)
 
     def build(self, net: nn.Module) -> Assembly:
-        for name, module in kernel_targets(net):
+        targets = list(kernel_targets(net))
+        for name, module in track(targets, "preparing weights", len(targets)):
             if isinstance(module, TorchExperts):
                 new = self.experts(name, module)
             else:
