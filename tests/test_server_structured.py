@@ -4,6 +4,7 @@ matches its schema does so because the grammar allowed nothing else."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -231,3 +232,40 @@ def test_ollama_chat_returns_tool_calls(url):
     assert reply.status_code == 200
     message = reply.json()["message"]
     assert all(c["function"]["name"] for c in message.get("tool_calls", []))
+
+
+def test_constrained_and_free_streams_share_a_batch(url):
+    free = {"messages": USER, "max_tokens": 20, "temperature": 0}
+    constrained = {
+        **free,
+        "max_tokens": 150,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+    }
+    bodies = [free, constrained] * 4
+
+    async def ask_all():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            return await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=b) for b in bodies)
+            )
+
+    replies = asyncio.run(ask_all())
+    assert all(r.status_code == 200 for r in replies), [r.text[:200] for r in replies]
+    texts = [r.json()["choices"][0]["message"]["content"] for r in replies]
+    assert len(set(texts[0::2])) == 1  # greedy, whatever shares the batch
+    assert all(matches_person(json.loads(t)) for t in texts[1::2])
+
+
+def test_unsatisfiable_schema_is_a_400_in_one_line(url):
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json={
+            "messages": USER,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+        },
+    )
+    assert response.status_code == 400
+    assert "\n" not in response.json()["error"]["message"]

@@ -392,5 +392,7 @@ def token_logprob(
     if top_n > 0:
         values, ids = torch.topk(logits, min(top_n, logits.shape[0]))
         top = [(int(i), float(v - lse)) for i, v in zip(ids, values, strict=True)]
+        # a grammar's mask leaves fewer candidates than asked for: the rest are not candidates
+        top = [(i, v) for i, v in top if math.isfinite(v)]
     value = float(logits[token] - lse)
     return TokenLogprob(token, value if math.isfinite(value) else -9999.0, top)

@@ -76,7 +76,8 @@ class GrammarCompiler:
             source, self.tokenizer
         )
         if failed:
-            raise InvalidRequestError(f"the schema cannot be compiled: {'; '.join(messages)}")
+            reason = " ".join("; ".join(messages).split())  # one line (regex errors draw carets)
+            raise InvalidRequestError(f"the schema cannot be compiled: {reason}")
         return Grammar(self.tokenizer, source, self.eos_ids, self.closing_ids)
 
 
