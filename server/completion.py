@@ -133,6 +133,10 @@ def chat_prompt(
                 f"{where}.role '{message['role']}' is not one of {', '.join(CHAT_ROLES)}",
                 param="messages",
             )
+        if message.get("images"):  # Ollama's form of image parts
+            raise RequestError(
+                f"{where}.images is not supported: this model reads text only", param="messages"
+            )
         clean.append(
             {**message, "content": message_text(message.get("content"), where)}
             | tool_call_fields(message, where)

@@ -82,6 +82,8 @@ async def api_chat(state: ServerState, body: dict[str, Any], http_request) -> An
 
 async def api_generate(state: ServerState, body: dict[str, Any], http_request) -> Any:
     prompt = field(body, "prompt", str, "")
+    if body.get("images"):
+        raise RequestError("'images' is not supported: this model reads text only", param="images")
     system = field(body, "system", str, None)
     if not prompt and not system:  # Ollama answers an empty prompt by loading the model
         state.check_model(field(body, "model", str))

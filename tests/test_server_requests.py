@@ -95,6 +95,15 @@ def test_unknown_roles_and_non_text_parts_are_refused(url, messages, words):
         assert words in (error if isinstance(error, str) else error["message"])
 
 
+def test_ollama_images_are_refused(url):
+    chat = {"model": "demo", "stream": False}
+    message = {"role": "user", "content": "What is this?", "images": ["aGk="]}
+    assert post(url, "/api/chat", {**chat, "messages": [message]}).status_code == 400
+    generate = {**chat, "prompt": "What is this?", "images": ["aGk="]}
+    response = post(url, "/api/generate", generate)
+    assert response.status_code == 400 and "text only" in response.json()["error"]
+
+
 def test_text_parts_are_joined(url):
     parts = [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]
     body = {"max_tokens": 5, "temperature": 0}
