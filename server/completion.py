@@ -33,10 +33,10 @@ class Prepared:
         reasoning = None
         if self.reasoning:
             reasoning, text = split_reasoning(text, self.starts_in_reasoning)
+        calls: list[ToolCall] = []
         if self.tool_use.parses_calls:
             text, calls = split_tool_calls(text)
-            return reasoning, text, calls
-        return reasoning, text, []
+        return reasoning, text, calls
 
     def stream(self) -> ReplyStream:
         return ReplyStream(

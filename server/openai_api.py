@@ -120,7 +120,7 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
     # OpenAI's content is null beside tool calls when the model wrote nothing else
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": content or None if calls else content,
+        "content": (content or None) if calls else content,
     }
     if reasoning is not None:
         message["reasoning_content"] = reasoning
