@@ -286,19 +286,7 @@ class Engine:
         lse = None
         if any(sequence.request.logprobs is not None for sequence, _ in sampled):
             lse = torch.logsumexp(logits, dim=-1)
-        constrained = [i for i, (s, _) in enumerate(sampled) if s.matcher is not None]
-        if constrained:  # one mask per constrained stream, all computed in one call
-            masks = fill_token_masks([sampled[i][0].matcher for i in constrained], logits.shape[1])
-            with torch.inference_mode():  # the logits are inference tensors
-                logits[constrained] = apply_token_masks(logits[constrained], masks)
-                for row, i in enumerate(constrained):
-                    sequence = sampled[i][0]
-                    left = sequence.request.max_new_tokens - len(sequence.output)
-                    if left <= CLOSING_MARGIN_TOKENS:  # end the answer before the budget does
-                        text = "".join(sequence.text)
-                        close = closing_token(sequence.request.grammar, masks[row], text)
-                        if close is not None:
-                            logits[i].fill_(-torch.inf)[close] = 0.0
+        constrain([sequence for sequence, _ in sampled], logits)
         for i, (sequence, _) in enumerate(sampled):
             self._take_token(sequence, logits[i], None if lse is None else lse[i])
 
@@ -379,6 +367,26 @@ class Engine:
         )
         tokens = [token] if token is not None else []
         sequence.listener(Event(text, tokens, logprobs or [], result=result, error=error))
+
+
+def constrain(sequences: list[_Sequence], logits: torch.Tensor) -> None:
+    """logits: [len(sequences), vocab], in place: a constrained stream's row keeps only what its
+    grammar allows (one mask per stream, all computed in one call), and near the end of its
+    token budget only the allowed token that ends its JSON soonest."""
+    rows = [i for i, sequence in enumerate(sequences) if sequence.matcher is not None]
+    if not rows:
+        return
+    masks = fill_token_masks([sequences[i].matcher for i in rows], logits.shape[1])
+    with torch.inference_mode():  # the logits are inference tensors
+        logits[rows] = apply_token_masks(logits[rows], masks)
+        for mask, i in zip(masks, rows, strict=True):
+            sequence = sequences[i]
+            left = sequence.request.max_new_tokens - len(sequence.output)
+            if left > CLOSING_MARGIN_TOKENS:
+                continue
+            close = closing_token(sequence.request.grammar, mask, "".join(sequence.text))
+            if close is not None:
+                logits[i].fill_(-torch.inf)[close] = 0.0
 
 
 def token_logprob(
