@@ -191,7 +191,9 @@ def prepare(
         logprobs=logprobs,
         grammar=grammar,
     )
-    thinks = chat and model.tokenizer.token_to_id("</think>") is not None
+    # under a grammar the whole reply is the answer (JSON, tool calls), even where the template
+    # opened a <think> block
+    thinks = chat and grammar is None and model.tokenizer.token_to_id("</think>") is not None
     opens = thinks and isinstance(prompt, str) and prompt_opens_reasoning(prompt)
     return Prepared(request, thinks, opens, tool_use)
 

@@ -431,6 +431,19 @@ def test_reasoning_is_returned_apart_from_the_answer(small_server):
     assert thought == message.model_extra["reasoning_content"]
 
 
+def test_structured_answer_is_content_even_where_the_template_opens_reasoning(small_server):
+    client = openai.OpenAI(base_url=small_server + "/v1", api_key="none")
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "think"}],
+        max_tokens=100,
+        response_format={"type": "json_object"},
+    )
+    message = reply.choices[0].message
+    assert isinstance(json.loads(message.content), dict)
+    assert not (message.model_extra or {}).get("reasoning_content")
+
+
 def test_serve_follows_a_saved_plan(tmp_path, cache):
     plan = tmp_path / "plan.json"
     made = subprocess.run(
