@@ -269,3 +269,35 @@ def test_unsatisfiable_schema_is_a_400_in_one_line(url):
     )
     assert response.status_code == 400
     assert "\n" not in response.json()["error"]["message"]
+
+
+def test_parallel_required_calls_each_match_their_function(client):
+    reply = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "Weather and time?"}],
+        tools=[WEATHER, CLOCK],
+        tool_choice="required",
+        max_tokens=300,
+        temperature=1.0,
+        seed=5,
+    )
+    calls = reply.choices[0].message.tool_calls
+    assert calls and reply.choices[0].finish_reason == "tool_calls"
+    for call in calls:
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name in ("get_weather", "get_time")
+        if call.function.name == "get_weather":
+            assert set(arguments) == {"city", "days"}
+
+
+def test_ollama_streamed_chat_carries_the_schema_answer(url):
+    body = {
+        "model": "demo",
+        "messages": USER,
+        "format": PERSON,
+        "options": {"num_predict": 200, "temperature": 0},
+    }
+    lines = httpx.post(url + "/api/chat", json=body, timeout=120).text.splitlines()
+    chunks = [json.loads(line) for line in lines]
+    assert chunks[-1]["done"] is True
+    assert matches_person(json.loads("".join(c["message"]["content"] for c in chunks)))
