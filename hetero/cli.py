@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from hetero import __version__
-from hetero.bench_command import add_bench_command
+from hetero.bench.command import add_bench_command
 from hetero.errors import HeteroError, InvalidRequestError
 from hetero.model_options import add_load_options
 from hetero.profile_command import add_profile_command
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=run_chat)
 
     add_serve_command(commands)
-    add_bench_command(commands, add_model_options)
+    add_bench_command(commands)
     add_placement_commands(commands)
     add_profile_command(commands)
 

@@ -129,29 +129,21 @@ def test_invalid_sampling_values_are_one_line_exit_2(tmp_path, flag):
     )
 
 
-def test_bench_measures_against_a_saved_plan(tmp_path):
+def test_bench_measures_a_saved_plan_against_its_prediction(tmp_path):
     plan = tmp_path / "plan.json"
     made = hetero("plan", "demo", "--save", str(plan), env_cache=tmp_path)
     assert made.returncode == 0, made.stderr
-    result = hetero(
-        "bench",
-        "demo",
-        "--plan",
-        str(plan),
-        "--prompt-tokens",
-        "64",
-        "--new-tokens",
-        "8",
-        env_cache=tmp_path,
-    )
+    args = ["bench", "demo", "--placements", f"plan:{plan}", "-p", "16", "-n", "4"]
+    args += ["--repeat", "1", "--peers", "none", "--out", str(tmp_path / "out")]
+    result = hetero(*args, env_cache=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
-    assert float(rows["prefill"][1]) > 0 and float(rows["decode"][1]) > 0
-    assert "plan bound" in result.stdout
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
+    assert [t["test"] for t in row["tests"]] == ["pp16", "tg4"]
+    assert all(t["median"] > 0 and t["predicted_tok_s"] > 0 and t["bound"] for t in row["tests"])
 
 
-def test_bench_refuses_a_missing_plan_in_one_line(tmp_path):
-    assert_one_line_error(
-        hetero("bench", "demo", "--plan", str(tmp_path / "none.json"), env_cache=tmp_path),
-        "does not exist",
-    )
+def test_bench_row_says_a_plan_file_is_missing(tmp_path):
+    args = ["bench", "demo", "--placements", f"plan:{tmp_path / 'none.json'}", "--peers", "none"]
+    result = hetero(*args, "--out", str(tmp_path / "out"), env_cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "does not exist" in result.stdout

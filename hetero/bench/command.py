@@ -1,0 +1,294 @@
+"""`hetero bench MODEL --placements cpu,torch,disk-experts,...`: every placement's plan executed
+and measured beside the planner's prediction, and the peers (llama-bench, HF transformers) on
+the same model and threads, in one run. pp/tg/depth are named as llama-bench names them."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from hetero.bench.placements import (
+    PLACEMENTS,
+    ROUTED_EXPERTS,
+    BenchPlacementError,
+    PlacementSpec,
+    parse_placement,
+    plan_placement,
+    plan_uses_accelerator,
+)
+from hetero.bench.worker import Job, exit_reason, last_line
+from hetero.errors import HeteroError, InvalidRequestError
+
+PEERS = ("llama.cpp", "transformers")
+SIM_VRAM_BUDGET = "24GiB"  # the default hardware figures' GPU (placement/hardware.py)
+SIMULATED = "accelerator groups ran on the CPU: no ratio to the accelerator prediction"
+
+
+def add_bench_command(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="measure placements and peers side by side: prefill/decode tok/s against the plan",
+        description=__doc__,
+    )
+    bench.add_argument(
+        "model", metavar="MODEL", help='model directory, .gguf file, or "demo" (built in)'
+    )
+    bench.add_argument(
+        "--placements",
+        default="auto",
+        help="comma-separated: " + "; ".join(f"{k}: {v}" for k, v in PLACEMENTS.items()),
+    )
+    bench.add_argument(
+        "--accelerator",
+        choices=["cuda", "sim"],
+        default="cuda",
+        help="what runs the accelerator's groups; sim: plan for one, run them on the CPU and "
+        "label the rows (sim)",
+    )
+    bench.add_argument(
+        "--vram-budget", default=None, help=f"accelerator budget (sim: {SIM_VRAM_BUDGET})"
+    )
+    bench.add_argument("--dram-budget", default=None, help="DRAM budget (default: available)")
+    bench.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (pp)")
+    bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens decoded (tg)")
+    bench.add_argument("-d", "--n-depth", default="0", help="KV depths before decoding: 0,4096")
+    bench.add_argument("--repeat", type=int, default=3, help="measured runs after a warm-up")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores)")
+    bench.add_argument("--concurrency", default="1", help="sequences decoding together: 1,16")
+    bench.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated peers to run where installed, or none",
+    )
+    bench.add_argument(
+        "--out", default=None, help="results folder (default bench/results/DATE-MACHINE)"
+    )
+    bench.set_defaults(run=run_bench)
+
+
+def int_list(text: str, flag: str, least: int) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidRequestError(f"{flag} {text!r}: give comma-separated integers") from None
+    if any(v < least for v in values):
+        raise InvalidRequestError(f"{flag} {text!r}: every value must be >= {least}")
+    return values
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[int], list[int], list[str], int]:
+    """Depths, concurrencies, peers, threads; refuses what no row could run."""
+    if args.n_prompt < 1 or args.n_gen < 2 or args.repeat < 1:
+        raise InvalidRequestError("-p >= 1, -n >= 2 and --repeat >= 1")
+    depths = int_list(args.n_depth, "-d", 0)
+    concurrency = int_list(args.concurrency, "--concurrency", 1)
+    peers = [] if args.peers == "none" else args.peers.split(",")
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise InvalidRequestError(
+            f"--peers {unknown[0]!r}: choose from {', '.join(PEERS)}, or none"
+        )
+    threads = args.threads or os.cpu_count() or 1
+    if threads < 1:
+        raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
+    if not args.placements.strip():
+        raise InvalidRequestError("--placements is empty; e.g. --placements cpu,torch")
+    return depths, concurrency, peers, threads
+
+
+def accelerator_unavailable(accelerator: str) -> str | None:
+    """Why the accelerator's groups cannot run where the plan puts them, or None."""
+    import torch
+
+    from hetero.runtime.assembler import Placement
+
+    if accelerator == "sim":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device visible; --accelerator sim runs these groups on the CPU, labelled"
+    if Placement({"g": "gpu"}).executed_device("g") != "gpu":
+        return (
+            "this build runs groups placed on the GPU on the CPU (no GPU backend yet); "
+            "--accelerator sim measures that, labelled"
+        )
+    return None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from hetero.bench.machine import machine_info, machine_slug
+    from hetero.bench.report import print_table, write_results
+    from placement.budgets import Workload, machine_memory, resolve_budgets
+    from placement.hardware import load_hardware
+    from placement.inventory import open_model
+
+    depths, concurrency, peers, threads = check_args(args)
+    inventory = open_model(args.model)
+    longest = max(args.n_prompt, *depths) + args.n_gen
+    if longest >= inventory.context_limit:
+        raise InvalidRequestError(
+            f"-p/-d plus -n reach {longest} tokens but {inventory.name} holds "
+            f"{inventory.context_limit}; lower them"
+        )
+    vram = args.vram_budget or (SIM_VRAM_BUDGET if args.accelerator == "sim" else None)
+    budgets = resolve_budgets(vram, args.dram_budget, None, machine_memory())
+    hardware = load_hardware(None)
+    workload = Workload(longest, max(concurrency), 512, "bf16")
+    llama_bench = shutil.which("llama-bench")
+    settings = {
+        "prompt_tokens": args.n_prompt,
+        "new_tokens": args.n_gen,
+        "depths": depths,
+        "concurrency": concurrency,
+        "repeat": args.repeat,
+        "threads": threads,
+        "accelerator": args.accelerator,
+    }
+    job = Job(
+        "hetero", args.model, threads, args.n_prompt, args.n_gen, depths, concurrency, args.repeat
+    )
+    blocked = accelerator_unavailable(args.accelerator)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hetero-bench-") as scratch:
+        for text in args.placements.split(","):
+            rows.append(
+                placement_row(
+                    text, job, inventory, budgets, workload, hardware, blocked, Path(scratch)
+                )
+            )
+        for peer in peers:
+            rows.append(peer_row(peer, job, args.accelerator, blocked, llama_bench, Path(scratch)))
+    from hetero.demo import resolve_model_path
+
+    machine = machine_info(llama_bench)
+    results = {
+        "model": str(resolve_model_path(args.model)) if args.model == "demo" else args.model,
+        "command": "hetero " + " ".join(sys.argv[1:]),
+        "settings": settings,
+        "machine": machine,
+        "hardware": hardware.source,
+        "rows": rows,
+    }
+    print_table(results)
+    day = datetime.date.today().isoformat()
+    out = Path(args.out) if args.out else Path("bench/results") / f"{day}-{machine_slug(machine)}"
+    write_results(results, out)
+    print(f"results written to {out}/ (results.md, results.json, charts)")
+    return 0
+
+
+def placement_row(
+    text: str,
+    job: Job,
+    inventory,
+    budgets,
+    workload,
+    hardware,
+    blocked: str | None,
+    scratch: Path,
+) -> dict:
+    """One placement planned, executed in a worker, and set beside its predictions."""
+    from placement.budgets import Workload
+
+    row: dict = {"name": text.strip(), "engine": "hetero", "simulated": False}
+    try:
+        spec = parse_placement(text)
+        if spec.wants_accelerator and blocked:
+            return {**row, "error": blocked}
+        plan = plan_placement(spec, inventory, budgets, workload, hardware)
+    except (BenchPlacementError, HeteroError) as err:
+        return {**row, "error": str(err)}
+    row["plan"] = {"rules": plan.rules, "totals": plan.totals}
+    if plan_uses_accelerator(plan):
+        if blocked:
+            return {**row, "error": blocked}
+        row["simulated"] = True
+        row["note"] = SIMULATED
+    plan_file = scratch / f"plan-{len(list(scratch.iterdir()))}.json"
+    plan.save(plan_file)
+    measured = run_worker(replace(job, plan=str(plan_file), quant=spec.quant), scratch, text)
+    if "error" in measured:
+        return {**row, "error": measured["error"]}
+    for test in measured["tests"]:
+        if test["test"].startswith("pp"):
+            predicted, bound = plan.predicted.prefill_tok_s, plan.predicted.prefill_bound
+        else:
+            # the planner's decode is at half the context: the middle of the tg run
+            context = min(2 * test["depth"] + job.new_tokens, inventory.context_limit)
+            at = Workload(context, test["concurrency"], 512, "bf16")
+            predicted, bound = prediction_at(spec, plan, inventory, budgets, at, hardware)
+        test["predicted_tok_s"] = predicted
+        test["bound"] = bound
+        test["ratio"] = None if row["simulated"] else test["median"] / predicted
+    if spec.kind == "plan":
+        row["note"] = f"predicted at the plan's context ({plan.workload.context})"
+    return {**row, **measured}
+
+
+def prediction_at(
+    spec: PlacementSpec, plan, inventory, budgets, workload, hardware
+) -> tuple[float, str]:
+    """Predicted decode tok/s and its bound for `workload`: the placement planned again for
+    it; a plan file keeps its own prediction."""
+    if spec.kind != "plan":
+        plan = plan_placement(spec, inventory, budgets, workload, hardware)
+    return plan.predicted.decode_tok_s, plan.predicted.bound
+
+
+def peer_row(
+    peer: str,
+    job: Job,
+    accelerator: str,
+    blocked: str | None,
+    llama_bench: str | None,
+    scratch: Path,
+) -> dict:
+    row: dict = {"name": peer, "engine": peer, "simulated": False}
+    if peer == "transformers":
+        measured = run_worker(replace(job, engine="transformers", concurrency=[1]), scratch, peer)
+        return {**row, **measured}
+    if llama_bench is None:
+        return {**row, "error": "llama-bench is not on PATH (build llama.cpp and add its bin/)"}
+    from hetero.demo import resolve_model_path
+
+    path = resolve_model_path(job.model)
+    if path.suffix != ".gguf":
+        return {
+            **row,
+            "error": f"llama-bench runs GGUF files; write one with `hetero quantize "
+            f"{job.model} OUT.gguf --type q8_0` and bench that",
+        }
+    extra, note = ["-ngl", "0"], "CPU only"
+    if accelerator == "cuda" and not blocked:
+        # the expert-to-CPU override: the same split as hetero's hot path on the GPU
+        extra, note = ["-ngl", "99", "-ot", f"{ROUTED_EXPERTS}=CPU"], "experts on the CPU (-ot)"
+    measured = run_worker(
+        replace(job, engine="llama.cpp", model=str(path), binary=llama_bench, llama_args=extra),
+        scratch,
+        peer,
+    )
+    return {**row, "note": note, **measured}
+
+
+def run_worker(job: Job, scratch: Path, name: str) -> dict:
+    """`job` in a fresh process with its thread count; a crash becomes the row's error."""
+    print(f"hetero bench: running {name}", file=sys.stderr, flush=True)
+    job_file = scratch / f"job-{len(list(scratch.iterdir()))}.json"
+    job_file.write_text(json.dumps(asdict(job)))
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(job.threads), OMP_NUM_THREADS=str(job.threads))
+    done = subprocess.run(
+        [sys.executable, "-m", "hetero.bench.worker", str(job_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode != 0:
+        return {"error": f"{job.engine} {exit_reason(done.returncode)}: {last_line(done.stderr)}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
