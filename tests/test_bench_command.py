@@ -24,6 +24,7 @@ from placement.budgets import Budgets, Workload
 from placement.hardware import default_hardware
 from placement.inventory import open_model
 from placement.policy import plan_for_model
+from placement.routing_profile import RoutingProfile
 from placement.sizes import GIB
 
 
@@ -98,6 +99,20 @@ def test_hot_experts_puts_n_experts_per_layer_and_every_token_parts_on_the_accel
     assert all(layer.devices.count("gpu") == 3 for layer in plan.experts)
     assert all(layer.devices.count("cpu") == len(layer.devices) - 3 for layer in plan.experts)
     assert devices_by_kind(plan)["attention"] == {"gpu"}
+
+
+def test_hot_experts_are_the_most_used_by_a_routing_profile(demo_plan_inputs):
+    inventory = demo_plan_inputs[0]
+    counts = [1] * inventory.num_experts
+    counts[5] = counts[11] = 50  # experts 5 and 11 are the hot ones in every layer
+    layers = sorted({g.layer for g in inventory.groups if g.kind == "expert"})
+    profile = RoutingProfile(
+        inventory.name, {layer: 30 for layer in layers}, {layer: counts for layer in layers}
+    )
+    plan = plan_placement(parse_placement("hot-experts:2"), *demo_plan_inputs, profile, "p.json")
+    for layer in plan.experts:
+        assert [e for e, d in enumerate(layer.devices) if d == "gpu"] == [5, 11]
+    assert plan.profile == "p.json"
 
 
 def test_attn_accel_puts_only_attention_on_the_accelerator(demo_plan_inputs):

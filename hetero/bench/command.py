@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hetero.bench.placements import (
@@ -26,8 +26,14 @@ from hetero.bench.placements import (
 )
 from hetero.bench.worker import Job, exit_reason, last_line
 from hetero.errors import HeteroError, InvalidRequestError
+from placement.budgets import Budgets, Workload
+from placement.hardware import Hardware
+from placement.inventory import ModelInventory
+from placement.plan import Plan
+from placement.routing_profile import RoutingProfile
 
 PEERS = ("llama.cpp", "transformers")
+PREFILL_CHUNK = 512  # the planner's default prompt tokens per forward
 SIM_VRAM_BUDGET = "24GiB"  # the default hardware figures' GPU (placement/hardware.py)
 SIMULATED = "accelerator groups ran on the CPU: no ratio to the accelerator prediction"
 
@@ -57,6 +63,9 @@ def add_bench_command(commands) -> None:
         "--vram-budget", default=None, help=f"accelerator budget (sim: {SIM_VRAM_BUDGET})"
     )
     bench.add_argument("--dram-budget", default=None, help="DRAM budget (default: available)")
+    bench.add_argument(
+        "--profile", default=None, help="routing profile (hetero profile): which experts are hot"
+    )
     bench.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (pp)")
     bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens decoded (tg)")
     bench.add_argument("-d", "--n-depth", default="0", help="KV depths before decoding: 0,4096")
@@ -114,6 +123,7 @@ def accelerator_unavailable(accelerator: str) -> str | None:
         return None
     if not torch.cuda.is_available():
         return "no CUDA device visible; --accelerator sim runs these groups on the CPU, labelled"
+    # asked of the runtime, so the rows run once the assembler executes "gpu" groups there
     if Placement({"g": "gpu"}).executed_device("g") != "gpu":
         return (
             "this build runs groups placed on the GPU on the CPU (no GPU backend yet); "
@@ -125,7 +135,8 @@ def accelerator_unavailable(accelerator: str) -> str | None:
 def run_bench(args: argparse.Namespace) -> int:
     from hetero.bench.machine import machine_info, machine_slug
     from hetero.bench.report import print_table, write_results
-    from placement.budgets import Workload, machine_memory, resolve_budgets
+    from hetero.demo import resolve_model_path
+    from placement.budgets import machine_memory, resolve_budgets
     from placement.hardware import load_hardware
     from placement.inventory import open_model
 
@@ -140,7 +151,7 @@ def run_bench(args: argparse.Namespace) -> int:
     vram = args.vram_budget or (SIM_VRAM_BUDGET if args.accelerator == "sim" else None)
     budgets = resolve_budgets(vram, args.dram_budget, None, machine_memory())
     hardware = load_hardware(None)
-    workload = Workload(longest, max(concurrency), 512, "bf16")
+    workload = Workload(longest, max(concurrency), PREFILL_CHUNK, "bf16")
     llama_bench = shutil.which("llama-bench")
     settings = {
         "prompt_tokens": args.n_prompt,
@@ -155,18 +166,14 @@ def run_bench(args: argparse.Namespace) -> int:
         "hetero", args.model, threads, args.n_prompt, args.n_gen, depths, concurrency, args.repeat
     )
     blocked = accelerator_unavailable(args.accelerator)
+    profile = RoutingProfile.load(args.profile) if args.profile else None
+    planning = Planning(inventory, budgets, workload, hardware, blocked, profile, args.profile)
     rows = []
     with tempfile.TemporaryDirectory(prefix="hetero-bench-") as scratch:
         for text in args.placements.split(","):
-            rows.append(
-                placement_row(
-                    text, job, inventory, budgets, workload, hardware, blocked, Path(scratch)
-                )
-            )
+            rows.append(placement_row(text, job, planning, Path(scratch)))
         for peer in peers:
             rows.append(peer_row(peer, job, args.accelerator, blocked, llama_bench, Path(scratch)))
-    from hetero.demo import resolve_model_path
-
     machine = machine_info(llama_bench)
     results = {
         "model": str(resolve_model_path(args.model)) if args.model == "demo" else args.model,
@@ -184,33 +191,53 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def placement_row(
-    text: str,
-    job: Job,
-    inventory,
-    budgets,
-    workload,
-    hardware,
-    blocked: str | None,
-    scratch: Path,
-) -> dict:
-    """One placement planned, executed in a worker, and set beside its predictions."""
-    from placement.budgets import Workload
+@dataclass(frozen=True)
+class Planning:
+    """What every placement is planned with: the model, the budgets (the accelerator's VRAM
+    included), the workload of the longest test, the machine's rates, and why accelerator
+    groups cannot run (None: they can, or are simulated)."""
 
+    inventory: ModelInventory
+    budgets: Budgets
+    workload: Workload
+    hardware: Hardware
+    blocked: str | None
+    profile: RoutingProfile | None = None
+    profile_path: str | None = None
+
+    def plan(self, spec: PlacementSpec, workload: Workload | None = None) -> Plan:
+        return plan_placement(
+            spec,
+            self.inventory,
+            self.budgets,
+            workload or self.workload,
+            self.hardware,
+            self.profile,
+            self.profile_path,
+        )
+
+
+def placement_row(text: str, job: Job, planning: Planning, scratch: Path) -> dict:
+    """One placement planned, executed in a worker, and set beside its predictions."""
     row: dict = {"name": text.strip(), "engine": "hetero", "simulated": False}
+    p = planning
     try:
         spec = parse_placement(text)
-        if spec.wants_accelerator and blocked:
-            return {**row, "error": blocked}
-        plan = plan_placement(spec, inventory, budgets, workload, hardware)
+        if spec.wants_accelerator and p.blocked:
+            return {**row, "error": p.blocked}
+        plan = p.plan(spec)
     except (BenchPlacementError, HeteroError) as err:
         return {**row, "error": str(err)}
     row["plan"] = {"rules": plan.rules, "totals": plan.totals}
+    notes = []
     if plan_uses_accelerator(plan):
-        if blocked:
-            return {**row, "error": blocked}
+        if p.blocked:
+            return {**row, "error": p.blocked}
         row["simulated"] = True
-        row["note"] = SIMULATED
+        notes.append(SIMULATED)
+    if spec.kind == "plan":
+        notes.append(f"predicted at the plan's context ({plan.workload.context})")
+    row["note"] = "; ".join(notes) or None
     plan_file = scratch / f"plan-{len(list(scratch.iterdir()))}.json"
     plan.save(plan_file)
     measured = run_worker(replace(job, plan=str(plan_file), quant=spec.quant), scratch, text)
@@ -220,26 +247,30 @@ def placement_row(
         if test["test"].startswith("pp"):
             predicted, bound = plan.predicted.prefill_tok_s, plan.predicted.prefill_bound
         else:
-            # the planner's decode is at half the context: the middle of the tg run
-            context = min(2 * test["depth"] + job.new_tokens, inventory.context_limit)
-            at = Workload(context, test["concurrency"], 512, "bf16")
-            predicted, bound = prediction_at(spec, plan, inventory, budgets, at, hardware)
+            predicted, bound = decode_prediction(
+                spec, plan, p, test["depth"], job.new_tokens, test["concurrency"]
+            )
         test["predicted_tok_s"] = predicted
         test["bound"] = bound
-        test["ratio"] = None if row["simulated"] else test["median"] / predicted
-    if spec.kind == "plan":
-        row["note"] = f"predicted at the plan's context ({plan.workload.context})"
+        test["ratio"] = None if row["simulated"] or not predicted else test["median"] / predicted
     return {**row, **measured}
 
 
-def prediction_at(
-    spec: PlacementSpec, plan, inventory, budgets, workload, hardware
-) -> tuple[float, str]:
-    """Predicted decode tok/s and its bound for `workload`: the placement planned again for
-    it; a plan file keeps its own prediction."""
-    if spec.kind != "plan":
-        plan = plan_placement(spec, inventory, budgets, workload, hardware)
-    return plan.predicted.decode_tok_s, plan.predicted.bound
+def decode_prediction(
+    spec: PlacementSpec, plan: Plan, p: Planning, depth: int, new_tokens: int, sequences: int
+) -> tuple[float | None, str | None]:
+    """Predicted decode tok/s and its bound for a tg test: the placement planned again for its
+    depth and sequences (the planner predicts decode at half the context: the middle of the
+    run); a plan file keeps its own prediction."""
+    if spec.kind == "plan":
+        return plan.predicted.decode_tok_s, plan.predicted.bound
+    context = min(2 * depth + new_tokens, p.inventory.context_limit)
+    workload = Workload(context, sequences, p.workload.prefill_chunk, p.workload.kv_dtype)
+    try:
+        again = p.plan(spec, workload)
+    except HeteroError:  # e.g. the KV cache of this test does not fit the budgets
+        return None, None
+    return again.predicted.decode_tok_s, again.predicted.bound
 
 
 def peer_row(

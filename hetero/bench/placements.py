@@ -11,6 +11,7 @@ from placement.hardware import Hardware
 from placement.inventory import ModelInventory
 from placement.plan import Plan, load_plan
 from placement.policy import expert_use, make_plan
+from placement.routing_profile import RoutingProfile
 from placement.rules import Rule, parse_rule
 
 # name -> (what it places, whether it takes an argument)
@@ -67,8 +68,11 @@ def parse_placement(text: str) -> PlacementSpec:
     raise BenchPlacementError(f"unknown placement {text!r}; choose from {', '.join(PLACEMENTS)}")
 
 
-def placement_rules(spec: PlacementSpec, inventory: ModelInventory) -> list[Rule]:
-    """The override rules that make `spec`'s placement, first match wins."""
+def placement_rules(
+    spec: PlacementSpec, inventory: ModelInventory, profile: RoutingProfile | None = None
+) -> list[Rule]:
+    """The override rules that make `spec`'s placement, first match wins. Hot experts are
+    the most used by `profile` (`hetero profile`), or the lowest indices without one."""
     if spec.kind == "disk-experts":
         if inventory.num_experts == 0:
             raise BenchPlacementError(f"{inventory.name} is a dense model: it has no experts")
@@ -77,8 +81,7 @@ def placement_rules(spec: PlacementSpec, inventory: ModelInventory) -> list[Rule
         if inventory.num_experts == 0:
             raise BenchPlacementError(f"{inventory.name} is a dense model: it has no experts")
         hot = []
-        for layer, shares in expert_use(inventory, None).items():
-            # the most used first; without a routing profile all are equal: the lowest indices
+        for layer, shares in expert_use(inventory, profile).items():
             ranked = sorted(range(len(shares)), key=lambda e: (-shares[e], e))
             hot += [rf"^layers\.{layer}\.experts\.{e}$=gpu" for e in ranked[: spec.count]]
         return [parse_rule(text) for text in (*hot, f"{ROUTED_EXPERTS}=cpu")]
@@ -100,6 +103,8 @@ def plan_placement(
     budgets: Budgets,
     workload: Workload,
     hardware: Hardware,
+    profile: RoutingProfile | None = None,
+    profile_path: str | None = None,
 ) -> Plan:
     """The plan of `spec` for `workload`. `budgets` carry the accelerator's VRAM; the CPU-only
     placements (cpu, torch, disk-experts) drop it."""
@@ -107,8 +112,8 @@ def plan_placement(
         return load_plan(spec.path)
     if spec.kind in ("cpu", "torch", "disk-experts"):
         budgets = Budgets(vram_bytes=0, gpus=0, dram_bytes=budgets.dram_bytes)
-    rules = placement_rules(spec, inventory)
-    return make_plan(inventory, budgets, workload, hardware, rules)
+    rules = placement_rules(spec, inventory, profile)
+    return make_plan(inventory, budgets, workload, hardware, rules, profile, profile_path)
 
 
 def plan_uses_accelerator(plan: Plan) -> bool:
