@@ -167,6 +167,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     blocked = accelerator_unavailable(args.accelerator)
     profile = RoutingProfile.load(args.profile) if args.profile else None
+    machine = machine_info(llama_bench)  # the load average as the run starts
     planning = Planning(inventory, budgets, workload, hardware, blocked, profile, args.profile)
     rows = []
     with tempfile.TemporaryDirectory(prefix="hetero-bench-") as scratch:
@@ -174,7 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
             rows.append(placement_row(text, job, planning, Path(scratch)))
         for peer in peers:
             rows.append(peer_row(peer, job, args.accelerator, blocked, llama_bench, Path(scratch)))
-    machine = machine_info(llama_bench)
+    machine["load_average_end"] = list(os.getloadavg())
     results = {
         "model": str(resolve_model_path(args.model)) if args.model == "demo" else args.model,
         "command": "hetero " + " ".join(sys.argv[1:]),

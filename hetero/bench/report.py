@@ -75,9 +75,13 @@ def machine_line(machine: dict) -> str:
         f"{machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no SIMD flags read'}), "
         f"{machine['cores']} cores / {machine['threads']} threads, "
         f"{machine['ram_bytes'] / 2**30:.0f} GiB RAM, accelerator: "
-        f"{machine['accelerator'] or 'none'}, load average "
-        f"{' '.join(f'{x:.2f}' for x in machine['load_average'])}"
+        f"{machine['accelerator'] or 'none'}, load average {_load(machine['load_average'])} "
+        f"at the start, {_load(machine.get('load_average_end', []))} at the end"
     )
+
+
+def _load(averages: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in averages) or "-"
 
 
 def print_table(results: dict) -> None:

@@ -102,12 +102,15 @@ def decode_together(model, depth: int, sequences: int, new_tokens: int, seed: in
         model.net, model.tokenizer, kv, max_running=sequences, glue_threads=model.glue_threads
     )
     results = []
+
+    def keep_result(event) -> None:
+        if event.result is not None:
+            results.append(event.result)
+
     for i in range(sequences):
+        # distinct prompts: the prefix cache must not share their KV blocks
         prompt = prompt_ids(model.config.vocab_size, depth, 1000 * (seed + 1) + i)
-        engine.submit(
-            Request(prompt_ids=prompt, max_new_tokens=new_tokens),
-            lambda event: event.result is not None and results.append(event.result),
-        )
+        engine.submit(Request(prompt_ids=prompt, max_new_tokens=new_tokens), keep_result)
     while len(results) < sequences:
         engine.step()
     return sum(r.decode_tok_s for r in results)
