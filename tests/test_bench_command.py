@@ -142,6 +142,28 @@ def test_a_crashing_peer_becomes_its_rows_reason(tmp_path):
     assert "killed by SIGSEGV" in row["error"] and "repacking AMX tiles" in row["error"]
 
 
+def test_llama_bench_samples_become_pp_and_tg_tests(tmp_path):
+    # what llama-bench -o json prints, cut to the fields read: pp at each depth, tg at each
+    runs = [
+        {"n_prompt": 8, "n_gen": 0, "n_depth": 0, "avg_ts": 50.0, "samples_ts": [40.0, 60.0]},
+        {"n_prompt": 0, "n_gen": 3, "n_depth": 0, "avg_ts": 9.0, "samples_ts": [8.0, 10.0]},
+        {"n_prompt": 8, "n_gen": 0, "n_depth": 16, "avg_ts": 30.0, "samples_ts": [30.0]},
+        {"n_prompt": 0, "n_gen": 3, "n_depth": 16, "avg_ts": 7.0, "samples_ts": [7.0, 7.0]},
+    ]
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!/bin/sh\necho '{json.dumps(runs)}'\n")
+    fake.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    job = Job("hetero", str(model), 1, 8, 3, [0, 16], [1], 2)
+    row = peer_row("llama.cpp", job, "sim", None, str(fake), tmp_path)
+    tests = {t["test"]: t for t in row["tests"]}
+    assert list(tests) == ["pp8", "tg3", "tg3 @ d16"]
+    assert tests["pp8"]["median"] == 50.0 and tests["pp8"]["min"] == 40.0
+    assert tests["tg3 @ d16"]["samples"] == [7.0, 7.0]
+    assert row["note"].startswith("CPU only") and row["peak_rss_bytes"] > 0
+
+
 def test_bench_runs_placements_and_peers_and_writes_table_json_and_charts(
     tmp_path, checkpoint_factory
 ):
@@ -175,7 +197,7 @@ def test_bench_runs_placements_and_peers_and_writes_table_json_and_charts(
     assert rows["hot-experts:1"]["simulated"] and rows["hot-experts:1"]["tests"][0]["ratio"] is None
     assert rows["cpu"]["tests"][0]["ratio"] > 0
     assert "unknown placement" in rows["bogus"]["error"]
-    assert "plan" in rows[f"plan:{other_plan}"]["error"]
+    assert "the plan was made for" in rows[f"plan:{other_plan}"]["error"]
     assert "not on PATH" in rows["llama.cpp"]["error"]
     assert [t["test"] for t in rows["transformers"]["tests"]] == ["pp8", "tg3", "tg3 @ d8"]
 

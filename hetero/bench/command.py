@@ -306,7 +306,7 @@ def peer_row(
         scratch,
         peer,
     )
-    return {**row, "note": note, **measured}
+    return {**row, **measured, "note": "; ".join(filter(None, (note, measured.get("note"))))}
 
 
 def run_worker(job: Job, scratch: Path, name: str) -> dict:
