@@ -27,6 +27,8 @@ from placement.policy import plan_for_model
 from placement.routing_profile import RoutingProfile
 from placement.sizes import GIB
 
+TEST_KEYS = {"kind", "median", "min", "max", "samples", "predicted_tok_s", "ratio", "bound"}
+
 
 def bench(*args: str, cache: Path, path: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HETERO_CACHE=str(cache))
@@ -191,9 +193,7 @@ def test_bench_runs_placements_and_peers_and_writes_table_json_and_charts(
         tests = [t["test"] for t in row["tests"]]
         assert tests == ["pp8", "tg3", "tg3 x2", "tg3 @ d8", "tg3 @ d8 x2"], name
         for test in row["tests"]:
-            assert {"median", "min", "max", "samples", "predicted_tok_s", "ratio", "bound"} <= set(
-                test
-            )
+            assert set(test) >= TEST_KEYS
     assert rows["hot-experts:1"]["simulated"] and rows["hot-experts:1"]["tests"][0]["ratio"] is None
     assert rows["cpu"]["tests"][0]["ratio"] > 0
     assert "unknown placement" in rows["bogus"]["error"]
@@ -231,6 +231,7 @@ def test_accelerator_rows_say_why_without_a_cuda_device(tmp_path):
         (["-d", "5000"], "lower them"),
         (["--peers", "vllm"], "choose from"),
         (["--placements", ""], "is empty"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_unusable_arguments_are_one_line_and_exit_2(tmp_path, args, fragment):

@@ -105,7 +105,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[int], list[str
         raise InvalidRequestError(
             f"--peers {unknown[0]!r}: choose from {', '.join(PEERS)}, or none"
         )
-    threads = args.threads or os.cpu_count() or 1
+    threads = (os.cpu_count() or 1) if args.threads is None else args.threads
     if threads < 1:
         raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
     if not args.placements.strip():
@@ -245,7 +245,7 @@ def placement_row(text: str, job: Job, planning: Planning, scratch: Path) -> dic
     if "error" in measured:
         return {**row, "error": measured["error"]}
     for test in measured["tests"]:
-        if test["test"].startswith("pp"):
+        if test["kind"] == "pp":
             predicted, bound = plan.predicted.prefill_tok_s, plan.predicted.prefill_bound
         else:
             predicted, bound = decode_prediction(

@@ -41,7 +41,7 @@ def table_cells(results: dict) -> list[list[str]]:
         rss = row.get("peak_rss_bytes")
         accel = row.get("peak_accel_bytes")
         for i, test in enumerate(row["tests"]):
-            ttft = row.get("ttft_s") if test["test"].startswith("pp") else None
+            ttft = row.get("ttft_s") if test["kind"] == "pp" else None
             lines.append(
                 [
                     name if i == 0 else "",
@@ -139,13 +139,11 @@ def draw_charts(results: dict, out: Path) -> None:
     first_depth = results["settings"]["depths"][0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, title, pick in (
-        (axes[0], "prefill", lambda t: t["test"].startswith("pp")),
+        (axes[0], "prefill", lambda t: t["kind"] == "pp"),
         (
             axes[1],
             f"decode (depth {first_depth}, one sequence)",
-            lambda t: (
-                t["test"].startswith("tg") and t["depth"] == first_depth and t["concurrency"] == 1
-            ),
+            lambda t: t["kind"] == "tg" and t["depth"] == first_depth and t["concurrency"] == 1,
         ),
     ):
         values, lows, highs = [], [], []
@@ -166,7 +164,7 @@ def draw_charts(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, label in zip(rows, labels, strict=True):
-        tg = [t for t in row["tests"] if t["test"].startswith("tg") and t["concurrency"] == 1]
+        tg = [t for t in row["tests"] if t["kind"] == "tg" and t["concurrency"] == 1]
         if tg:
             ax.errorbar(
                 [t["depth"] for t in tg],

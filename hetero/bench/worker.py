@@ -116,8 +116,9 @@ def decode_together(model, depth: int, sequences: int, new_tokens: int, seed: in
     return sum(r.decode_tok_s for r in results)
 
 
-def pp_test(prompt_tokens: int, rates: list[float]) -> dict:
-    return {"test": f"pp{prompt_tokens}", "depth": 0, "concurrency": 1, **median_and_range(rates)}
+def pp_test(prompt_tokens: int, rates: list[float], depth: int = 0) -> dict:
+    name = f"pp{prompt_tokens}" + (f" @ d{depth}" if depth else "")
+    return {"test": name, "kind": "pp", "depth": depth, "concurrency": 1, **median_and_range(rates)}
 
 
 def tg_test(new_tokens: int, depth: int, sequences: int, rates: list[float]) -> dict:
@@ -126,7 +127,13 @@ def tg_test(new_tokens: int, depth: int, sequences: int, rates: list[float]) -> 
         + (f" @ d{depth}" if depth else "")
         + (f" x{sequences}" if sequences > 1 else "")
     )
-    return {"test": name, "depth": depth, "concurrency": sequences, **median_and_range(rates)}
+    return {
+        "test": name,
+        "kind": "tg",
+        "depth": depth,
+        "concurrency": sequences,
+        **median_and_range(rates),
+    }
 
 
 def measure_transformers(job: Job) -> dict:
@@ -199,8 +206,8 @@ def measure_llama_bench(job: Job) -> dict:
         depth = run.get("n_depth", 0)
         if run["n_gen"]:
             tests.append(tg_test(run["n_gen"], depth, 1, samples))
-        elif depth == job.depths[0]:  # pp at the first depth: as the other engines run it
-            tests.append(pp_test(run["n_prompt"], samples))
+        elif depth == job.depths[0]:  # one pp, as the other engines run it: at depth 0 if asked
+            tests.append(pp_test(run["n_prompt"], samples, depth))
     return {"tests": tests, "note": "one sequence: llama-bench has no batched decode"}
 
 
