@@ -196,6 +196,7 @@ def test_bench_runs_placements_and_peers_and_writes_table_json_and_charts(
             assert set(test) >= TEST_KEYS
     assert rows["hot-experts:1"]["simulated"] and rows["hot-experts:1"]["tests"][0]["ratio"] is None
     assert rows["cpu"]["tests"][0]["ratio"] > 0
+    assert rows["cpu"]["plan"]["kv_dtype"] == "f32"  # as `hetero generate`: the compute dtype
     assert "unknown placement" in rows["bogus"]["error"]
     assert "the plan was made for" in rows[f"plan:{other_plan}"]["error"]
     assert "not on PATH" in rows["llama.cpp"]["error"]

@@ -168,7 +168,16 @@ def run_bench(args: argparse.Namespace) -> int:
     blocked = accelerator_unavailable(args.accelerator)
     profile = RoutingProfile.load(args.profile) if args.profile else None
     machine = machine_info(llama_bench)  # the load average as the run starts
-    planning = Planning(inventory, budgets, workload, hardware, blocked, profile, args.profile)
+    planning = Planning(
+        inventory,
+        budgets,
+        workload,
+        hardware,
+        blocked,
+        profile,
+        args.profile,
+        resolve_model_path(args.model),
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="hetero-bench-") as scratch:
         for text in args.placements.split(","):
@@ -205,17 +214,29 @@ class Planning:
     blocked: str | None
     profile: RoutingProfile | None = None
     profile_path: str | None = None
+    model_path: Path | None = None  # to size each placement's KV cache in its compute dtype
 
     def plan(self, spec: PlacementSpec, workload: Workload | None = None) -> Plan:
+        workload = workload or self.workload
+        if self.model_path is not None:
+            workload = replace(workload, kv_dtype=kv_dtype_of(self.model_path, spec.quant))
         return plan_placement(
             spec,
             self.inventory,
             self.budgets,
-            workload or self.workload,
+            workload,
             self.hardware,
             self.profile,
             self.profile_path,
         )
+
+
+def kv_dtype_of(model_path: Path, quant: str) -> str:
+    """The KV dtype `hetero generate` allocates by default: the run's compute dtype."""
+    from hetero.runtime.model import KV_DTYPES, compute_dtype
+
+    dtype = compute_dtype(model_path, "auto", quant)
+    return next(name for name, value in KV_DTYPES.items() if value == dtype)
 
 
 def placement_row(text: str, job: Job, planning: Planning, scratch: Path) -> dict:
@@ -229,7 +250,7 @@ def placement_row(text: str, job: Job, planning: Planning, scratch: Path) -> dic
         plan = p.plan(spec)
     except (BenchPlacementError, HeteroError) as err:
         return {**row, "error": str(err)}
-    row["plan"] = {"rules": plan.rules, "totals": plan.totals}
+    row["plan"] = {"rules": plan.rules, "totals": plan.totals, "kv_dtype": plan.kv_cache.dtype}
     notes = []
     if plan_uses_accelerator(plan):
         if p.blocked:

@@ -60,13 +60,10 @@ def measure_hetero(job: Job) -> dict:
     import hetero
     from placement.plan import load_plan
 
-    model = hetero.load(
-        job.model,
-        quant=job.quant,
-        threads=job.threads,
-        progress=False,
-        plan=load_plan(job.plan) if job.plan else None,
-    )
+    plan = load_plan(job.plan) if job.plan else None
+    model = hetero.load(job.model, quant=job.quant, threads=job.threads, progress=False, plan=plan)
+    if plan is not None:
+        model.kv_dtype = plan.kv_cache.dtype  # the plan sized the cache in it
     vocab = model.config.vocab_size
     prompt = prompt_ids(vocab, job.prompt_tokens, 0)
     model.generate(prompt, max_new_tokens=2, ignore_eos=True)  # warm-up: JIT, page-in
