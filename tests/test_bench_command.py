@@ -240,3 +240,20 @@ def test_unusable_arguments_are_one_line_and_exit_2(tmp_path, args, fragment):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("hetero: error:") and fragment in lines[0]
+
+
+def test_markdown_rows_keep_their_columns_when_a_reason_quotes_a_regex():
+    from hetero.bench.report import COLUMNS, markdown
+
+    settings = dict(prompt_tokens=8, new_tokens=3, depths=[0], concurrency=[1], repeat=1)
+    machine = dict(cpu="x", cpu_flags=[], cores=1, threads=1, ram_bytes=2**30, accelerator=None)
+    results = {
+        "model": "m",
+        "command": "hetero bench m",
+        "settings": {**settings, "threads": 1, "accelerator": "sim"},
+        "machine": {**machine, "load_average": [0.0] * 3, "versions": {}},
+        "hardware": "defaults",
+        "rows": [{"name": "disk-experts", "error": "rule ffn_(up|down|gate)_exps=disk failed"}],
+    }
+    row = next(line for line in markdown(results).splitlines() if line.startswith("| disk"))
+    assert row.replace("\\|", "").count("|") == len(COLUMNS) + 1

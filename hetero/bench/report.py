@@ -115,7 +115,9 @@ def markdown(results: dict) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(results)]
+    for cells in table_cells(results):
+        # a reason may quote a rule's regex: ffn_(up|down|gate)_exps
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", *(f"![{chart}]({chart})" for chart in CHARTS), ""]
     return "\n".join(lines)
 
