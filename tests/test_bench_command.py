@@ -140,7 +140,7 @@ def test_a_crashing_peer_becomes_its_rows_reason(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     job = Job("hetero", str(model), 1, 8, 3, [0], [1], 1)
-    row = peer_row("llama.cpp", job, "sim", None, str(fake), tmp_path)
+    row = peer_row("llama.cpp", job, False, str(fake), tmp_path)
     assert "killed by SIGSEGV" in row["error"] and "repacking AMX tiles" in row["error"]
 
 
@@ -158,7 +158,7 @@ def test_llama_bench_samples_become_pp_and_tg_tests(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     job = Job("hetero", str(model), 1, 8, 3, [0, 16], [1], 2)
-    row = peer_row("llama.cpp", job, "sim", None, str(fake), tmp_path)
+    row = peer_row("llama.cpp", job, False, str(fake), tmp_path)
     tests = {t["test"]: t for t in row["tests"]}
     assert list(tests) == ["pp8", "tg3", "tg3 @ d16"]
     assert tests["pp8"]["median"] == 50.0 and tests["pp8"]["min"] == 40.0

@@ -133,7 +133,7 @@ def accelerator_unavailable(accelerator: str) -> str | None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from hetero.bench.machine import machine_info, machine_slug
+    from hetero.bench.machine import accelerator_name, machine_info, machine_slug
     from hetero.bench.report import print_table, write_results
     from hetero.demo import resolve_model_path
     from placement.budgets import machine_memory, resolve_budgets
@@ -166,6 +166,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "hetero", args.model, threads, args.n_prompt, args.n_gen, depths, concurrency, args.repeat
     )
     blocked = accelerator_unavailable(args.accelerator)
+    cuda = args.accelerator == "cuda" and accelerator_name() is not None
     profile = RoutingProfile.load(args.profile) if args.profile else None
     machine = machine_info(llama_bench)  # the load average as the run starts
     planning = Planning(
@@ -183,7 +184,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for text in args.placements.split(","):
             rows.append(placement_row(text, job, planning, Path(scratch)))
         for peer in peers:
-            rows.append(peer_row(peer, job, args.accelerator, blocked, llama_bench, Path(scratch)))
+            rows.append(peer_row(peer, job, cuda, llama_bench, Path(scratch)))
     machine["load_average_end"] = list(os.getloadavg())
     results = {
         "model": str(resolve_model_path(args.model)) if args.model == "demo" else args.model,
@@ -295,14 +296,9 @@ def decode_prediction(
     return again.predicted.decode_tok_s, again.predicted.bound
 
 
-def peer_row(
-    peer: str,
-    job: Job,
-    accelerator: str,
-    blocked: str | None,
-    llama_bench: str | None,
-    scratch: Path,
-) -> dict:
+def peer_row(peer: str, job: Job, cuda: bool, llama_bench: str | None, scratch: Path) -> dict:
+    """A peer's row on the same file and threads; `cuda`: llama.cpp may use the CUDA device
+    (whether or not this build of hetero can)."""
     row: dict = {"name": peer, "engine": peer, "simulated": False}
     if peer == "transformers":
         measured = run_worker(replace(job, engine="transformers", concurrency=[1]), scratch, peer)
@@ -319,7 +315,7 @@ def peer_row(
             f"{job.model} OUT.gguf --type q8_0` and bench that",
         }
     extra, note = ["-ngl", "0"], "CPU only"
-    if accelerator == "cuda" and not blocked:
+    if cuda:
         # the expert-to-CPU override: the same split as hetero's hot path on the GPU
         extra, note = ["-ngl", "99", "-ot", f"{ROUTED_EXPERTS}=CPU"], "experts on the CPU (-ot)"
     measured = run_worker(
