@@ -151,7 +151,8 @@ def run_bench(args: argparse.Namespace) -> int:
     vram = args.vram_budget or (SIM_VRAM_BUDGET if args.accelerator == "sim" else None)
     budgets = resolve_budgets(vram, args.dram_budget, None, machine_memory())
     hardware = load_hardware(None)
-    workload = Workload(longest, max(concurrency), PREFILL_CHUNK, "bf16")
+    # the KV dtype is each placement's own (Planning.plan)
+    workload = Workload(longest, max(concurrency), PREFILL_CHUNK)
     llama_bench = shutil.which("llama-bench")
     settings = {
         "prompt_tokens": args.n_prompt,
@@ -187,7 +188,7 @@ def run_bench(args: argparse.Namespace) -> int:
             rows.append(peer_row(peer, job, cuda, llama_bench, Path(scratch)))
     machine["load_average_end"] = list(os.getloadavg())
     results = {
-        "model": str(resolve_model_path(args.model)) if args.model == "demo" else args.model,
+        "model": str(planning.model_path),
         "command": "hetero " + " ".join(sys.argv[1:]),
         "settings": settings,
         "machine": machine,
