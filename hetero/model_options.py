@@ -76,10 +76,10 @@ def kv_dtype_of_run(args: argparse.Namespace) -> str:
     if args.kv_dtype != "auto":
         return args.kv_dtype
     from hetero.demo import resolve_model_path
-    from hetero.runtime.model import KV_DTYPES, compute_dtype
+    from hetero.runtime.model import compute_dtype, kv_dtype_name
 
     dtype = compute_dtype(resolve_model_path(args.model), args.dtype, args.quant)
-    return {v: k for k, v in KV_DTYPES.items()}[dtype]
+    return kv_dtype_name(dtype)
 
 
 def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:

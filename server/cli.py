@@ -138,8 +138,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def kv_dtype_names(kv) -> str:
     """The allocated cache's dtype(s) and device(s), as the plan names them."""
-    names = {"torch.float32": "f32", "torch.bfloat16": "bf16", "torch.float16": "f16"}
-    kinds = sorted({f"{names.get(str(s.dtype), s.dtype)} on {s.device.type}" for s in kv.layers})
+    from hetero.runtime.model import kv_dtype_name
+
+    kinds = sorted({f"{kv_dtype_name(s.dtype)} on {s.device.type}" for s in kv.layers})
     return ", ".join(kinds)
 
 

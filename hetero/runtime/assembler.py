@@ -125,18 +125,24 @@ def check_plan_fits(plan: Plan, model_path: Path) -> None:
         inventory = open_model(str(model_path), quant)
     except HeteroError as err:
         raise PlanMismatchError(f"cannot check the plan against {model_path}: {err}") from None
+    summary = plan.model
     ours = (
         inventory.model_type,
         inventory.num_layers,
         inventory.num_experts,
         inventory.top_k,
         inventory.weight_bytes,
+        {g.name for g in inventory.groups if g.kind != "expert"},
     )
-    summary = plan.model
-    theirs = (summary.model_type, summary.layers, summary.experts, summary.top_k)
-    groups = {g.name for g in inventory.groups if g.kind != "expert"}
-    planned = {g.name for g in plan.groups}
-    if ours != (*theirs, summary.weight_bytes) or groups != planned:
+    theirs = (
+        summary.model_type,
+        summary.layers,
+        summary.experts,
+        summary.top_k,
+        summary.weight_bytes,
+        {g.name for g in plan.groups},
+    )
+    if ours != theirs:
         raise PlanMismatchError(
             f"the plan was made for {summary.name} ({summary.model_type}, {summary.layers} "
             f"layers, {summary.experts} experts, {summary.weight_bytes / 2**30:.2f} GiB) but "
@@ -245,8 +251,10 @@ class Assembler:
             for e in range(len(block))
         ]
         for e, device in enumerate(self.placement.expert_devices(name, len(block))):
+            if device != "disk":
+                continue
             stored = [stored_matrix(self.checkpoint, names[e][p]) for p in projections]
-            if device == "disk" and None not in stored:
+            if None not in stored:
                 block[e] = DiskMLP(*stored)
                 self.built.disk_bytes += sum(
                     self.checkpoint.entries[n].nbytes for n in names[e].values()
@@ -255,10 +263,10 @@ class Assembler:
         if not kept or not self.backends.kernels:
             return None  # torch runs the block; its disk experts are computed from the file
         from hetero.runtime import quantized
-        from hetero.runtime.cpu_experts import overlap_by_default
+        from hetero.runtime.cpu_experts import NumbaExperts, overlap_by_default
 
         if self.backends.stored_kernels:
-            kernels = quantized.stored_kernel_experts(self.checkpoint, [names[e] for e in kept])
+            kernels = NumbaExperts.from_checkpoint(self.checkpoint, [names[e] for e in kept])
         else:
             shapes = {p: tuple(getattr(block[kept[0]], p).weight.shape) for p in projections}
             weights = [
@@ -332,7 +340,7 @@ class SummedParts:
 def split_layer(kernel_backend: nn.Module, kept: list[int], experts: TorchExperts) -> nn.Module:
     """The backend of a layer whose experts `kept` run on `kernel_backend` (built from just
     them) and whose others are computed from disk."""
-    on_disk = [e for e in range(len(experts)) if e not in set(kept)]
+    on_disk = sorted(set(range(len(experts))) - set(kept))
     if not on_disk:
         return kernel_backend
     disk = TorchExperts.of([experts[e] for e in on_disk])

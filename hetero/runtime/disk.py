@@ -14,12 +14,13 @@ from torch import nn
 
 from hetero.formats.gguf_quants import dequantize
 
-TILE_BYTES = 64 * 1024 * 1024  # float32 bytes of weight dequantised at a time
+TILE_BYTES = 64 * 1024 * 1024  # float32 bytes of weight dequantised at a time (disk, prefill)
 
 
 class StoredMatrix:
-    """An [out, in] weight as the file stores it (GGUF blocks, or a safetensors tensor in its
-    own dtype), memory-mapped; `rows(start, stop)` reads a tile as float32."""
+    """An [out, in] weight as stored (GGUF blocks or a safetensors tensor in its own dtype,
+    memory-mapped; or a CPU kernel's repacked matrix) that `read_rows(start, stop)` reads a
+    tile of as float32."""
 
     def __init__(self, shape: tuple[int, int], read_rows: Callable[[int, int], torch.Tensor]):
         self.shape = shape

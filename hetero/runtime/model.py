@@ -58,6 +58,11 @@ KV_DTYPES = dict(
 )
 
 
+def kv_dtype_name(dtype: torch.dtype) -> str:
+    """The KV_DTYPES name of a torch dtype, as plans name it: torch.bfloat16 -> "bf16"."""
+    return next(name for name, value in KV_DTYPES.items() if value == dtype)
+
+
 class Model:
     def __init__(
         self,

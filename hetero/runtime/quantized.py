@@ -27,11 +27,11 @@ from hetero.runtime.cpu_experts import (
     NumbaExperts,
     matrix_from_weights,
 )
+from hetero.runtime.disk import StoredMatrix
 from hetero.runtime.no_backward import refuse_gradient
 
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
-DEQUANT_TILE_BYTES = 64 * 1024 * 1024  # prefill dequantises a dense weight this much at a time
 
 
 class QuantLinear(nn.Module):
@@ -45,6 +45,11 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self._stacked = one_expert(weight)  # the GEMV's [1, rows, cols] view, made once
+        # prefill: dequantised row tiles through torch's matmul, as for weights left on disk
+        self._tiles = StoredMatrix(
+            weight.shape,
+            lambda start, stop: torch.from_numpy(row_slice(weight, start, stop).dequantize()),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -62,12 +67,7 @@ class QuantLinear(nn.Module):
             pair_expert = np.zeros(flat.shape[0], np.int64)
             y = torch.from_numpy(grouped_gemv(self._stacked, flat.numpy(), pair_expert, self.path))
         else:
-            y = flat.new_empty(flat.shape[0], self.out_features)
-            step = max(1, DEQUANT_TILE_BYTES // (4 * self.in_features))
-            for start in range(0, self.out_features, step):
-                stop = min(start + step, self.out_features)
-                tile = row_slice(self.qweight, start, stop).dequantize()
-                torch.matmul(flat, torch.from_numpy(tile).T, out=y[:, start:stop])
+            y = self._tiles.matmul(flat)
         if self.bias is not None:
             y += self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -186,13 +186,6 @@ def converted_kernel_linear(
     if kernel_type(ggml_type, weight.shape[-1]) is None:
         return None
     return QuantLinear(matrix_from_weights([weight], ggml_type, stacked=False), bias, path)
-
-
-def stored_kernel_experts(
-    checkpoint, names: list[dict[str, str]], path: str | None = None
-) -> NumbaExperts:
-    """Experts on the kernels from GGUF tensors as stored: names[e][projection]."""
-    return NumbaExperts.from_checkpoint(checkpoint, names, path)
 
 
 def converted_kernel_experts(
