@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("hetero", "cpu_kernels", "gpu_kernels", "placement", "server")
 
@@ -41,21 +43,27 @@ def test_imports_follow_the_layers():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def plant(module: Path, line: str) -> None:
-    module.write_text(module.read_text() + f"\n{line}\n")
-
-
-def test_a_kernel_importing_the_runtime_breaks_the_contract(tmp_path):
+@pytest.mark.parametrize(
+    ("module", "line", "reported"),
+    [
+        # a kernel importing the runtime
+        (
+            "cpu_kernels/norms.py",
+            "import hetero.runtime.engine",
+            "cpu_kernels.norms -> hetero.runtime.engine",
+        ),
+        # the planner importing the runtime
+        (
+            "placement/policy.py",
+            "from hetero.runtime import model",
+            "placement.policy -> hetero.runtime",
+        ),
+    ],
+)
+def test_a_wrong_way_import_breaks_the_contract(tmp_path, module, line, reported):
     root = copy_of_project(tmp_path)
-    plant(root / "cpu_kernels" / "norms.py", "import hetero.runtime.engine  # noqa")
+    planted = root / module
+    planted.write_text(planted.read_text() + f"\n{line}  # noqa\n")
     result = lint_imports(root)
     assert result.returncode != 0
-    assert "cpu_kernels.norms -> hetero.runtime.engine" in result.stdout
-
-
-def test_the_planner_importing_the_runtime_breaks_the_contract(tmp_path):
-    root = copy_of_project(tmp_path)
-    plant(root / "placement" / "policy.py", "from hetero.runtime import model  # noqa")
-    result = lint_imports(root)
-    assert result.returncode != 0
-    assert "placement.policy -> hetero.runtime" in result.stdout
+    assert reported in result.stdout
