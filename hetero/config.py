@@ -24,7 +24,6 @@ KV_DTYPE_NAMES = ("auto", "bf16", "f16", "f32")  # hetero.runtime.model.KV_DTYPE
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # the KV cache is allocated in blocks of this many tokens; the planner sizes it in whole blocks
 KV_BLOCK_TOKENS = 16
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def dtype_name(dtype: str, raw_config: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from hetero.config import QUANT_CHOICES
 from hetero.errors import HeteroError
 from hetero.loading.weights import file_name, materialise
 from hetero.models.experts import ExpertBackend, ExpertsHandle, TorchExperts
@@ -28,15 +29,8 @@ from placement.tensor_groups import classify
 # by the absorbed decode (a GGUF file stores it as two tensors, so it has no kernel form either)
 FLOAT_SUFFIXES = (".mlp.gate", "shared_expert_gate", "self_attn.kv_b_proj")
 DEVICES = ("gpu", "cpu", "disk")
-# `quant` names of the types float weights may be converted to for the CPU kernels at load
-CONVERT_TYPES = {
-    "q8_0": T.Q8_0,
-    "q4_k": T.Q4_K,
-    "q6_k": T.Q6_K,
-    "bf16": T.BF16,
-    "f16": T.F16,
-    "f32": T.F32,
-}
+# the GGML types float weights may be converted to for the CPU kernels at load, by `quant` name
+CONVERT_TYPES = {name: T[name.upper()] for name in QUANT_CHOICES if name not in ("auto", "none")}
 
 
 class PlanMismatchError(HeteroError):
