@@ -85,6 +85,27 @@ def softmax_rows(scores, bits, poly):
     return norm
 
 
+@njit(nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def weighted_rows(scores, norm, store, slot_row, scratch, out, first):
+    """out[first + g] = sum over t of scores[g, t] * store[slot_row[t]], divided by norm[g]:
+    each head's softmax-weighted sum of a paged store's rows (float32, or bfloat16 bits widened
+    into `scratch`), every row read once for all the heads. scores: float32 [heads, length];
+    norm: [heads]; store: [rows, d]; out: float32 [>= first + heads, d]."""
+    heads, length = scores.shape
+    d = out.shape[1]
+    acc = np.zeros((heads, d), np.float32)
+    for t in range(length):
+        row = float32_row(store[slot_row[t]], scratch)
+        for g in range(heads):
+            weight = scores[g, t]
+            for i in range(d):
+                acc[g, i] += weight * row[i]
+    for g in range(heads):
+        inv = np.float32(1.0) / norm[g]
+        for i in range(d):
+            out[first + g, i] = acc[g, i] * inv
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
     """out[s, h] = softmax(scale * q[s, h] . K_s) @ V_s for each sequence s and query head h,
@@ -116,14 +137,4 @@ def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
                     total += queries[g, i] * key[i]
                 scores[g, t] = total * scale
         norm = softmax_rows(scores, np.empty(length, np.int32), np.empty(length, np.float32))
-        acc = np.zeros((groups, dv), np.float32)
-        for t in range(length):
-            value = float32_row(v_store[h, slots[s, t]], value_row)
-            for g in range(groups):
-                weight = scores[g, t]
-                for i in range(dv):
-                    acc[g, i] += weight * value[i]
-        for g in range(groups):
-            inv = np.float32(1.0) / norm[g]
-            for i in range(dv):
-                out[s, h * groups + g, i] = acc[g, i] * inv
+        weighted_rows(scores, norm, v_store[h], slots[s], value_row, out[s], h * groups)

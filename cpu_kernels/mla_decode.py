@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from cpu_kernels.attention import float32_row, softmax_rows
+from cpu_kernels.attention import float32_row, softmax_rows, weighted_rows
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
@@ -52,17 +52,7 @@ def paged_latent_attention(
                     total += rope_queries[g, i] * k_rope[i]
                 scores[g, t] = total * scale
         norm = softmax_rows(scores, np.empty(length, np.int32), np.empty(length, np.float32))
-        acc = np.zeros((count, rank), np.float32)
-        for t in range(length):
-            latent = float32_row(latent_store[slots[s, t]], latent_row)
-            for g in range(count):
-                weight = scores[g, t]
-                for i in range(rank):
-                    acc[g, i] += weight * latent[i]
-        for g in range(count):
-            inv = np.float32(1.0) / norm[g]
-            for i in range(rank):
-                out[s, first + g, i] = acc[g, i] * inv
+        weighted_rows(scores, norm, latent_store, slots[s], latent_row, out[s], first)
 
 
 def latent_attention_decode(
