@@ -140,7 +140,7 @@ def test_a_crashing_peer_becomes_its_rows_reason(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     job = Job("hetero", str(model), 1, 8, 3, [0], [1], 1)
-    row = peer_row("llama.cpp", job, False, str(fake), tmp_path)
+    row = peer_row("llama.cpp", job, None, str(fake), tmp_path)
     assert "killed by SIGSEGV" in row["error"] and "repacking AMX tiles" in row["error"]
 
 
@@ -158,12 +158,73 @@ def test_llama_bench_samples_become_pp_and_tg_tests(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     job = Job("hetero", str(model), 1, 8, 3, [0, 16], [1], 2)
-    row = peer_row("llama.cpp", job, False, str(fake), tmp_path)
+    row = peer_row("llama.cpp", job, None, str(fake), tmp_path)
     tests = {t["test"]: t for t in row["tests"]}
     assert list(tests) == ["pp8", "tg3", "tg3 @ d16"]
     assert tests["pp8"]["median"] == 50.0 and tests["pp8"]["min"] == 40.0
     assert tests["tg3 @ d16"]["samples"] == [7.0, 7.0]
     assert row["note"].startswith("CPU only") and row["peak_rss_bytes"] > 0
+
+
+FAKE_LLAMA_CPP = """
+import json, os
+
+
+class Llama:
+    def __init__(self, model_path, **settings):
+        self.log = open(os.environ["FAKE_LLAMA_LOG"], "a")
+        self.log.write(json.dumps({"model": model_path, **settings}) + "\\n")
+        self.n_tokens = 0
+
+    def n_vocab(self):
+        return 50
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def eval(self, tokens):
+        assert all(0 <= t < 50 for t in tokens)
+        self.n_tokens += len(tokens)
+        self.log.write(json.dumps({"eval": len(tokens), "after": self.n_tokens}) + "\\n")
+        self.log.flush()
+
+    def sample(self, temp):
+        assert temp == 0.0 and self.n_tokens > 0
+        return 7
+"""
+
+
+def test_llama_cpp_python_runs_the_peer_where_llama_bench_is_missing(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "llama_cpp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(log))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    job = Job("hetero", str(model), 2, 8, 3, [0, 16], [1], 2)
+    row = peer_row("llama.cpp", job, None, None, tmp_path)
+    assert "error" not in row, row
+    assert [t["test"] for t in row["tests"]] == ["pp8", "tg3", "tg3 @ d16"]
+    assert all(len(t["samples"]) == 2 for t in row["tests"])
+    assert "llama-cpp-python" in row["note"] and row["note"].startswith("CPU only")
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[0]["n_threads"] == 2 and calls[0]["n_gpu_layers"] == 0
+    evals = [c["eval"] for c in calls[1:]]
+    # warm-up, two prompts; then per depth and repeat: the depth's prompt, two decoded tokens
+    assert evals == [2, 8, 8] + [1, 1, 1] * 2 + [16, 1, 1] * 2
+
+
+def test_the_llama_peer_says_what_to_install_when_neither_form_is_there(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    job = Job("hetero", str(tmp_path / "m.gguf"), 1, 8, 3, [0], [1], 1)
+    row = peer_row("llama.cpp", job, None, None, tmp_path)
+    assert "llama-bench is not on PATH" in row["error"] and "llama-cpp-python" in row["error"]
 
 
 def test_bench_runs_placements_and_peers_and_writes_table_json_and_charts(

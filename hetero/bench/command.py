@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -185,7 +186,8 @@ def run_bench(args: argparse.Namespace) -> int:
         for text in args.placements.split(","):
             rows.append(placement_row(text, job, planning, Path(scratch)))
         for peer in peers:
-            rows.append(peer_row(peer, job, cuda, llama_bench, Path(scratch)))
+            vram = budgets.vram_bytes if cuda else None
+            rows.append(peer_row(peer, job, vram, llama_bench, Path(scratch)))
     machine["load_average_end"] = list(os.getloadavg())
     results = {
         "model": str(planning.model_path),
@@ -297,33 +299,47 @@ def decode_prediction(
     return again.predicted.decode_tok_s, again.predicted.bound
 
 
-def peer_row(peer: str, job: Job, cuda: bool, llama_bench: str | None, scratch: Path) -> dict:
-    """A peer's row on the same file and threads; `cuda`: llama.cpp may use the CUDA device
-    (whether or not this build of hetero can)."""
+def peer_row(
+    peer: str, job: Job, vram_bytes: int | None, llama_bench: str | None, scratch: Path
+) -> dict:
+    """A peer's row on the same file and threads; `vram_bytes`: a CUDA device is used, at this
+    budget (whether or not this build of hetero can): llama.cpp keeps the routed experts on the
+    CPU, transformers offloads with accelerate."""
     row: dict = {"name": peer, "engine": peer, "simulated": False}
     if peer == "transformers":
-        measured = run_worker(replace(job, engine="transformers", concurrency=[1]), scratch, peer)
-        return {**row, **measured}
-    if llama_bench is None:
-        return {**row, "error": "llama-bench is not on PATH (build llama.cpp and add its bin/)"}
+        transformers = replace(
+            job, engine="transformers", concurrency=[1], offload_vram_bytes=vram_bytes
+        )
+        return {**row, **run_worker(transformers, scratch, peer)}
+    python_binding = importlib.util.find_spec("llama_cpp") is not None
+    if llama_bench is None and not python_binding:
+        return {
+            **row,
+            "error": "llama-bench is not on PATH (build llama.cpp and add its bin/) and "
+            "llama-cpp-python is not installed",
+        }
     from hetero.demo import resolve_model_path
 
     path = resolve_model_path(job.model)
     if path.suffix != ".gguf":
         return {
             **row,
-            "error": f"llama-bench runs GGUF files; write one with `hetero quantize "
+            "error": f"llama.cpp runs GGUF files; write one with `hetero quantize "
             f"{job.model} OUT.gguf --type q8_0` and bench that",
         }
-    extra, note = ["-ngl", "0"], "CPU only"
-    if cuda:
+    llama = replace(job, engine="llama.cpp", model=str(path), binary=llama_bench)
+    if llama_bench is None:
+        # llama-cpp-python has no tensor override, so no experts-on-the-CPU split: CPU only
+        note = "CPU only" + (
+            " (llama-cpp-python cannot keep experts on the CPU)" if vram_bytes else ""
+        )
+    elif vram_bytes is not None:
         # the expert-to-CPU override: the same split as hetero's hot path on the GPU
-        extra, note = ["-ngl", "99", "-ot", f"{ROUTED_EXPERTS}=CPU"], "experts on the CPU (-ot)"
-    measured = run_worker(
-        replace(job, engine="llama.cpp", model=str(path), binary=llama_bench, llama_args=extra),
-        scratch,
-        peer,
-    )
+        llama = replace(llama, llama_args=["-ngl", "99", "-ot", f"{ROUTED_EXPERTS}=CPU"])
+        note = "experts on the CPU (-ot)"
+    else:
+        llama, note = replace(llama, llama_args=["-ngl", "0"]), "CPU only"
+    measured = run_worker(llama, scratch, peer)
     return {**row, **measured, "note": "; ".join(filter(None, (note, measured.get("note"))))}
 
 

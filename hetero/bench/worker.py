@@ -33,8 +33,10 @@ class Job:
     repeat: int
     plan: str | None = None  # hetero: the plan's JSON file
     quant: str = "auto"  # hetero: the loader's quant
-    binary: str | None = None  # llama.cpp: llama-bench
+    binary: str | None = None  # llama.cpp: llama-bench; None: llama-cpp-python
     llama_args: list[str] | None = None  # llama.cpp: extra arguments (-ngl, -ot)
+    gpu_layers: int = 0  # llama-cpp-python: layers on the GPU
+    offload_vram_bytes: int | None = None  # transformers: accelerate offload at this budget
 
 
 def median_and_range(samples: list[float]) -> dict:
@@ -134,7 +136,9 @@ def tg_test(new_tokens: int, depth: int, sequences: int, rates: list[float]) -> 
 
 
 def measure_transformers(job: Job) -> dict:
-    """HF transformers on the CPU, the checkpoint's dtype, its own KV cache; one sequence."""
+    """HF transformers, the checkpoint's dtype, its own KV cache, one sequence: on the CPU, or
+    with `offload_vram_bytes` on the GPU, what does not fit offloaded to the CPU by accelerate
+    (`device_map="auto"` with `max_memory`), the way its users run a model too big for VRAM."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -144,18 +148,35 @@ def measure_transformers(job: Job) -> dict:
     if not path.is_dir():
         raise HeteroError(f"the transformers peer runs checkpoint directories, not {path.name}")
     torch.set_num_threads(job.threads)
-    net = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    note = "one sequence: no batched decode"
+    if job.offload_vram_bytes is None:
+        net = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+        device = torch.device("cpu")
+    else:
+        import psutil
+
+        budget = {0: job.offload_vram_bytes, "cpu": psutil.virtual_memory().available}
+        net = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto", device_map="auto", max_memory=budget
+        ).eval()
+        device = torch.device("cuda", 0)
+        gib = job.offload_vram_bytes / 2**30
+        note = f"accelerate offload at {gib:.2f} GiB of VRAM; " + note
     vocab = net.config.vocab_size
-    prompt = torch.tensor([prompt_ids(vocab, job.prompt_tokens, 0)])
+
+    def ids(tokens: int, seed: int) -> torch.Tensor:
+        return torch.tensor([prompt_ids(vocab, tokens, seed)], device=device)
+
+    prompt = ids(job.prompt_tokens, 0)
 
     def decode_rate(depth: int, seed: int) -> float:
-        ids = torch.tensor([prompt_ids(vocab, depth, seed + 1)])
-        out = net(ids, use_cache=True)
+        out = net(ids(depth, seed + 1), use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         began = time.perf_counter()
         for _ in range(job.new_tokens - 1):
             out = net(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        token.item()  # waits for the device
         return (job.new_tokens - 1) / (time.perf_counter() - began)
 
     with torch.inference_mode():
@@ -163,14 +184,16 @@ def measure_transformers(job: Job) -> dict:
         ttft = []
         for _ in range(job.repeat):
             began = time.perf_counter()
-            net(prompt).logits[:, -1].argmax(-1)
+            net(prompt).logits[:, -1].argmax(-1).item()
             ttft.append(time.perf_counter() - began)
         tests = [pp_test(job.prompt_tokens, [job.prompt_tokens / s for s in ttft])]
         for depth in job.depths:
             rates = [decode_rate(depth, seed) for seed in range(job.repeat)]
             tests.append(tg_test(job.new_tokens, depth, 1, rates))
-    note = "one sequence: no batched decode"
-    return {"tests": tests, "ttft_s": median_and_range(ttft), "note": note}
+    row = {"tests": tests, "ttft_s": median_and_range(ttft), "note": note}
+    if device.type == "cuda":
+        row["peak_accel_bytes"] = torch.cuda.max_memory_allocated()
+    return row
 
 
 def measure_llama_bench(job: Job) -> dict:
@@ -208,6 +231,57 @@ def measure_llama_bench(job: Job) -> dict:
     return {"tests": tests, "note": "one sequence: llama-bench has no batched decode"}
 
 
+def measure_llama_cpp_python(job: Job) -> dict:
+    """llama.cpp through llama-cpp-python, where llama-bench is not on PATH: the same tests
+    timed here as the other engines are (a warm-up, then `repeat` runs of each; greedy
+    tokens), on the same file and threads."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise HeteroError(
+            "neither llama-bench (on PATH) nor llama-cpp-python (pip install llama-cpp-python) "
+            "is installed"
+        ) from None
+    longest = max(job.prompt_tokens, *job.depths) + job.new_tokens
+    llm = Llama(
+        model_path=job.model,
+        n_threads=job.threads,
+        n_threads_batch=job.threads,
+        n_gpu_layers=job.gpu_layers,
+        n_ctx=longest + 1,
+        n_batch=512,
+        verbose=False,
+    )
+    vocab = llm.n_vocab()
+    prompt = prompt_ids(vocab, job.prompt_tokens, 0)
+    llm.reset()
+    llm.eval(prompt[:2])  # warm-up
+    prefill = []
+    for _ in range(job.repeat):
+        llm.reset()
+        began = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(job.prompt_tokens / (time.perf_counter() - began))
+
+    def decode_rate(depth: int, seed: int) -> float:
+        llm.reset()
+        llm.eval(prompt_ids(vocab, depth, seed + 1))
+        began = time.perf_counter()
+        for _ in range(job.new_tokens - 1):
+            llm.eval([llm.sample(temp=0.0)])
+        return (job.new_tokens - 1) / (time.perf_counter() - began)
+
+    tests = [pp_test(job.prompt_tokens, prefill)]
+    for depth in job.depths:
+        rates = [decode_rate(depth, seed) for seed in range(job.repeat)]
+        tests.append(tg_test(job.new_tokens, depth, 1, rates))
+    return {"tests": tests, "note": "llama-cpp-python; one sequence: no batched decode"}
+
+
+def measure_llama_cpp(job: Job) -> dict:
+    return measure_llama_bench(job) if job.binary else measure_llama_cpp_python(job)
+
+
 def exit_reason(returncode: int) -> str:
     import signal
 
@@ -224,7 +298,7 @@ def last_line(text: str) -> str:
 ENGINES = {
     "hetero": measure_hetero,
     "transformers": measure_transformers,
-    "llama.cpp": measure_llama_bench,
+    "llama.cpp": measure_llama_cpp,
 }
 
 
