@@ -36,3 +36,17 @@ def gemv_error_bound(
     blocks = x.shape[1] // QK8_0
     rounding = (blocks + 16) * 2.0**-24 * (np.abs(x) + step) @ magnitude.T
     return step @ np.abs(w).T + rounding
+
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # an 8-bit significand rounded to nearest
+
+
+def prefill_error_budget(dtype, matmuls: int) -> float:
+    """Relative error budget of `matmuls` chained prefill matmuls on dequantised tiles against
+    float32 ones: float32 rounding only, or in bfloat16 each product's two inputs rounded
+    (2u of each term) per matmul; fp32 accumulation in both."""
+    import torch
+
+    if dtype == torch.float32:
+        return 1e-4
+    return matmuls * 2 * BF16_UNIT_ROUNDOFF

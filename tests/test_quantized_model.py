@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_checkpoint
+from gemv_error_bounds import prefill_error_budget
 from gguf import GGMLQuantizationType as T
 
 import hetero
@@ -22,8 +23,10 @@ from cpu_kernels.quant_matrix import quantize_matrix
 from hetero.errors import InvalidRequestError
 from hetero.loading.gguf_writer import write_gguf
 from hetero.models.experts import TorchExperts
-from hetero.runtime.cpu_experts import DECODE_MAX_TOKENS, NumbaExperts
+from hetero.runtime import prefill_matmul
+from hetero.runtime.cpu_experts import NumbaExperts
 from hetero.runtime.model import set_threads
+from hetero.runtime.prefill_matmul import DECODE_MAX_TOKENS, PREFILL_DTYPES
 from hetero.runtime.quantized import JoinedQuantLinear, QuantLinear
 
 WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64)
@@ -40,7 +43,11 @@ def some_ids(vocab: int, n: int) -> list[int]:
 
 @pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_K, T.Q6_K, T.BF16])
 @pytest.mark.parametrize("tokens", [1, 5, DECODE_MAX_TOKENS + 3])
-def test_quant_linear_matches_torch_linear_on_dequantised_weights(ggml_type, tokens):
+@pytest.mark.parametrize("dtype", PREFILL_DTYPES.values(), ids=PREFILL_DTYPES.keys())
+def test_quant_linear_matches_torch_linear_on_dequantised_weights(
+    ggml_type, tokens, dtype, monkeypatch
+):
+    monkeypatch.setattr(prefill_matmul, "host_prefill_dtype", lambda: dtype)
     rng = np.random.default_rng()
     weight = quantize_matrix(rng.standard_normal((96, 512), dtype=np.float32), ggml_type)
     bias = torch.nn.Parameter(torch.randn(96), requires_grad=False)
@@ -49,9 +56,10 @@ def test_quant_linear_matches_torch_linear_on_dequantised_weights(ggml_type, tok
     want = F.linear(x, torch.from_numpy(weight.dequantize()), bias)
     got = layer(x)
     assert got.shape == want.shape and got.dtype == x.dtype
-    # BF16 keeps float32 activations: float32 rounding only
-    exact = tokens > DECODE_MAX_TOKENS or ggml_type == T.BF16
-    assert relative_rms(got, want) < (1e-5 if exact else 2e-2)
+    if tokens > DECODE_MAX_TOKENS:  # prefill: dequantised tiles in the prefill dtype
+        assert relative_rms(got, want) < prefill_error_budget(dtype, 1)
+    else:  # BF16 keeps float32 activations: float32 rounding only
+        assert relative_rms(got, want) < (1e-5 if ggml_type == T.BF16 else 2e-2)
 
 
 JOINED_FORMATS = {

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from cpu_kernels.ffn_glue import silu_mul, weighted_pair_sum
-from cpu_kernels.panel_gemv import BF16Matrix
+from cpu_kernels.panel_gemv import BF16Matrix, F16Matrix, F32Matrix
 from cpu_kernels.quant_matrix import (
     QuantMatrix,
     grouped_gemv,
@@ -37,6 +37,7 @@ from hetero.models.experts import (
 )
 from hetero.runtime.expert_worker import expert_worker
 from hetero.runtime.no_backward import refuse_gradient
+from hetero.runtime.prefill_matmul import DECODE_MAX_TOKENS, prefill_dtype
 
 
 class RawTensorSource(Protocol):
@@ -45,8 +46,10 @@ class RawTensorSource(Protocol):
     def raw_tensor(self, name: str) -> tuple[np.ndarray, T]: ...
 
 
-DECODE_MAX_TOKENS = 16  # more tokens per call go to the prefill path (a guess, not yet tuned)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# kernel formats whose prefill tiles multiply in float32 whatever the prefill dtype: a float32
+# or float16 model's weights are not rounded further than its checkpoint did
+FLOAT_PANELS = (F32Matrix, F16Matrix)
 # "1" runs the routed experts on the expert worker while the shared experts run, "0" in the
 # caller's thread before them (the A/B of bench/expert_overlap_bench.py); unset, the model
 # assembler decides: overlap pays only where the shared experts run off the CPU (on the CPU
@@ -186,10 +189,17 @@ class NumbaExperts(ExpertBackend, nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # tokens grouped by expert; each expert's weights dequantised once for all its tokens
+        # and multiplied in the prefill dtype (hetero/runtime/prefill_matmul.py)
+        dtype = torch.float32 if isinstance(self.gate_up, FLOAT_PANELS) else prefill_dtype(x)
+
+        def weight(matrix: QuantMatrix, expert: int) -> torch.Tensor:
+            return torch.from_numpy(matrix.dequantize(expert)).to(dtype)
+
         def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
-            gate_up = xs @ torch.from_numpy(self.gate_up.dequantize(expert)).T
+            # xs: float32 [expert's tokens, hidden]; the weighted sum stays float32
+            gate_up = xs.to(dtype) @ weight(self.gate_up, expert).T
             gate, up = gate_up.split(self.expert_size, dim=-1)
-            return (F.silu(gate) * up) @ torch.from_numpy(self.down.dequantize(expert)).T
+            return ((F.silu(gate) * up) @ weight(self.down, expert).T).float()
 
         out = run_grouped_by_expert(
             x.detach().float(), expert_ids, expert_weights, self.num_experts, run_expert

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from hetero.formats.gguf_quants import dequantize
+from hetero.runtime.prefill_matmul import prefill_dtype
 
 TILE_BYTES = 64 * 1024 * 1024  # float32 bytes of weight dequantised at a time (disk, prefill)
 
@@ -20,11 +21,18 @@ TILE_BYTES = 64 * 1024 * 1024  # float32 bytes of weight dequantised at a time (
 class StoredMatrix:
     """An [out, in] weight as stored (GGUF blocks or a safetensors tensor in its own dtype,
     memory-mapped; or a CPU kernel's repacked matrix) that `read_rows(start, stop)` reads a
-    tile of as float32."""
+    tile of as float32. `quantized`: its tiles are dequantised, and multiply in the prefill
+    dtype (float weights multiply in float32, as torch runs them in DRAM)."""
 
-    def __init__(self, shape: tuple[int, int], read_rows: Callable[[int, int], torch.Tensor]):
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        read_rows: Callable[[int, int], torch.Tensor],
+        quantized: bool = True,
+    ):
         self.shape = shape
         self._read_rows = read_rows
+        self.quantized = quantized
 
     @classmethod
     def from_blocks(cls, blocks: np.ndarray, ggml_type: T, cols: int) -> StoredMatrix:
@@ -37,16 +45,23 @@ class StoredMatrix:
     @classmethod
     def from_tensor(cls, weight: torch.Tensor) -> StoredMatrix:
         # weight: [rows, cols], a zero-copy view of the mapped file
-        return cls(tuple(weight.shape), lambda start, stop: weight[start:stop].float())
+        return cls(tuple(weight.shape), lambda start, stop: weight[start:stop].float(), False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float32 [tokens, in] -> x @ W.T, float32 [tokens, out], one tile at a time."""
+        """x: float32 [tokens, in] -> x @ W.T, float32 [tokens, out], one tile at a time, each
+        multiplied in the prefill dtype (hetero/runtime/prefill_matmul.py) if quantised."""
         out_features, in_features = self.shape
         y = x.new_empty(x.shape[0], out_features)
+        dtype = prefill_dtype(x) if self.quantized else torch.float32
+        xs = x.to(dtype)
         step = max(1, TILE_BYTES // (4 * in_features))
         for start in range(0, out_features, step):
             stop = min(start + step, out_features)
-            torch.matmul(x, self._read_rows(start, stop).T, out=y[:, start:stop])
+            tile = self._read_rows(start, stop).to(dtype)
+            if dtype == y.dtype:
+                torch.matmul(xs, tile.T, out=y[:, start:stop])
+            else:
+                y[:, start:stop] = xs @ tile.T
         return y
 
 

@@ -22,13 +22,10 @@ from cpu_kernels.quant_matrix import (
     row_slice,
     runs_many_rows,
 )
-from hetero.runtime.cpu_experts import (
-    DECODE_MAX_TOKENS,
-    NumbaExperts,
-    matrix_from_weights,
-)
+from hetero.runtime.cpu_experts import FLOAT_PANELS, NumbaExperts, matrix_from_weights
 from hetero.runtime.disk import StoredMatrix
 from hetero.runtime.no_backward import refuse_gradient
+from hetero.runtime.prefill_matmul import DECODE_MAX_TOKENS, prefill_dtype_name
 
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
 LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
@@ -49,6 +46,7 @@ class QuantLinear(nn.Module):
         self._tiles = StoredMatrix(
             weight.shape,
             lambda start, stop: torch.from_numpy(row_slice(weight, start, stop).dequantize()),
+            quantized=not isinstance(weight, FLOAT_PANELS),
         )
 
     @property
@@ -142,7 +140,14 @@ class QuantReport:
         return (
             f"{self.modules} modules on the CPU kernels ({kinds}): "
             f"{self.kernel_bytes / 2**30:.2f} GiB, repacked in {self.seconds:.1f} s"
+            + self.prefill_note()
         )
+
+    def prefill_note(self) -> str:
+        rounded = set(self.types) - {panel.__name__ for panel in FLOAT_PANELS}
+        if not rounded or prefill_dtype_name() == "f32":
+            return ""
+        return f"; prefill multiplies their dequantised tiles in {prefill_dtype_name()}"
 
 
 def join_projections(net: nn.Module, report: QuantReport, path: str | None = None) -> None:
