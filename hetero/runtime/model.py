@@ -352,14 +352,15 @@ def compute_dtype(path: Path, dtype: str, quant: str) -> torch.dtype:
 
 def auto_kernel_type(raw_config: dict[str, Any]) -> str | None:
     """The kernel format a float checkpoint's weights run on under quant="auto", or None for
-    torch. bfloat16: the BF16 kernel (2 bytes read per weight, float32 math) unless the CPU
-    multiplies bf16 natively. float16 and float32: the F16 / F32 panel kernels where the AVX2
-    kernels run (for one token torch's F.linear read float32 weights at 0.4-0.65 of the DRAM
-    ceiling, and it runs a MoE layer's experts one call each)."""
-    from cpu_kernels.quant_matrix import host_kernel_path, native_bf16_matmul
+    torch. bfloat16: the BF16 kernel (2 bytes read per weight, float32 math) on every CPU: even
+    with AVX-512 BF16, torch's bf16 path decoded 3-8x slower (one call per expert) and
+    prefilled no faster (bench/results/bf16-checkpoints.md). float16 and float32: the F16 / F32
+    panel kernels where the AVX2 kernels run (for one token torch's F.linear read float32
+    weights at 0.4-0.65 of the DRAM ceiling, and it runs a MoE layer's experts one call each)."""
+    from cpu_kernels.quant_matrix import host_kernel_path
 
     dtype = resolve_dtype("auto", raw_config)
-    if dtype == torch.bfloat16 and not native_bf16_matmul():
+    if dtype == torch.bfloat16:
         return "bf16"
     avx2 = host_kernel_path() != "plain"  # avx2, or a path above it in the chain
     return {torch.float16: "f16", torch.float32: "f32"}.get(dtype) if avx2 else None

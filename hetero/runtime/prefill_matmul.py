@@ -31,9 +31,9 @@ def host_prefill_dtype() -> torch.dtype:
                 f"{PREFILL_DTYPE_ENV}={forced!r}: choose {' or '.join(PREFILL_DTYPES)}"
             )
         return PREFILL_DTYPES[forced]
-    from cpu_kernels.cpu_features import host_cpu_features
+    from cpu_kernels.quant_matrix import native_bf16_matmul
 
-    return torch.bfloat16 if host_cpu_features().get("avx512bf16") else torch.float32
+    return torch.bfloat16 if native_bf16_matmul() else torch.float32
 
 
 def prefill_dtype(x: torch.Tensor) -> torch.dtype:
