@@ -103,7 +103,9 @@ def flash_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_float(name, t)
         require(t.stride(-1) == 1, f"{name}: the last dimension must be contiguous")
-    require(k.dtype == q.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    require(
+        k.dtype == q.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    )
     require_int("cu_seqlens_q", cu_seqlens_q)
     require_int("cu_seqlens_kv", cu_seqlens_kv)
     require_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv)

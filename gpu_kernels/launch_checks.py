@@ -21,17 +21,23 @@ def require_shape(name: str, t: torch.Tensor, shape: tuple[int | None, ...], nam
     """t must have len(shape) dimensions, each equal to its entry where that is not None;
     `names` spells the dimensions for the message ("[tokens, heads, d]")."""
     sizes = tuple(t.shape)
-    fits = len(sizes) == len(shape) and all(s is None or s == n for s, n in zip(shape, sizes))
+    fits = len(sizes) == len(shape) and all(
+        s is None or s == n for s, n in zip(shape, sizes, strict=True)
+    )
     want = ", ".join("*" if s is None else str(s) for s in shape)
     require(fits, f"{name}: expected {names} = [{want}], got {list(sizes)}")
 
 
 def require_float(name: str, t: torch.Tensor) -> None:
-    require(t.dtype in FLOAT_DTYPES, f"{name}: expected float32, float16 or bfloat16, not {t.dtype}")
+    require(
+        t.dtype in FLOAT_DTYPES, f"{name}: expected float32, float16 or bfloat16, not {t.dtype}"
+    )
 
 
 def require_int(name: str, t: torch.Tensor) -> None:
-    require(t.dtype in (torch.int32, torch.int64), f"{name}: expected int32 or int64, not {t.dtype}")
+    require(
+        t.dtype in (torch.int32, torch.int64), f"{name}: expected int32 or int64, not {t.dtype}"
+    )
 
 
 def require_same_device(**tensors: torch.Tensor) -> None:

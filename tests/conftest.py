@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# before any test module imports gpu_kernels: it picks their device and sets up Triton's interpreter
+import gpu_kernel_device  # noqa: F401, E402
 import pytest
 import torch
 
 from hetero.demo_tokenizer import write_demo_tokenizer
-
-# before any test module imports gpu_kernels: it picks their device and sets up Triton's interpreter
-import gpu_kernel_device  # noqa: F401, E402
 
 # Small but not degenerate: GQA (4 q heads over 2 kv heads), 8 experts, top-2, sizes divisible
 # by 4 (transformers' grouped_mm needs 16-byte strides, see shared/notes/reference-models.md).
