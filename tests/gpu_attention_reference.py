@@ -16,7 +16,7 @@ Budget, per output value (u = 2^-24 float32's unit roundoff, n the visible keys)
 from __future__ import annotations
 
 import torch
-from gpu_kernel_device import UNIT_ROUNDOFF
+from gpu_kernel_device import UNIT_ROUNDOFF, rounding_error
 
 F32 = 2.0**-24
 
@@ -47,7 +47,7 @@ def attention_reference(
         + 2 * (keys + 2) * F32
     )
     spread = torch.einsum("hqk,khd->qhd", weights, v64.abs())
-    bound = 2 * (relative[..., None] * spread + UNIT_ROUNDOFF[q.dtype] * out.abs())
+    bound = 2 * (relative[..., None] * spread + rounding_error(q.dtype, out))
     return out, bound
 
 

@@ -61,3 +61,10 @@ def require_triton() -> None:
 
     patch_and_squeeze.squeezes_scalars = True
     interpreter._patch_lang_tensor = patch_and_squeeze
+
+
+def rounding_error(dtype: torch.dtype, values: torch.Tensor) -> torch.Tensor:
+    """The most rounding `values` to dtype can change them: u |v|, or half a subnormal step
+    (tiny * u) near zero."""
+    unit = UNIT_ROUNDOFF[dtype]
+    return unit * values.abs() + torch.finfo(dtype).tiny * unit

@@ -12,7 +12,15 @@ bound is doubled for second-order terms and tensor cores that truncate."""
 import numpy as np
 import pytest
 import torch
-from gpu_kernel_device import DEVICE, DTYPES, UNIT_ROUNDOFF, randn, require_triton, seeded_generator
+from gpu_kernel_device import (
+    DEVICE,
+    DTYPES,
+    UNIT_ROUNDOFF,
+    randn,
+    require_triton,
+    rounding_error,
+    seeded_generator,
+)
 
 require_triton()
 
@@ -36,12 +44,12 @@ def route(tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return ids.to(DEVICE), (top.values / top.values.sum(1, keepdim=True)).to(DEVICE)
 
 
-def moe_reference(x, gate_up, down, ids, weights, unit, weight_unit):
-    """float64 output [tokens, hidden] and its error budget for a kernel computing in a dtype
-    of unit roundoff `unit`, its weights rounded by `weight_unit`."""
+def moe_reference(x, gate_up, down, ids, weights, weight_unit):
+    """float64 output [tokens, hidden] and its error budget for a kernel computing in x's
+    dtype, its weights rounded by `weight_unit`."""
     x64 = x.double().cpu()
-    out = torch.zeros_like(x64)
-    bound = torch.zeros_like(x64)
+    unit = UNIT_ROUNDOFF[x.dtype]
+    out, bound, magnitude = (torch.zeros_like(x64) for _ in range(3))
     hidden, inter = x.shape[1], down.shape[2]
     for t in range(x.shape[0]):
         for slot in range(ids.shape[1]):
@@ -49,16 +57,16 @@ def moe_reference(x, gate_up, down, ids, weights, unit, weight_unit):
             gate_w, up_w = gate_up[e, :inter], gate_up[e, inter:]
             g, u = gate_w @ x64[t], up_w @ x64[t]
             h = torch.nn.functional.silu(g) * u
-            out[t] += w * (down[e] @ h)
+            y = w * (down[e] @ h)
+            out[t] += y
+            magnitude[t] += y.abs()
             in_rel = weight_unit + (hidden + 1) * F32
             dg, du = in_rel * (gate_w.abs() @ x64[t].abs()), in_rel * (up_w.abs() @ x64[t].abs())
             dh = 1.1 * dg * u.abs() + torch.nn.functional.silu(g).abs() * du
             dh += (unit + 8 * F32) * h.abs()
-            down_rel = weight_unit + (inter + 1) * F32
-            bound[t] += w * (down[e].abs() @ (dh + down_rel * (h.abs() + dh))) + F32 * w * (
-                down[e].abs() @ h.abs()
-            )
-    bound += TOP_K * F32 * bound.abs() + unit * out.abs()
+            down_rel = weight_unit + (inter + 2) * F32
+            bound[t] += w * (down[e].abs() @ (dh + down_rel * (h.abs() + dh)))
+    bound += TOP_K * F32 * magnitude + rounding_error(x.dtype, out)
     return out, 2 * bound
 
 
@@ -93,11 +101,11 @@ def test_fused_moe_matches_dequantise_then_matmul(request, dtype, tokens, fmt):
     ids, weights = route(tokens, gen)
     got = fused_moe(x, gate_up, down, ids, weights)
     assert got.shape == x.shape and got.dtype == dtype
-    unit = UNIT_ROUNDOFF[dtype]
-    weight_unit = 0.0 if dtype == torch.float32 or isinstance(fmt, torch.dtype) else unit
-    if isinstance(fmt, torch.dtype) and fmt != dtype:
-        weight_unit = unit  # float weights cast to the compute dtype
-    want, bound = moe_reference(x, gate_up64, down64, ids.cpu(), weights.cpu(), unit, weight_unit)
+    # weights rounded to the compute dtype unless they arrive in it or it is float32 (which
+    # holds every float16 and every dequantised value)
+    exact = fmt == dtype or dtype == torch.float32
+    weight_unit = 0.0 if exact else UNIT_ROUNDOFF[dtype]
+    want, bound = moe_reference(x, gate_up64, down64, ids.cpu(), weights.cpu(), weight_unit)
     error = (got.double().cpu() - want).abs()
     assert (error <= bound).all(), f"worst error/budget {(error / bound).max():.3g}"
 
