@@ -30,9 +30,9 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 
 
 def seeded_generator(request: pytest.FixtureRequest) -> torch.Generator:
-    """A fresh random seed per test, printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"{request.node.name}: seed {seed}")
+    """A fresh random seed per test (HETERO_TEST_SEED replays one), printed with the test."""
+    seed = int(os.environ.get("HETERO_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"{request.node.name}: seed {seed} (replay: HETERO_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
 
 

@@ -54,6 +54,13 @@ def test_paged_decode_matches_reference(
     check_decode(gen, dtype, lengths, block_size, heads, kv_heads, d, dv, splits)
 
 
+def test_paged_decode_splits_a_long_history_of_one_sequence_by_default(request):
+    # one sequence leaves the GPU idle unless its history is shared out (tuning.py's split
+    # rule: no split under 256 tokens, so 600 tokens make 3)
+    gen = seeded_generator(request)
+    check_decode(gen, torch.float16, [600], 16, 4, 2, 16, 16, splits=None)
+
+
 def test_paged_decode_reads_a_compacted_table_of_selected_pages(request):
     # sparse attention passes only the pages it selected, in order; the last one partial
     gen = seeded_generator(request)
