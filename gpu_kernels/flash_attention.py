@@ -12,7 +12,7 @@ from gpu_kernels.launch_checks import (
     dot_precision,
     next_power_of_2,
     require,
-    require_float,
+    require_float_rows,
     require_int,
     require_same_device,
     require_shape,
@@ -101,8 +101,7 @@ def flash_attention(
     seqs = cu_seqlens_q.shape[0] - 1
     require_shape("cu_seqlens_kv", cu_seqlens_kv, (seqs + 1,), "[seqs + 1]")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        require_float(name, t)
-        require(t.stride(-1) == 1, f"{name}: the last dimension must be contiguous")
+        require_float_rows(name, t)
     require(
         k.dtype == q.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
     )

@@ -20,7 +20,7 @@ from gpu_kernels.launch_checks import (
     FLOAT_DTYPES,
     dot_precision,
     require,
-    require_float,
+    require_float_rows,
     require_int,
     require_same_device,
     require_shape,
@@ -53,7 +53,7 @@ class StoredExperts:
     def check(self, name: str, experts: int | None, rows: int, cols: int) -> None:
         require_shape(name, self.data, (experts, rows, None), "[experts, rows, cols or bytes]")
         if self.ggml_type is None:
-            require_float(name, self.data)
+            require_float_rows(name, self.data)
         else:
             require(
                 self.ggml_type in KERNEL_FORMATS,
@@ -65,8 +65,8 @@ class StoredExperts:
                 f"{name}: {self.ggml_type.name} rows are uint8 whole {fmt.type_size}-byte blocks, "
                 f"got {self.data.dtype} rows of {self.data.shape[2]}",
             )
+            require(self.data.stride(2) == 1, f"{name}: the rows' bytes must be contiguous")
         require(self.cols == cols, f"{name}: rows of {self.cols} values, expected {cols}")
-        require(self.data.stride(2) == 1, f"{name}: rows must be contiguous")
 
 
 def align_by_expert(
@@ -217,8 +217,7 @@ def fused_moe(
     down: [experts, hidden, inter]; each a float tensor or StoredExperts (GGUF blocks);
     expert_ids: int [tokens, k], each in [0, experts); expert_weights: float [tokens, k]."""
     require_shape("x", x, (None, None), "[tokens, hidden]")
-    require_float("x", x)
-    require(x.stride(1) == 1, "x: rows must be contiguous")
+    require_float_rows("x", x)
     tokens, hidden = x.shape
     gate_up = gate_up if isinstance(gate_up, StoredExperts) else StoredExperts(gate_up)
     down = down if isinstance(down, StoredExperts) else StoredExperts(down)

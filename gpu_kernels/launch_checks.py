@@ -28,10 +28,12 @@ def require_shape(name: str, t: torch.Tensor, shape: tuple[int | None, ...], nam
     require(fits, f"{name}: expected {names} = [{want}], got {list(sizes)}")
 
 
-def require_float(name: str, t: torch.Tensor) -> None:
+def require_float_rows(name: str, t: torch.Tensor) -> None:
+    """A float tensor whose last dimension the kernels may index with unit stride."""
     require(
         t.dtype in FLOAT_DTYPES, f"{name}: expected float32, float16 or bfloat16, not {t.dtype}"
     )
+    require(t.stride(-1) == 1, f"{name}: the last dimension must be contiguous (.contiguous())")
 
 
 def require_int(name: str, t: torch.Tensor) -> None:

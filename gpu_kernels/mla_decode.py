@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from gpu_kernels.launch_checks import require, require_float, require_same_device, require_shape
+from gpu_kernels.launch_checks import (
+    require,
+    require_float_rows,
+    require_same_device,
+    require_shape,
+)
 from gpu_kernels.paged_attention import check_block_tables, launch_paged_decode
 
 
@@ -41,8 +46,7 @@ def mla_decode(
         q_latent=q_latent, q_rope=q_rope, latent_store=latent_store, rope_store=rope_store
     )
     for name, t in tensors.items():
-        require_float(name, t)
-        require(t.stride(-1) == 1, f"{name}: the last dimension must be contiguous")
+        require_float_rows(name, t)
     dtypes = {name: t.dtype for name, t in tensors.items()}
     require(len(set(dtypes.values())) == 1, f"queries and stores differ in dtype: {dtypes}")
     check_block_tables(block_tables, context_lens, seqs, block_size)

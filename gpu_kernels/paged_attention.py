@@ -18,7 +18,7 @@ from gpu_kernels.launch_checks import (
     dot_precision,
     next_power_of_2,
     require,
-    require_float,
+    require_float_rows,
     require_int,
     require_same_device,
     require_shape,
@@ -226,8 +226,7 @@ def paged_decode_attention(
     require_shape("v_store", v_store, (kv_heads, rows, None), "[kv_heads, rows, dv]")
     require(heads % kv_heads == 0, f"q's {heads} heads are not a multiple of {kv_heads} kv heads")
     for name, t in (("q", q), ("k_store", k_store), ("v_store", v_store)):
-        require_float(name, t)
-        require(t.stride(-1) == 1, f"{name}: the last dimension must be contiguous")
+        require_float_rows(name, t)
     require(
         q.dtype == k_store.dtype == v_store.dtype,
         f"q and the stores differ in dtype: {q.dtype}, {k_store.dtype}, {v_store.dtype}",

@@ -10,8 +10,7 @@ import triton.language as tl
 
 from gpu_kernels.launch_checks import (
     next_power_of_2,
-    require,
-    require_float,
+    require_float_rows,
     require_same_device,
     require_shape,
 )
@@ -45,15 +44,13 @@ def _launch(x, residual, weight, eps):
     require_shape("x", x, (None, None), "[tokens, hidden]")
     tokens, hidden = x.shape
     require_shape("weight", weight, (hidden,), "[hidden]")
-    require_float("x", x)
-    require_float("weight", weight)
+    require_float_rows("x", x)
+    require_float_rows("weight", weight)
     tensors = dict(x=x, weight=weight)
     if residual is not None:
         require_shape("residual", residual, (tokens, hidden), "[tokens, hidden]")
-        require_float("residual", residual)
+        require_float_rows("residual", residual)
         tensors["residual"] = residual
-    for name, t in tensors.items():
-        require(t.stride(-1) == 1, f"{name}: rows must be contiguous")
     require_same_device(**tensors)
     out = torch.empty_like(x)
     new_residual = None if residual is None else torch.empty_like(residual)

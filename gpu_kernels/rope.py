@@ -14,7 +14,7 @@ import triton.language as tl
 from gpu_kernels.launch_checks import (
     next_power_of_2,
     require,
-    require_float,
+    require_float_rows,
     require_int,
     require_same_device,
     require_shape,
@@ -68,8 +68,7 @@ def _rope_kernel(
 
 def _rotate(x: torch.Tensor, name: str, positions, cos_sin, interleaved, inplace) -> torch.Tensor:
     require_shape(name, x, (positions.shape[0], None, None), "[tokens, heads, d]")
-    require_float(name, x)
-    require(x.stride(-1) == 1, f"{name}: the last dimension must be contiguous")
+    require_float_rows(name, x)
     tokens, heads, d = x.shape
     rot_dim = cos_sin.shape[1]
     require(rot_dim <= d, f"{name}: the cache rotates {rot_dim} values, heads have only {d}")
