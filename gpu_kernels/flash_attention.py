@@ -32,11 +32,11 @@ def _flash_attention_kernel(
 ):  # fmt: skip
     # one program: BLOCK_M queries of one sequence, one head; online softmax over its keys
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(cu_q + seq)
+    q_start = tl.load(cu_q + seq).to(tl.int64)  # token x stride passes 2^31 in long batches
     q_len = tl.load(cu_q + seq + 1) - q_start
     if m_block * BLOCK_M >= q_len:
         return
-    kv_start = tl.load(cu_kv + seq)
+    kv_start = tl.load(cu_kv + seq).to(tl.int64)
     kv_len = tl.load(cu_kv + seq + 1) - kv_start
     prefix = kv_len - q_len  # query i sits at key position prefix + i
     kv_head = head // GROUP
