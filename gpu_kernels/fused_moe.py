@@ -79,7 +79,9 @@ def align_by_expert(
     capacity bounds the padding from the shapes alone, so nothing waits for the GPU."""
     flat = expert_ids.reshape(-1).long()
     pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    # [E]; bincount would read the largest id back to the host (a sync a CUDA graph forbids)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     order = torch.sort(flat, stable=True).indices  # pair ids by expert, in pair order within one
