@@ -2,8 +2,9 @@
 
 Each module imports Triton: import them where a GPU (or Triton's interpreter, TRITON_INTERPRET=1)
 is in use; this package itself imports nothing. Launchers check shapes (KernelInputError, a
-ValueError) and take block sizes from tuning.py. Tensors on one device; float ones in float32,
-float16 or bfloat16; int ones int32 or int64.
+ValueError) and take block sizes from tuning.py; none reads a value back from the GPU, so a
+decode step of them can be captured in a CUDA graph. Tensors on one device; float ones in
+float32, float16 or bfloat16; int ones int32 or int64.
 
 - flash_attention.flash_attention(q [tokens, heads, d], k [kv_tokens, kv_heads, d],
   v [kv_tokens, kv_heads, dv], cu_seqlens_q [seqs+1], cu_seqlens_kv [seqs+1], max_q_len, scale)
