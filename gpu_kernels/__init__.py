@@ -17,7 +17,8 @@ float32, float16 or bfloat16; int ones int32 or int64.
   latent_store [rows, rank], rope_store [rows, rope], block_tables, context_lens, block_size,
   scale, splits=None) -> [seqs, heads, rank]: absorbed MLA over the latent cache.
 - fused_moe.fused_moe(x [tokens, hidden], gate_up [E, 2*inter, hidden], down [E, hidden, inter],
-  expert_ids [tokens, k], expert_weights [tokens, k]) -> [tokens, hidden]; weights float or
+  expert_ids [tokens, k] (-1: a pair run elsewhere, adds nothing), expert_weights [tokens, k])
+  -> [tokens, hidden]; weights float or
   fused_moe.StoredExperts(uint8 [E, rows, row_bytes], GGMLQuantizationType.Q8_0 or Q4_K).
 - rmsnorm.rmsnorm(x [tokens, hidden], weight [hidden], eps) -> [tokens, hidden];
   rmsnorm.add_rmsnorm(x, residual, weight, eps) -> (normed, x + residual).

@@ -72,30 +72,35 @@ class StoredExperts:
 def align_by_expert(
     expert_ids: torch.Tensor, block_m: int, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """expert_ids: int [tokens, k], each in [0, num_experts) -> (sorted_pair_ids int32
-    [capacity]: pair ids (token * k + slot) grouped by expert, each expert's run padded to a
-    multiple of block_m with the id tokens * k; block_experts int32 [capacity / block_m]: the
-    expert of each tile, -1 past the last; padded_count: int64 [], the tiles' rows in use).
-    capacity bounds the padding from the shapes alone, so nothing waits for the GPU."""
+    """expert_ids: int [tokens, k], each in [0, num_experts) or -1 (a pair computed elsewhere)
+    -> (sorted_pair_ids int32 [capacity]: pair ids (token * k + slot) grouped by expert, each
+    expert's run padded to a multiple of block_m with the id tokens * k; block_experts int32
+    [capacity / block_m]: the expert of each tile, -1 past the last; padded_count: int64 [],
+    the tiles' rows in use). capacity bounds the padding from the shapes alone, so nothing
+    waits for the GPU."""
     flat = expert_ids.reshape(-1).long()
     pairs = flat.numel()
-    # [E]; bincount would read the largest id back to the host (a sync a CUDA graph forbids)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    # skipped pairs (-1) sort into an extra last bucket, which gets no tiles
+    bucket = torch.where(flat < 0, num_experts, flat)
+    # [E + 1]; bincount would read the largest id back to the host (a sync CUDA graphs forbid)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
-    order = torch.sort(flat, stable=True).indices  # pair ids by expert, in pair order within one
-    sorted_experts = flat[order]
+    order = torch.sort(bucket, stable=True).indices  # pair ids by expert, in pair order within
+    sorted_buckets = bucket[order]
     run_starts = counts.cumsum(0) - counts
-    dest = (padded_ends - padded)[sorted_experts] + torch.arange(pairs, device=flat.device)
-    dest -= run_starts[sorted_experts]
+    dest = (padded_ends - padded)[sorted_buckets] + torch.arange(pairs, device=flat.device)
+    dest -= run_starts[sorted_buckets]
     capacity = triton.cdiv(pairs + min(num_experts, pairs) * (block_m - 1), block_m) * block_m
-    sorted_pair_ids = torch.full((capacity,), pairs, dtype=torch.int32, device=flat.device)
-    sorted_pair_ids[dest] = order.to(torch.int32)
+    # the skipped bucket lands after the last expert's tiles: in tiles marked -1, or past
+    # `capacity` in room left for every pair (dropped by the slice, without a masked copy)
+    placed = torch.full((capacity + pairs,), pairs, dtype=torch.int32, device=flat.device)
+    placed[dest] = order.to(torch.int32)
     tile_starts = torch.arange(0, capacity, block_m, device=flat.device)
-    block_experts = torch.searchsorted(padded_ends, tile_starts, right=True)
+    block_experts = torch.searchsorted(padded_ends[:num_experts], tile_starts, right=True)
     block_experts = torch.where(block_experts < num_experts, block_experts, -1).to(torch.int32)
-    return sorted_pair_ids, block_experts, padded_ends[-1]
+    return placed[:capacity], block_experts, padded_ends[num_experts - 1]
 
 
 @triton.jit
@@ -217,7 +222,9 @@ def fused_moe(
 
     x: [tokens, hidden] float; gate_up: [experts, 2 * inter, hidden] (gate rows, then up rows);
     down: [experts, hidden, inter]; each a float tensor or StoredExperts (GGUF blocks);
-    expert_ids: int [tokens, k], each in [0, experts); expert_weights: float [tokens, k]."""
+    expert_ids: int [tokens, k], each in [0, experts), or -1 for a pair this call skips (its
+    expert runs elsewhere, as the CPU's share of a hybrid step); expert_weights: float
+    [tokens, k]."""
     require_shape("x", x, (None, None), "[tokens, hidden]")
     require_float_rows("x", x)
     tokens, hidden = x.shape
@@ -244,6 +251,7 @@ def fused_moe(
     pair_weights = expert_weights.reshape(-1).to(torch.float32).contiguous()
     activated = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     _expert_gemm(x, gate_up, activated, aligned, pair_weights, k, True, config)
-    pair_out = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
+    # zeros: the rows of skipped pairs (expert -1) are never written
+    pair_out = torch.zeros((pairs, hidden), dtype=torch.float32, device=x.device)
     _expert_gemm(activated, down, pair_out, aligned, pair_weights, 1, False, config)
     return pair_out.view(tokens, k, hidden).sum(dim=1).to(x.dtype)

@@ -54,6 +54,8 @@ def moe_reference(x, gate_up, down, ids, weights, weight_unit):
     for t in range(x.shape[0]):
         for slot in range(ids.shape[1]):
             e, w = int(ids[t, slot]), float(weights[t, slot])
+            if e < 0:
+                continue  # a pair computed elsewhere
             gate_w, up_w = gate_up[e, :inter], gate_up[e, inter:]
             g, u = gate_w @ x64[t], up_w @ x64[t]
             h = torch.nn.functional.silu(g) * u
@@ -110,6 +112,22 @@ def test_fused_moe_matches_dequantise_then_matmul(request, dtype, tokens, fmt):
     assert (error <= bound).all(), f"worst error/budget {(error / bound).max():.3g}"
 
 
+def test_fused_moe_skips_pairs_marked_minus_one(request):
+    # a hybrid step's accelerator share: the CPU's pairs are -1 here, one token has none left
+    gen = seeded_generator(request)
+    hidden, inter = SIZES[T.Q8_0]
+    gate_up, gate_up64 = float_weights((EXPERTS, 2 * inter, hidden), gen, T.Q8_0)
+    down, down64 = float_weights((EXPERTS, hidden, inter), gen, T.Q8_0)
+    x = randn((6, hidden), torch.float32, gen)
+    ids, weights = route(6, gen)
+    ids[torch.rand(ids.shape, generator=gen).to(DEVICE) < 0.4] = -1
+    ids[2] = -1
+    got = fused_moe(x, gate_up, down, ids, weights)
+    want, bound = moe_reference(x, gate_up64, down64, ids.cpu(), weights.cpu(), 0.0)
+    assert (got[2] == 0).all()
+    assert ((got.double().cpu() - want).abs() <= bound).all()
+
+
 def test_align_by_expert_pads_each_expert_to_whole_tiles():
     ids = torch.tensor([[2, 0], [2, 4], [0, 2]], device=DEVICE)
     sorted_ids, block_experts, padded = align_by_expert(ids, block_m=4, num_experts=5)
@@ -119,6 +137,13 @@ def test_align_by_expert_pads_each_expert_to_whole_tiles():
     assert (sorted_ids[12:] == pad).all()
     assert block_experts[:3].tolist() == [0, 2, 4] and (block_experts[3:] == -1).all()
     assert int(padded) == 12
+
+
+def test_align_by_expert_gives_skipped_pairs_no_tile():
+    ids = torch.tensor([[-1, 1], [1, -1], [-1, -1]], device=DEVICE)
+    sorted_ids, block_experts, padded = align_by_expert(ids, block_m=4, num_experts=3)
+    assert block_experts.tolist()[0] == 1 and (block_experts[1:] == -1).all()
+    assert sorted_ids[:4].tolist() == [1, 2, 6, 6] and int(padded) == 4
 
 
 def test_fused_moe_with_no_tokens_returns_an_empty_batch():
