@@ -32,6 +32,9 @@ from hetero.formats.gguf_quants import T as GGMLType
 # the kernel's WEIGHT_FORMAT codes
 FLOAT, Q8_0, Q4_K = 0, 1, 2
 KERNEL_FORMATS = {GGMLType.Q8_0: Q8_0, GGMLType.Q4_K: Q4_K}
+# a GGUF weight tile spans one Q8_0 block or Q4_K sub-block of a row: one scale per row, read
+# once per tile instead of once per value
+GGUF_TILE_VALUES = 32
 
 
 @dataclass(frozen=True)
@@ -112,33 +115,34 @@ def _f16_at(byte_ptrs, mask):
 
 
 @triton.jit
-def _weight_tile(rows_ptrs, cols, mask, WEIGHT_FORMAT: tl.constexpr):
-    """rows_ptrs: [1, BLOCK_N] starts of weight rows; cols: [BLOCK_K, 1] value indices in the
-    row -> float32 [BLOCK_K, BLOCK_N] (the tile of w.T a GEMM needs)."""
+def _weight_tile(rows_ptrs, k_start, offsets, mask, row_mask, WEIGHT_FORMAT: tl.constexpr):
+    """rows_ptrs: [1, BLOCK_N] starts of weight rows; values k_start + offsets ([BLOCK_K, 1])
+    of each row -> float32 [BLOCK_K, BLOCK_N] (the tile of w.T a GEMM needs). A GGUF tile is
+    one 32-value block (Q8_0) or sub-block (Q4_K), so its scales are one per row."""
     if WEIGHT_FORMAT == 0:
-        tile = tl.load(rows_ptrs + cols, mask=mask, other=0.0).to(tl.float32)
+        tile = tl.load(rows_ptrs + k_start + offsets, mask=mask, other=0.0).to(tl.float32)
     elif WEIGHT_FORMAT == 1:
         # Q8_0: 34-byte blocks of 32 values: float16 d, then 32 int8 q; value = q * d
-        block = rows_ptrs + (cols // 32) * 34
-        q = tl.load(block + 2 + cols % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
-        tile = q.to(tl.float32) * _f16_at(block, mask)
+        block = rows_ptrs + (k_start // 32) * 34
+        q = tl.load(block + 2 + offsets, mask=mask, other=0).to(tl.int8, bitcast=True)
+        tile = q.to(tl.float32) * _f16_at(block, row_mask)
     else:
         # Q4_K: 144-byte super-blocks of 256 values in 8 sub-blocks j of 32: float16 d and dmin,
         # 12 bytes of 6-bit scales and mins, 128 bytes of nibbles (sub-blocks 2r and 2r+1 share
         # 32 bytes: low and high nibbles); value = d * scale_j * q - dmin * min_j
-        block = rows_ptrs + (cols // 256) * 144
-        j = (cols % 256) // 32
-        packed = tl.load(block + 16 + (j // 2) * 32 + cols % 32, mask=mask, other=0)
-        q = tl.where(j % 2 == 0, packed & 0xF, packed >> 4).to(tl.float32)
+        block = rows_ptrs + (k_start // 256) * 144
+        j = (k_start % 256) // 32
+        packed = tl.load(block + 16 + (j // 2) * 32 + offsets, mask=mask, other=0)
+        q = ((packed >> (4 * (j % 2))) & 0xF).to(tl.float32)
         # scale bytes 0-3: scale j (6 bits) and 2 high bits of scale j+4; 4-7 the same for
         # mins; 8-11: scale j+4's low 4 bits, min j+4's high nibble
-        first = tl.load(block + 4 + j % 4, mask=mask, other=0)
-        second = tl.load(block + 8 + j % 4, mask=mask, other=0)
-        tail = tl.load(block + 12 + j % 4, mask=mask, other=0)
+        first = tl.load(block + 4 + j % 4, mask=row_mask, other=0)
+        second = tl.load(block + 8 + j % 4, mask=row_mask, other=0)
+        tail = tl.load(block + 12 + j % 4, mask=row_mask, other=0)
         low = j < 4
         scale = tl.where(low, first & 0x3F, (tail & 0xF) | ((first >> 6) << 4)).to(tl.float32)
         least = tl.where(low, second & 0x3F, (tail >> 4) | ((second >> 6) << 4)).to(tl.float32)
-        tile = _f16_at(block, mask) * scale * q - _f16_at(block + 2, mask) * least
+        tile = (_f16_at(block, row_mask) * scale) * q - _f16_at(block + 2, row_mask) * least
     return tile
 
 
@@ -168,15 +172,21 @@ def _expert_gemm_kernel(
     up_rows = gate_rows + n_out * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    offsets = tl.arange(0, BLOCK_K)
+    row_mask = n_ok[None, :]
     for k_start in range(0, k_in, BLOCK_K):
-        cols = k_start + tl.arange(0, BLOCK_K)
+        cols = k_start + offsets
         col_ok = cols < k_in
         a_tile = tl.load(a_rows + cols[None, :], mask=pair_ok[:, None] & col_ok[None, :], other=0.0)
-        w_mask = col_ok[:, None] & n_ok[None, :]
-        w_tile = _weight_tile(gate_rows, cols[:, None], w_mask, WEIGHT_FORMAT).to(a_tile.dtype)
+        w_mask = col_ok[:, None] & row_mask
+        w_tile = _weight_tile(
+            gate_rows, k_start, offsets[:, None], w_mask, row_mask, WEIGHT_FORMAT
+        ).to(a_tile.dtype)
         acc = tl.dot(a_tile, w_tile, acc, input_precision=PRECISION)
         if GATED:
-            u_tile = _weight_tile(up_rows, cols[:, None], w_mask, WEIGHT_FORMAT).to(a_tile.dtype)
+            u_tile = _weight_tile(
+                up_rows, k_start, offsets[:, None], w_mask, row_mask, WEIGHT_FORMAT
+            ).to(a_tile.dtype)
             acc_up = tl.dot(a_tile, u_tile, acc_up, input_precision=PRECISION)
     if GATED:
         result = acc / (1.0 + tl.exp(-acc)) * acc_up  # SiLU(gate) * up
@@ -199,6 +209,8 @@ def _expert_gemm(
     sorted_pair_ids, block_experts, _ = aligned
     n_out = out.shape[1]
     w = weights.data
+    if weights.ggml_type is not None:
+        config = {**config, "BLOCK_K": GGUF_TILE_VALUES}
     grid = (block_experts.shape[0], triton.cdiv(n_out, config["BLOCK_N"]))
     _expert_gemm_kernel[grid](
         a, w, out, sorted_pair_ids, block_experts, pair_weights,
