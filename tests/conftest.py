@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# before any test module imports gpu_kernels: it picks their device and sets up Triton's interpreter
+import gpu_kernel_device  # noqa: F401
 import pytest
 import torch
 
