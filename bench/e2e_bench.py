@@ -14,10 +14,12 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -44,13 +46,14 @@ def run_hetero(
     load_s = time.perf_counter() - began
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, net.config.vocab_size, (prompt_tokens,), generator=generator).tolist()
-    prefill = max(
+    net.generate(prompt[:2], max_new_tokens=2, ignore_eos=True)  # warm-up: JIT, page-in
+    prefill = [
         net.generate(prompt, max_new_tokens=1, ignore_eos=True).prefill_tok_s for _ in range(repeat)
-    )
-    decode = max(
+    ]
+    decode = [
         net.generate(prompt[:1], max_new_tokens=new_tokens, ignore_eos=True).decode_tok_s
         for _ in range(repeat)
-    )
+    ]
     report = net.quant_report
     return {
         "prefill": prefill,
@@ -73,6 +76,7 @@ def run_transformers(
     prompt = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), generator=generator)
     prefill_s, decode_s = [], []
     with torch.inference_mode():
+        net(prompt[:, :2])  # warm-up
         for _ in range(repeat):
             began = time.perf_counter()
             net(prompt)
@@ -87,8 +91,8 @@ def run_transformers(
             )
             decode_s.append(time.perf_counter() - began)
     return {
-        "prefill": prompt_tokens / min(prefill_s),
-        "decode": new_tokens / min(decode_s),
+        "prefill": [prompt_tokens / t for t in prefill_s],
+        "decode": [new_tokens / t for t in decode_s],
         "dtype": "bfloat16",
     }
 
@@ -96,31 +100,15 @@ def run_transformers(
 def run_llama_bench(
     binary: Path, model: Path, threads: int, prompt_tokens: int, new_tokens: int, repeat: int
 ) -> dict:
-    out = subprocess.run(
-        [
-            str(binary),
-            "-m",
-            str(model),
-            "-t",
-            str(threads),
-            "-p",
-            str(prompt_tokens),
-            "-n",
-            str(new_tokens),
-            "-r",
-            str(repeat),
-            "-o",
-            "json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    tests = json.loads(out)
-    result = {"dtype": "ggml"}
-    for test in tests:
-        key = "prefill" if test["n_prompt"] else "decode"
-        result[key] = test["avg_ts"]
+    """llama-bench's per-run samples, as `hetero bench` reads them (retried with --repack 0
+    where its repacking crashes, and said so)."""
+    from hetero.bench.worker import Job, measure_llama_bench
+
+    job = Job("llama.cpp", str(model), threads, prompt_tokens, new_tokens, [0], [1], repeat)
+    row = measure_llama_bench(replace(job, binary=str(binary)))
+    result = {"dtype": "ggml", "note": row["note"]}
+    for test in row["tests"]:
+        result["prefill" if test["kind"] == "pp" else "decode"] = test["samples"]
     return result
 
 
@@ -297,15 +285,22 @@ def main() -> None:
             )
         )
     # rounds over all engines in turn: this machine's speed drifts by tens of percent over
-    # minutes, and interleaving gives every engine the same chances; each keeps its best
-    best: dict[tuple[str, str], dict] = {}
+    # minutes, and interleaving gives every engine the same chances. Every engine's figure is
+    # the median of all its runs (and their range): the same statistic for every row
+    samples: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
         for file, engine, job in jobs:
             result = job()
-            kept = best.setdefault((file, engine), result)
+            kept = samples.setdefault((file, engine), {**result, "prefill": [], "decode": []})
             for key in ("prefill", "decode"):
-                kept[key] = max(kept[key], result[key])
-    rows = [(file, engine, best[file, engine]) for file, engine, _ in jobs]
+                kept[key] += result[key]
+    rows = [(file, engine, samples[file, engine]) for file, engine, _ in jobs]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+    def ratio(ours: dict, theirs: dict, key: str) -> float:
+        return statistics.median(ours[key]) / statistics.median(theirs[key])
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
@@ -313,32 +308,31 @@ def main() -> None:
     )
     print(
         f"model: {args.dir} ({args.layers} layers x {args.experts} experts), prompt "
-        f"{args.prompt_tokens} tokens, decode {args.new_tokens} tokens, best of {args.repeat} "
-        f"runs in each of {args.rounds} interleaved rounds"
+        f"{args.prompt_tokens} tokens, decode {args.new_tokens} tokens, median (range) of "
+        f"{args.repeat} runs in each of {args.rounds} interleaved rounds, for every engine"
     )
     print()
-    print("| file | engine | compute | prefill tok/s | decode tok/s | load s (repack s) |")
-    print("|---|---|---|---|---|---|")
+    print("| file | engine | compute | prefill tok/s | decode tok/s | load s (repack s) | note |")
+    print("|---|---|---|---|---|---|---|")
     for file, engine, r in rows:
         load_cell = f"{r['load_s']:.1f} ({r['repack_s']:.1f})" if "load_s" in r else ""
         print(
-            f"| {file} | {engine} | {r['dtype']} | {r['prefill']:.1f} | {r['decode']:.2f} | "
-            f"{load_cell} |"
+            f"| {file} | {engine} | {r['dtype']} | {cell(r['prefill'])} | {cell(r['decode'])} "
+            f"| {load_cell} | {r.get('note', '')} |"
         )
     print()
     for ggml in gguf_types:
         ours = [r for f, e, r in rows if f == ggml and e == "hetero"]
         peer = [r for f, e, r in rows if f == ggml and e == "llama.cpp"]
         if ours and peer:
-            prefill = ours[0]["prefill"] / peer[0]["prefill"]
-            decode = ours[0]["decode"] / peer[0]["decode"]
+            prefill, decode = (ratio(ours[0], peer[0], key) for key in ("prefill", "decode"))
             print(f"{ggml}: hetero / llama.cpp: prefill {prefill:.2f}x, decode {decode:.2f}x")
     hf = [r for f, e, r in rows if e == "transformers"]
     for file, _, r in rows:
         if hf and file.startswith("bf16 safetensors (--quant"):
             print(
-                f"{file} / transformers bf16: prefill {r['prefill'] / hf[0]['prefill']:.2f}x, "
-                f"decode {r['decode'] / hf[0]['decode']:.2f}x"
+                f"{file} / transformers bf16: prefill {ratio(r, hf[0], 'prefill'):.2f}x, "
+                f"decode {ratio(r, hf[0], 'decode'):.2f}x"
             )
 
 

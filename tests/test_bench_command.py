@@ -144,6 +144,26 @@ def test_a_crashing_peer_becomes_its_rows_reason(tmp_path):
     assert "killed by SIGSEGV" in row["error"] and "repacking AMX tiles" in row["error"]
 
 
+def test_a_llama_bench_crash_is_retried_with_repacking_off(tmp_path):
+    runs = [
+        {"n_prompt": 8, "n_gen": 0, "n_depth": 0, "avg_ts": 50.0, "samples_ts": [50.0]},
+        {"n_prompt": 0, "n_gen": 3, "n_depth": 0, "avg_ts": 9.0, "samples_ts": [9.0]},
+    ]
+    fake = tmp_path / "llama-bench"
+    # segfaults as llama.cpp's AMX repacking does, unless the last arguments turn it off
+    fake.write_text(
+        '#!/bin/sh\ncase "$*" in *"--repack 0") ;; *) kill -SEGV $$ ;; esac\n'
+        f"echo '{json.dumps(runs)}'\n"
+    )
+    fake.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    job = Job("hetero", str(model), 1, 8, 3, [0], [1], 1)
+    row = peer_row("llama.cpp", job, None, str(fake), tmp_path)
+    assert [t["test"] for t in row["tests"]] == ["pp8", "tg3"]
+    assert "--repack 0" in row["note"] and "SIGSEGV" in row["note"]
+
+
 def test_llama_bench_samples_become_pp_and_tg_tests(tmp_path):
     # what llama-bench -o json prints, cut to the fields read: pp at each depth, tg at each
     runs = [

@@ -197,7 +197,9 @@ def measure_transformers(job: Job) -> dict:
 
 
 def measure_llama_bench(job: Job) -> dict:
-    """llama-bench on the same file and threads; its own warm-up run, its per-run samples."""
+    """llama-bench on the same file and threads; its own warm-up run, its per-run samples.
+    Where it is killed by a signal (its AMX repacking segfaults on some Intel CPUs), it runs
+    again with repacking off (`--repack 0`), and the row says so."""
     depths = ",".join(str(d) for d in job.depths)
     command = [
         job.binary,
@@ -217,7 +219,12 @@ def measure_llama_bench(job: Job) -> dict:
         "json",
         *(job.llama_args or []),
     ]
+    note = "one sequence: llama-bench has no batched decode"
     done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode < 0:
+        crash = f"{exit_reason(done.returncode)} with its default repacking"
+        done = subprocess.run([*command, "--repack", "0"], capture_output=True, text=True)
+        note = f"--repack 0 (it {crash}); " + note
     if done.returncode != 0:
         raise HeteroError(f"llama-bench {exit_reason(done.returncode)}: {last_line(done.stderr)}")
     tests = []
@@ -228,7 +235,7 @@ def measure_llama_bench(job: Job) -> dict:
             tests.append(tg_test(run["n_gen"], depth, 1, samples))
         elif depth == job.depths[0]:  # one pp, as the other engines run it: at depth 0 if asked
             tests.append(pp_test(run["n_prompt"], samples, depth))
-    return {"tests": tests, "note": "one sequence: llama-bench has no batched decode"}
+    return {"tests": tests, "note": note}
 
 
 def measure_llama_cpp_python(job: Job) -> dict:
