@@ -107,10 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(args: argparse.Namespace):
+EXTRA_PROMPT_TOKENS = 256  # special tokens and a chat template's text around a prompt
+
+
+def load_model(args: argparse.Namespace, context: int | None = None):
+    """The model of `args`, its plan made for `context` tokens (None: the planner's default)."""
     from hetero.model_options import load_from_args, plan_from_args
 
-    return load_from_args(args, plan_from_args(args, None, 1))
+    return load_from_args(args, plan_from_args(args, context, 1))
+
+
+def generate_context(args: argparse.Namespace) -> int:
+    """Tokens a `generate` run can hold at most: its prompt's bytes (no tokenizer makes more
+    tokens than bytes but for its special ones), the template's, and -n."""
+    text = args.prompt + (args.system or "" if args.chat else "")
+    extra = EXTRA_PROMPT_TOKENS if args.chat else 16
+    return len(text.encode()) + extra + args.max_new_tokens
 
 
 def print_stats(result) -> None:
@@ -129,7 +141,7 @@ def stream_to_stdout(text: str) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     check_sampling_args(args)
-    model = load_model(args)
+    model = load_model(args, generate_context(args))
     prompt: str | list[int] = args.prompt
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -43,6 +43,7 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="without --plan: DRAM budget, e.g. 64GiB, 80%% (what does not fit stays on disk)",
     )
+    add_accelerator_option(p)
     p.add_argument(
         "--kv-dtype",
         default="auto",
@@ -52,13 +53,43 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_accelerator_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--accelerator",
+        default=None,
+        choices=["cuda", "sim", "none"],
+        help="what runs the plan's GPU groups: cuda; sim: a CPU thread with --vram-budget of "
+        "its own (planned as a GPU of that size); none: the CPU (default: cuda when present)",
+    )
+
+
+def accelerator_of_run(args: argparse.Namespace) -> str:
+    """--accelerator, or its default; refuses one that is absent, or sim without a budget."""
+    from hetero.runtime.accelerator import AcceleratorUnavailableError, default_accelerator
+
+    accelerator = getattr(args, "accelerator", None) or default_accelerator()
+    if accelerator == "cuda" and default_accelerator() != "cuda":
+        raise AcceleratorUnavailableError(
+            "--accelerator cuda: no CUDA device is visible here; use --accelerator sim to "
+            "simulate one (with --vram-budget), or none"
+        )
+    if accelerator == "sim" and not (args.plan or args.vram_budget):
+        raise InvalidRequestError(
+            "--accelerator sim needs the simulated accelerator's memory: give --vram-budget "
+            "(e.g. 4MiB) or a --plan made with one"
+        )
+    return accelerator
+
+
 def plan_from_args(args: argparse.Namespace, context: int | None, sequences: int) -> Plan:
     """The plan a run executes: `--plan FILE`, or one made now for the budgets (default: this
     machine's free VRAM and available DRAM), `context` tokens (None: the planner's default)
     for `sequences` sequences."""
+    from placement.hardware import load_hardware, sim_accelerator
     from placement.plan import load_plan
     from placement.policy import plan_for_model
 
+    accelerator = accelerator_of_run(args)
     if args.plan:
         if args.vram_budget or args.dram_budget:
             raise InvalidRequestError(
@@ -66,8 +97,12 @@ def plan_from_args(args: argparse.Namespace, context: int | None, sequences: int
                 "budgets (make another with `hetero plan MODEL --vram-budget ... --save FILE`)"
             )
         return load_plan(args.plan)
+    hardware = load_hardware(None)
+    if accelerator == "sim":
+        hardware = sim_accelerator(hardware)
+    kv_dtype = kv_dtype_of_run(args)
     return plan_for_model(
-        args.model, args.vram_budget, args.dram_budget, context, sequences, kv_dtype_of_run(args)
+        args.model, args.vram_budget, args.dram_budget, context, sequences, kv_dtype, hardware
     )
 
 
@@ -92,6 +127,7 @@ def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
         quant=args.quant,
         progress=True,
         plan=plan,
+        accelerator=accelerator_of_run(args),
     )
     for line in model.placement.log_lines():
         print(f"hetero: {line}", file=sys.stderr, flush=True)

@@ -49,6 +49,13 @@ def add_placement_commands(commands) -> None:
     )
     plan.add_argument("--rules", default=None, help="YAML/JSON file of {match, device} rules")
     plan.add_argument("--hardware", default=None, help="a probe JSON (default: this machine's)")
+    plan.add_argument(
+        "--accelerator",
+        default=None,
+        choices=["cuda", "sim", "none"],
+        help="sim: plan for the simulated accelerator (a CPU core, no fixed workspace) of "
+        "--vram-budget; cuda, none: the hardware's GPU figures, if the budget has one",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--save", default=None, metavar="FILE", help="write the plan as JSON")
     plan.set_defaults(run=run_plan)
@@ -63,7 +70,7 @@ def add_placement_commands(commands) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     from placement.budgets import Workload, machine_memory, resolve_budgets
-    from placement.hardware import load_hardware
+    from placement.hardware import load_hardware, sim_accelerator
     from placement.inventory import open_model
     from placement.policy import make_plan
     from placement.report import print_plan
@@ -80,9 +87,10 @@ def run_plan(args: argparse.Namespace) -> int:
     )
     workload = Workload(context, args.concurrency, args.prefill_chunk, args.kv_dtype)
     profile = RoutingProfile.load(args.profile) if args.profile else None
-    plan = make_plan(
-        inventory, budgets, workload, load_hardware(args.hardware), rules, profile, args.profile
-    )
+    hardware = load_hardware(args.hardware)
+    if args.accelerator == "sim":
+        hardware = sim_accelerator(hardware)
+    plan = make_plan(inventory, budgets, workload, hardware, rules, profile, args.profile)
     if args.save:
         plan.save(args.save)
     if args.json:

@@ -33,6 +33,9 @@ class Hardware:
     transfer_latency_us: float  # one small host<->device copy with its synchronisation
     gpu_layer_overhead_us: float  # launching one layer's kernels
     cpu_layer_overhead_us: float  # waking and joining the CPU threads once per layer
+    # fixed GPU memory beside weights, KV cache and activations: cuBLAS workspaces, CUDA graph
+    # pools, allocator slack (a probe written before this field existed gets the default)
+    gpu_fixed_workspace_bytes: int = 512 * 2**20
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -75,6 +78,26 @@ def default_hardware() -> Hardware:
         cpu_threads=os.cpu_count() or 1,
         gpu_name="",
         **DEFAULT_RATES,
+    )
+
+
+def sim_accelerator(hardware: Hardware, pcie_gbs: float | None = None) -> Hardware:
+    """`hardware` with the GPU figures of the sim lane (hetero/runtime/accelerator/sim.py): one
+    CPU core of this machine that runs the accelerator's groups, copies through a staging
+    buffer at `pcie_gbs` (None: memcpy speed, about the DRAM rate), and has no fixed
+    workspace (its budget is weights, KV cache and activations only)."""
+    core_share = 1 / max(hardware.cpu_threads, 1)
+    copy_gbs = pcie_gbs or hardware.dram_read_gbs
+    return dataclasses.replace(
+        hardware,
+        gpu_name="sim (one CPU core)",
+        hbm_gbs=hardware.cpu_gemv_gbs * core_share,
+        gpu_matmul_tflops=hardware.cpu_matmul_gflops * core_share / 1000,
+        h2d_gbs=copy_gbs,
+        d2h_gbs=copy_gbs,
+        transfer_latency_us=20.0,  # a hand-off to the lane's thread and back
+        gpu_layer_overhead_us=hardware.cpu_layer_overhead_us,
+        gpu_fixed_workspace_bytes=0,
     )
 
 

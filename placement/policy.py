@@ -35,7 +35,6 @@ from placement.routing_profile import RoutingProfile
 from placement.rules import Rule, first_match
 from placement.sizes import MIB, gib
 
-GPU_FIXED_WORKSPACE = 512 * MIB  # cuBLAS workspaces, CUDA graph pools, allocator slack
 CPU_FIXED_WORKSPACE = 512 * MIB  # the process itself: Python, torch, tokenizer
 
 
@@ -62,18 +61,21 @@ def expert_use(inventory: ModelInventory, profile: RoutingProfile | None) -> dic
     return use
 
 
-def workspace_bytes(inventory: ModelInventory, workload: Workload) -> tuple[int, int]:
+def workspace_bytes(
+    inventory: ModelInventory, workload: Workload, gpu_fixed_bytes: int
+) -> tuple[int, int]:
     """(GPU, CPU) scratch memory, activations in the KV cache's type: a prefill chunk's
     hidden states and widest matmul output, each sequence's logits, and one layer's attention
     history expanded to every head (hetero's attention repeats GQA keys and expands MLA
-    latents), plus fixed costs. An estimate: buffers are reused from layer to layer."""
+    latents), plus fixed costs (the GPU's: `gpu_fixed_bytes`). An estimate: buffers are
+    reused from layer to layer."""
     values = (
         workload.prefill_chunk * (4 * inventory.hidden_size + 2 * inventory.widest_activation)
         + workload.concurrency * inventory.vocab_size
         + workload.context * inventory.history_values_per_token
     )
     activations = values * KV_BYTES[workload.kv_dtype]
-    return GPU_FIXED_WORKSPACE + activations, CPU_FIXED_WORKSPACE + activations
+    return gpu_fixed_bytes + activations, CPU_FIXED_WORKSPACE + activations
 
 
 @dataclass
@@ -100,7 +102,9 @@ def make_plan(
     rules = rules or []
     use = expert_use(inventory, profile)
     has_gpu = budgets.gpus > 0 and budgets.vram_bytes > 0
-    workspace_gpu, workspace_cpu = workspace_bytes(inventory, workload)
+    workspace_gpu, workspace_cpu = workspace_bytes(
+        inventory, workload, hardware.gpu_fixed_workspace_bytes
+    )
     kv_tokens = -(-workload.context // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
     kv_layer_bytes = (
         inventory.kv_values_per_token * KV_BYTES[workload.kv_dtype] * kv_tokens
@@ -387,12 +391,16 @@ def plan_for_model(
     context: int | None,
     concurrency: int,
     kv_dtype: str = "bf16",
+    hardware: Hardware | None = None,
 ) -> Plan:
     """The plan a run without `--plan` executes, made now for the budgets given (defaults: this
     machine's free VRAM and available DRAM) and `context` tokens per sequence (None: the
-    default, at most the model's limit), the KV cache in `kv_dtype` (bf16, f16, f32)."""
+    default, at most the model's limit), the KV cache in `kv_dtype` (bf16, f16, f32), for
+    `hardware` (None: this machine's probe or the defaults)."""
     inventory = open_model(model_arg, None)
     budgets = resolve_budgets(vram_budget, dram_budget, None, machine_memory())
     tokens = min(DEFAULT_CONTEXT if context is None else context, inventory.context_limit)
-    workload = Workload(tokens, concurrency, 512, kv_dtype)
-    return make_plan(inventory, budgets, workload, load_hardware(None), [], None, None)
+    # a prompt of a short run is one chunk of at most its context
+    workload = Workload(tokens, concurrency, min(512, tokens), kv_dtype)
+    hardware = hardware or load_hardware(None)
+    return make_plan(inventory, budgets, workload, hardware, [], None, None)

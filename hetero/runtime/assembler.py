@@ -3,7 +3,9 @@ device with its backend, in one pass over the groups before the remaining weight
 - "cpu" (DRAM): the CPU kernels by weight format (a GGUF file's types as stored, or float
   weights converted at load), else torch;
 - "disk": computed from the memory-mapped file (hetero/runtime/disk.py);
-- "gpu": run on the CPU by this build, and said so in the load log.
+- "gpu": on the accelerator's lane (hetero/runtime/accelerator/): a layer's hot experts as
+  `LaneExperts` beside the CPU's cold ones, the other groups wrapped by `OnLane` once loaded;
+  without an accelerator (`--accelerator none`) on the CPU, and said so in the load log.
 A plan made for another model is refused before anything loads."""
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from hetero.errors import HeteroError
 from hetero.loading.weights import file_name, materialise
 from hetero.models.experts import ExpertBackend, ExpertsHandle, TorchExperts
 from hetero.progress import track
+from hetero.runtime.accelerator import Lane
+from hetero.runtime.accelerator.placed import LaneExperts, OnLane
 from hetero.runtime.disk import DiskLinear, DiskMLP, stored_matrix
 from placement.plan import Plan
 from placement.tensor_groups import classify
@@ -37,31 +41,37 @@ class PlanMismatchError(HeteroError):
     """A placement plan was made for another model than the one being loaded."""
 
 
+class LanePlacementError(HeteroError):
+    """A plan puts groups on the accelerator in a way this build cannot run."""
+
+
 @dataclass
 class Placement:
     """Where each tensor group runs, by group name ("layers.3.attention",
-    "layers.3.experts.17"); groups the plan does not name run on the CPU."""
+    "layers.3.experts.17"); groups the plan does not name run on the CPU. `lane`: the
+    accelerator that runs the plan's "gpu" groups (None: the CPU runs them)."""
 
     devices: dict[str, str] = field(default_factory=dict)
     plan: Plan | None = None
+    lane: Lane | None = None
 
     @classmethod
-    def from_plan(cls, plan: Plan | None) -> Placement:
+    def from_plan(cls, plan: Plan | None, lane: Lane | None = None) -> Placement:
         if plan is None:
-            return cls()
+            return cls(lane=lane)
         devices = {g.name: g.device for g in plan.groups}
         for layer in plan.experts:
             for index, device in enumerate(layer.devices):
                 devices[f"layers.{layer.layer}.experts.{index}"] = device
-        return cls(devices, plan)
+        return cls(devices, plan, lane)
 
     def device(self, group: str) -> str:
         return self.devices.get(group, "cpu")
 
     def executed_device(self, group: str) -> str:
-        """Where this build runs a group: the plan's device, but the CPU for "gpu"."""
+        """Where a group runs: the plan's device, but the CPU for "gpu" without a lane."""
         device = self.device(group)
-        return "cpu" if device == "gpu" else device
+        return "cpu" if device == "gpu" and self.lane is None else device
 
     def module_device(self, module_name: str) -> str:
         """The device of a linear's group: "layers.3.self_attn.q_proj" -> its attention's."""
@@ -94,10 +104,15 @@ class Placement:
             if counts[d]
         )
         lines = [f"executing the plan: {placed}"]
-        if counts["gpu"]:
+        if counts["gpu"] and self.lane is not None:
             lines.append(
-                f"{counts['gpu']} groups the plan puts on the GPU run on the CPU: this build "
-                f"has no GPU backend yet"
+                f"{counts['gpu']} groups on the GPU run on the {self.lane.describe()} "
+                f"({self.lane.used_bytes / 2**20:.2f} MiB used at load)"
+            )
+        elif counts["gpu"]:
+            lines.append(
+                f"{counts['gpu']} groups the plan puts on the GPU run on the CPU: no "
+                f"accelerator (--accelerator cuda or sim runs them on one)"
             )
         if counts["disk"]:
             lines.append(
@@ -213,7 +228,10 @@ class Assembler:
         source = self.tensor_name(f"{name}.weight")
         if name == "lm_head" and source not in self.checkpoint:  # tied to the embedding
             source = self.tensor_name("embed_tokens.weight")
-        if self.placement.module_device(name) == "disk":
+        device = self.placement.module_device(name)
+        if device == "gpu" and self.placement.lane is not None:
+            return None  # torch, loaded, then run on the lane (`run_groups_on_lane`)
+        if device == "disk":
             weight = stored_matrix(self.checkpoint, source)
             if weight is not None:
                 self.built.disk_bytes += self.checkpoint.entries[source].nbytes
@@ -244,7 +262,8 @@ class Assembler:
             {p: self.tensor_name(f"{name}.{e}.{p}.weight") for p in projections}
             for e in range(len(block))
         ]
-        for e, device in enumerate(self.placement.expert_devices(name, len(block))):
+        devices = self.placement.expert_devices(name, len(block))
+        for e, device in enumerate(devices):
             if device != "disk":
                 continue
             stored = [stored_matrix(self.checkpoint, names[e][p]) for p in projections]
@@ -253,12 +272,40 @@ class Assembler:
                 self.built.disk_bytes += sum(
                     self.checkpoint.entries[n].nbytes for n in names[e].values()
                 )
-        kept = [e for e, mlp in enumerate(block) if not isinstance(mlp, DiskMLP)]
-        if not kept or not self.backends.kernels:
+        lane = self.placement.lane
+        on_lane = [e for e, d in enumerate(devices) if d == "gpu"] if lane is not None else []
+        kept = [
+            e for e, mlp in enumerate(block) if not isinstance(mlp, DiskMLP) and e not in on_lane
+        ]
+        if on_lane and kept and not self.backends.kernels:
+            raise LanePlacementError(
+                f"{name}: the plan splits its experts between the accelerator and the CPU, "
+                f"which needs the CPU kernels for the CPU's share; load with --quant auto (or "
+                f"a kernel type), or with --accelerator none"
+            )
+        if not on_lane and (not kept or not self.backends.kernels):
             return None  # torch runs the block; its disk experts are computed from the file
+        parts: list[tuple[nn.Module, list[int]]] = []
+        layer = name.split(".")[1]
+        if kept:
+            parts.append((self.kernel_experts(names, kept, block, layer), kept))
+        if on_lane:
+            parts.append((self.lane_experts(name, names, on_lane, block), on_lane))
+        on_disk = [e for e, mlp in enumerate(block) if isinstance(mlp, DiskMLP)]
+        if on_disk:
+            parts.append((TorchExperts.of([block[e] for e in on_disk]), on_disk))
+        if len(parts) == 1:
+            return parts[0][0]
+        return SplitExperts(parts, len(block))
+
+    def kernel_experts(
+        self, names: list[dict[str, str]], kept: list[int], block: TorchExperts, layer: str
+    ) -> nn.Module:
+        """The CPU kernels' backend of experts `kept`."""
         from hetero.runtime import quantized
         from hetero.runtime.cpu_experts import NumbaExperts, overlap_by_default
 
+        projections = ("gate_proj", "up_proj", "down_proj")
         if self.backends.stored_kernels:
             kernels = NumbaExperts.from_checkpoint(self.checkpoint, [names[e] for e in kept])
         else:
@@ -267,11 +314,29 @@ class Assembler:
                 {p: self.float_weight(names[e][p], shapes[p]) for p in projections} for e in kept
             ]
             kernels = quantized.converted_kernel_experts(weights, self.backends.convert_to)
-        layer = name.split(".")[1]
         shared = self.placement.executed_device(f"layers.{layer}.shared_experts")
         kernels.overlap = overlap_by_default(shared_experts_on_cpu=shared == "cpu")
         self.built.kernel_modules.append(kernels)
-        return split_layer(kernels, kept, block)
+        return kernels
+
+    def lane_experts(
+        self, name: str, names: list[dict[str, str]], on_lane: list[int], block: TorchExperts
+    ) -> LaneExperts:
+        """Experts `on_lane` on the accelerator, float in the load dtype (dequantised where
+        the file stores them quantised)."""
+        shape = {p: tuple(getattr(block[0], p).weight.shape) for p in ("gate_proj", "down_proj")}
+
+        def stacked(projections: tuple[str, ...], rows: tuple[int, ...]) -> torch.Tensor:
+            return torch.stack(
+                [
+                    torch.cat([self.float_weight(names[e][p], rows) for p in projections])
+                    for e in on_lane
+                ]
+            )
+
+        gate_up = stacked(("gate_proj", "up_proj"), shape["gate_proj"])
+        down = stacked(("down_proj",), shape["down_proj"])
+        return LaneExperts(self.placement.lane, gate_up, down, f"{name}'s {len(on_lane)} experts")
 
     def float_weight(self, source: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A float weight as stored (zero-copy where its dtype is the load dtype)."""
@@ -331,11 +396,41 @@ class SummedParts:
         return self.out
 
 
-def split_layer(kernel_backend: nn.Module, kept: list[int], experts: TorchExperts) -> nn.Module:
-    """The backend of a layer whose experts `kept` run on `kernel_backend` (built from just
-    them) and whose others are computed from disk."""
-    on_disk = sorted(set(range(len(experts))) - set(kept))
-    if not on_disk:
-        return kernel_backend
-    disk = TorchExperts.of([experts[e] for e in on_disk])
-    return SplitExperts([(kernel_backend, kept), (disk, on_disk)], len(experts))
+def group_of(module_name: str, parameter: str) -> tuple[str, str]:
+    """(group, kind) of a parameter of a module, inside the runtime's wrappers too: the final
+    norm's weight is "norm.torch_norm.weight" once the CPU glue wraps it."""
+    try:
+        return classify(f"{module_name}.{parameter}")[:2]
+    except ValueError:
+        return classify(f"{module_name}.{parameter.rsplit('.', 1)[-1]}")[:2]
+
+
+def run_groups_on_lane(net: nn.Module, placement: Placement) -> None:
+    """Wrap, in the loaded `net`, each module whose weights all belong to one group the plan
+    puts on "gpu" (but routed experts: the assembler built those) in `OnLane`, its weights
+    moved to the lane and charged to its budget. Modules of several groups (a layer, a MoE
+    block with its experts) are entered, so the smallest whole groups are found."""
+    lane = placement.lane
+    if lane is None:
+        return
+
+    def visit(prefix: str, parent: nn.Module) -> None:
+        for child_name, child in list(parent.named_children()):
+            full = f"{prefix}{child_name}"
+            groups = {group_of(full, p) for p, _ in child.named_parameters()}
+            # expert backends (kernels, splits) hold weights torch does not see
+            groups |= {
+                (f"{full}.{n}", "expert")
+                for n, m in child.named_modules()
+                if isinstance(m, ExpertBackend)
+            }
+            if len(groups) > 1:
+                visit(f"{full}.", child)
+                continue
+            if not groups:
+                continue
+            ((group, kind),) = groups
+            if kind != "expert" and placement.device(group) == "gpu":
+                setattr(parent, child_name, OnLane(lane, lane.place(child, group)))
+
+    visit("", net)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hetero.errors import HeteroError, InvalidRequestError
+from hetero.errors import CapacityError, HeteroError, InvalidRequestError
 from hetero.models.decoder import CausalLM
 from hetero.runtime.batch import ForwardBatch, SequenceSlice
 from hetero.runtime.grammar import (
@@ -92,6 +92,7 @@ class Event:
     logprobs: list[TokenLogprob]
     result: GenerationResult | None = None
     error: str | None = None
+    error_status: int = 500  # the HTTP status of `error`: 503 where capacity ran out
 
 
 Listener = Callable[[Event], None]
@@ -204,8 +205,11 @@ class Engine:
             try:
                 self.step()
             except Exception as err:  # fail the batch's requests, keep serving others
+                status = 503 if isinstance(err, CapacityError) else 500
                 for sequence in list(self.running):
-                    self._finish(sequence, "error", error=f"{type(err).__name__}: {err}")
+                    self._finish(
+                        sequence, "error", error=f"{type(err).__name__}: {err}", status=status
+                    )
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -337,6 +341,7 @@ class Engine:
         logprobs: list[TokenLogprob] | None = None,
         eos: bool = False,
         error: str | None = None,
+        status: int = 500,
     ) -> None:
         if sequence.stops.matched is None and reason in ("stop", "length"):
             tail = sequence.stops.push(sequence.decoder.flush()) + sequence.stops.flush()
@@ -366,7 +371,9 @@ class Engine:
             logprobs=sequence.logprobs,
         )
         tokens = [token] if token is not None else []
-        sequence.listener(Event(text, tokens, logprobs or [], result=result, error=error))
+        sequence.listener(
+            Event(text, tokens, logprobs or [], result=result, error=error, error_status=status)
+        )
 
 
 def constrain(sequences: list[_Sequence], logits: torch.Tensor) -> None:

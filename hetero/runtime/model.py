@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +40,7 @@ from hetero.runtime.assembler import (
     Backends,
     Placement,
     check_plan_fits,
+    run_groups_on_lane,
 )
 from hetero.runtime.batch import ForwardBatch
 from hetero.runtime.engine import Engine, GenerationResult, Request
@@ -112,6 +114,8 @@ class Model:
         progress: bool = True,
         quant: str = "auto",
         plan: Plan | None = None,
+        accelerator: str = "none",
+        pcie_gbs: float | None = None,
     ) -> Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
         lazily). `quant`: "auto" runs a GGUF file's quantised and BF16 tensors on the CPU
@@ -120,7 +124,9 @@ class Model:
         AVX2 runs (all with float32 compute; `auto_kernel_type`); "none" runs everything in
         torch in `dtype`; "q8_0" / "q4_k" / "bf16" / "f16" / "f32" convert float weights at load
         (experts and dense layers). `plan` (from `hetero plan`) says where each tensor group
-        runs; a plan made for another model is refused (`PlanMismatchError`)."""
+        runs; a plan made for another model is refused (`PlanMismatchError`). `accelerator`
+        ("cuda", "sim", "none") runs the plan's "gpu" groups, within the plan's VRAM budget;
+        `pcie_gbs` rate-limits the sim lane's copies."""
         model_dir = Path(path).expanduser()
         gguf = is_gguf(model_dir)
         if quant not in QUANT_CHOICES:
@@ -131,7 +137,10 @@ class Model:
             set_threads(threads)
         if plan is not None:
             check_plan_fits(plan, model_dir)
-        placement = Placement.from_plan(plan)
+        from hetero.runtime.accelerator import open_lane
+
+        vram_bytes = plan.budgets.vram_bytes if plan is not None else 0
+        placement = Placement.from_plan(plan, open_lane(accelerator, vram_bytes, pcie_gbs))
         if gguf:
             checkpoint = GGUFCheckpoint(model_dir)
             raw, tokenizer = checkpoint.config, checkpoint.tokenizer
@@ -183,6 +192,7 @@ class Model:
                 install_cpu_glue(net)
         net.eval().requires_grad_(False)
         model = cls(model_dir, family, config, net, tokenizer)
+        run_groups_on_lane(net, placement)
         model.quant_report = report
         model.placement, model.disk_bytes = placement, built.disk_bytes
         return model
@@ -212,7 +222,24 @@ class Model:
             KVLayerSpec(layer.self_attn.cache_entries(), dtype, module_device(layer.self_attn))
             for layer in self.net.layers
         ]
-        return PagedKVCache(specs, blocks, KV_BLOCK_TOKENS)
+        cache = PagedKVCache(specs, blocks, KV_BLOCK_TOKENS)
+        self._charge_lane(cache)
+        return cache
+
+    def _charge_lane(self, cache: PagedKVCache) -> None:
+        """The KV cache of the layers whose attention runs on the lane takes its budget until
+        the cache is dropped (an out-of-memory error if it does not fit)."""
+        lane = self.placement.lane
+        if lane is None:
+            return
+        nbytes = sum(
+            t.numel() * t.element_size()
+            for i, layer in enumerate(cache.storage)
+            if self.placement.executed_device(f"layers.{i}.attention") == "gpu"
+            for t in layer.values()
+        )
+        lane.reserve(nbytes, f"a KV cache of {cache.num_blocks * cache.block_size} tokens")
+        weakref.finalize(cache, lane.release, nbytes)
 
     # ---- text ----------------------------------------------------------------------------
 

@@ -1,0 +1,98 @@
+"""Modules of the groups a plan puts on the accelerator, run on its lane: `OnLane` wraps a
+torch module (attention, norms, router, shared experts, dense FFN, embeddings, lm_head) so its
+inputs go up and its output comes down through the lane's copies; `LaneExperts` is the
+expert backend of a layer's hot experts, computed on the lane while the CPU runs the cold."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.models.batch import Batch
+from hetero.models.experts import ExpertBackend, run_grouped_by_expert
+from hetero.runtime.accelerator.lane import Lane, LaneHandle
+
+
+def _up(lane: Lane, value):
+    return lane.to_lane(value) if isinstance(value, torch.Tensor) else value
+
+
+class OnLane(nn.Module):
+    """`inner`, with its weights on `lane`, called from the host: tensor arguments go up, the
+    call runs on the lane's compute queue, a tensor result comes down. Other arguments (the
+    attention's `Batch`) pass as they are; a layer's KV cache lives on its attention's device."""
+
+    def __init__(self, lane: Lane, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self._lane = lane  # not a submodule: one lane serves every wrapped module
+
+    def __getattr__(self, name: str):
+        # what else callers read of the module (an attention's `cache_entries()`) is inner's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
+    def forward(self, *args: torch.Tensor | Batch) -> torch.Tensor:
+        lane = self._lane
+        out = lane.run(self.inner, *(_up(lane, a) for a in args))
+        return lane.to_host(out)
+
+
+class LaneExperts(ExpertBackend, nn.Module):
+    """Routed experts of one layer held on a lane: gate and up stacked as [experts, 2 * size,
+    hidden], down as [experts, hidden, size], float (dequantised at load where stored
+    quantised). `submit` queues them on the lane and returns at once, so the CPU's experts,
+    submitted before, and the host thread go on meanwhile."""
+
+    def __init__(self, lane: Lane, gate_up: torch.Tensor, down: torch.Tensor, what: str):
+        super().__init__()
+        experts, double_size, hidden = gate_up.shape
+        if down.shape != (experts, hidden, double_size // 2):
+            raise ValueError(
+                f"down weights {tuple(down.shape)} do not fit gate/up {tuple(gate_up.shape)}"
+            )
+        lane.reserve(sum(t.numel() * t.element_size() for t in (gate_up, down)), what)
+        # plain attributes, not parameters: the checkpoint loader has filled them already
+        self.lane, self.expert_size = lane, double_size // 2
+        self.gate_up, self.down = lane.upload(gate_up), lane.upload(down)
+        self.num_experts = experts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, on the {self.lane.kind} lane"
+
+    def submit(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> LaneResult:
+        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
+        lane = self.lane
+        up = [lane.to_lane(t) for t in (x, expert_ids, expert_weights)]
+        return LaneResult(lane, lane.submit(self._compute, *up))
+
+    def _compute(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # the seam of gpu_kernels.fused_moe.fused_moe(x, gate_up, down, ids, weights) on cuda
+        def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
+            gate, up = (xs @ self.gate_up[expert].T.to(xs.dtype)).split(self.expert_size, -1)
+            return (F.silu(gate) * up) @ self.down[expert].T.to(xs.dtype)
+
+        return run_grouped_by_expert(x, expert_ids, expert_weights, self.num_experts, run_expert)
+
+
+class LaneResult:
+    """`LaneExperts` under way: wait() brings the output down to the host."""
+
+    def __init__(self, lane: Lane, handle: LaneHandle):
+        self.lane, self.handle = lane, handle
+
+    def wait(self) -> torch.Tensor:
+        return self.lane.to_host(self.handle.wait())
