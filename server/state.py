@@ -73,7 +73,8 @@ async def collect(events: EventStream, http_request) -> GenerationResult:
     try:
         async for event in events:
             if event.error:
-                raise RequestError(event.error, status=500, kind="server_error")
+                kind = "server_error" if event.error_status == 500 else "capacity_error"
+                raise RequestError(event.error, status=event.error_status, kind=kind)
             if event.result is not None:
                 return event.result
     finally:

@@ -20,7 +20,7 @@ def _up(lane: Lane, value):
 
 class OnLane(nn.Module):
     """`inner`, with its weights on `lane`, called from the host: tensor arguments go up, the
-    call runs on the lane's compute queue, a tensor result comes down. Other arguments (the
+    call runs on the lane's compute queue, tensor results come down. Other arguments (the
     attention's `Batch`) pass as they are; a layer's KV cache lives on its attention's device."""
 
     def __init__(self, lane: Lane, inner: nn.Module):
@@ -37,9 +37,11 @@ class OnLane(nn.Module):
                 raise
             return getattr(self.inner, name)
 
-    def forward(self, *args: torch.Tensor | Batch) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor | Batch) -> torch.Tensor | tuple[torch.Tensor, ...]:
         lane = self._lane
         out = lane.run(self.inner, *(_up(lane, a) for a in args))
+        if isinstance(out, tuple):  # a router's (weights, ids)
+            return tuple(lane.to_host(t) for t in out)
         return lane.to_host(out)
 
 
@@ -81,11 +83,14 @@ class LaneExperts(ExpertBackend, nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # the seam of gpu_kernels.fused_moe.fused_moe(x, gate_up, down, ids, weights) on cuda
+        # computed in the weights' dtype (bf16 weights are not widened per call)
         def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
-            gate, up = (xs @ self.gate_up[expert].T.to(xs.dtype)).split(self.expert_size, -1)
-            return (F.silu(gate) * up) @ self.down[expert].T.to(xs.dtype)
+            gate, up = (xs @ self.gate_up[expert].T).split(self.expert_size, -1)
+            return (F.silu(gate) * up) @ self.down[expert].T
 
-        return run_grouped_by_expert(x, expert_ids, expert_weights, self.num_experts, run_expert)
+        xw = x.to(self.gate_up.dtype)
+        out = run_grouped_by_expert(xw, expert_ids, expert_weights, self.num_experts, run_expert)
+        return out.to(x.dtype)
 
 
 class LaneResult:

@@ -20,6 +20,12 @@ from hetero.runtime.expert_worker import WorkerHandle
 DIRECTIONS = ("to_lane", "to_host")
 
 
+def in_modes(modes: tuple[bool, bool], fn: Callable[..., Any], *args: Any) -> Any:
+    grad, inference = modes
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        return fn(*args)
+
+
 class SimLane(Lane):
     kind = "sim"
     device = torch.device("cpu")
@@ -54,7 +60,9 @@ class SimLane(Lane):
             self._jobs.get().run()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> WorkerHandle:
-        handle = WorkerHandle(fn, args)
+        # autograd's modes are per thread: the lane runs fn under the submitter's
+        modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        handle = WorkerHandle(in_modes, (modes, fn, *args))
         self._jobs.put(handle)
         return handle
 
