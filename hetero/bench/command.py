@@ -27,6 +27,7 @@ from hetero.bench.placements import (
 )
 from hetero.bench.worker import Job, exit_reason, last_line
 from hetero.errors import HeteroError, InvalidRequestError
+from hetero.model_options import add_accelerator_option
 from placement.budgets import Budgets, Workload
 from placement.hardware import Hardware
 from placement.inventory import ModelInventory
@@ -36,7 +37,7 @@ from placement.routing_profile import RoutingProfile
 PEERS = ("llama.cpp", "transformers")
 PREFILL_CHUNK = 512  # the planner's default prompt tokens per forward
 SIM_VRAM_BUDGET = "24GiB"  # the default hardware figures' GPU (placement/hardware.py)
-SIMULATED = "accelerator groups ran on the CPU: no ratio to the accelerator prediction"
+SIMULATED = "accelerator groups ran on the sim lane (one CPU core), planned and predicted as such"
 
 
 def add_bench_command(commands) -> None:
@@ -53,13 +54,7 @@ def add_bench_command(commands) -> None:
         default="auto",
         help="comma-separated: " + "; ".join(f"{k}: {v}" for k, v in PLACEMENTS.items()),
     )
-    bench.add_argument(
-        "--accelerator",
-        choices=["cuda", "sim"],
-        default="cuda",
-        help="what runs the accelerator's groups; sim: plan for one, run them on the CPU and "
-        "label the rows (sim)",
-    )
+    add_accelerator_option(bench)
     bench.add_argument(
         "--vram-budget", default=None, help=f"accelerator budget (sim: {SIM_VRAM_BUDGET})"
     )
@@ -116,20 +111,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[int], list[str
 
 def accelerator_unavailable(accelerator: str) -> str | None:
     """Why the accelerator's groups cannot run where the plan puts them, or None."""
-    import torch
-
-    from hetero.runtime.assembler import Placement
-
-    if accelerator == "sim":
-        return None
-    if not torch.cuda.is_available():
-        return "no CUDA device visible; --accelerator sim runs these groups on the CPU, labelled"
-    # asked of the runtime, so the rows run once the assembler executes "gpu" groups there
-    if Placement({"g": "gpu"}).executed_device("g") != "gpu":
-        return (
-            "this build runs groups placed on the GPU on the CPU (no GPU backend yet); "
-            "--accelerator sim measures that, labelled"
-        )
+    if accelerator == "none":
+        return "no accelerator (--accelerator none); --accelerator sim runs these groups on one"
     return None
 
 
@@ -149,9 +132,20 @@ def run_bench(args: argparse.Namespace) -> int:
             f"-p/-d plus -n reach {longest} tokens but {inventory.name} holds "
             f"{inventory.context_limit}; lower them"
         )
-    vram = args.vram_budget or (SIM_VRAM_BUDGET if args.accelerator == "sim" else None)
+    from hetero.runtime.accelerator import AcceleratorUnavailableError, default_accelerator
+    from placement.hardware import sim_accelerator
+
+    accelerator = args.accelerator or default_accelerator()
+    if accelerator == "cuda" and default_accelerator() != "cuda":
+        raise AcceleratorUnavailableError(
+            "--accelerator cuda: no CUDA device is visible here; --accelerator sim runs the "
+            "accelerator's groups on a simulated one"
+        )
+    vram = args.vram_budget or (SIM_VRAM_BUDGET if accelerator == "sim" else None)
     budgets = resolve_budgets(vram, args.dram_budget, None, machine_memory())
     hardware = load_hardware(None)
+    if accelerator == "sim":
+        hardware = sim_accelerator(hardware)
     # the KV dtype is each placement's own (Planning.plan)
     workload = Workload(longest, max(concurrency), PREFILL_CHUNK)
     llama_bench = shutil.which("llama-bench")
@@ -162,13 +156,13 @@ def run_bench(args: argparse.Namespace) -> int:
         "concurrency": concurrency,
         "repeat": args.repeat,
         "threads": threads,
-        "accelerator": args.accelerator,
+        "accelerator": accelerator,
     }
     job = Job(
         "hetero", args.model, threads, args.n_prompt, args.n_gen, depths, concurrency, args.repeat
     )
-    blocked = accelerator_unavailable(args.accelerator)
-    cuda = args.accelerator == "cuda" and accelerator_name() is not None
+    blocked = accelerator_unavailable(accelerator)
+    cuda = accelerator == "cuda" and accelerator_name() is not None
     profile = RoutingProfile.load(args.profile) if args.profile else None
     machine = machine_info(llama_bench)  # the load average as the run starts
     planning = Planning(
@@ -177,6 +171,7 @@ def run_bench(args: argparse.Namespace) -> int:
         workload,
         hardware,
         blocked,
+        accelerator,
         profile,
         args.profile,
         resolve_model_path(args.model),
@@ -216,6 +211,7 @@ class Planning:
     workload: Workload
     hardware: Hardware
     blocked: str | None
+    accelerator: str = "none"  # what runs the plans' "gpu" groups
     profile: RoutingProfile | None = None
     profile_path: str | None = None
     model_path: Path | None = None  # to size each placement's KV cache in its compute dtype
@@ -256,17 +252,25 @@ def placement_row(text: str, job: Job, planning: Planning, scratch: Path) -> dic
         return {**row, "error": str(err)}
     row["plan"] = {"rules": plan.rules, "totals": plan.totals, "kv_dtype": plan.kv_cache.dtype}
     notes = []
-    if plan_uses_accelerator(plan):
+    accelerated = plan_uses_accelerator(plan)
+    if accelerated:
         if p.blocked:
             return {**row, "error": p.blocked}
-        row["simulated"] = True
-        notes.append(SIMULATED)
+        row["simulated"] = p.accelerator == "sim"
+        if row["simulated"]:
+            notes.append(SIMULATED)
     if spec.kind == "plan":
         notes.append(f"predicted at the plan's context ({plan.workload.context})")
     row["note"] = "; ".join(notes) or None
     plan_file = scratch / f"plan-{len(list(scratch.iterdir()))}.json"
     plan.save(plan_file)
-    measured = run_worker(replace(job, plan=str(plan_file), quant=spec.quant), scratch, text)
+    job = replace(
+        job,
+        plan=str(plan_file),
+        quant=spec.quant,
+        accelerator=p.accelerator if accelerated else "none",
+    )
+    measured = run_worker(job, scratch, text)
     if "error" in measured:
         return {**row, "error": measured["error"]}
     for test in measured["tests"]:
@@ -278,7 +282,7 @@ def placement_row(text: str, job: Job, planning: Planning, scratch: Path) -> dic
             )
         test["predicted_tok_s"] = predicted
         test["bound"] = bound
-        test["ratio"] = None if row["simulated"] or not predicted else test["median"] / predicted
+        test["ratio"] = test["median"] / predicted if predicted else None
     return {**row, **measured}
 
 

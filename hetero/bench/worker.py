@@ -33,6 +33,7 @@ class Job:
     repeat: int
     plan: str | None = None  # hetero: the plan's JSON file
     quant: str = "auto"  # hetero: the loader's quant
+    accelerator: str = "none"  # hetero: what runs the plan's "gpu" groups (cuda, sim, none)
     binary: str | None = None  # llama.cpp: llama-bench; None: llama-cpp-python
     llama_args: list[str] | None = None  # llama.cpp: extra arguments (-ngl, -ot)
     gpu_layers: int = 0  # llama-cpp-python: layers on the GPU
@@ -63,7 +64,14 @@ def measure_hetero(job: Job) -> dict:
     from placement.plan import load_plan
 
     plan = load_plan(job.plan) if job.plan else None
-    model = hetero.load(job.model, quant=job.quant, threads=job.threads, progress=False, plan=plan)
+    model = hetero.load(
+        job.model,
+        quant=job.quant,
+        threads=job.threads,
+        progress=False,
+        plan=plan,
+        accelerator=job.accelerator,
+    )
     if plan is not None:
         model.kv_dtype = plan.kv_cache.dtype  # the plan sized the cache in it
     vocab = model.config.vocab_size
