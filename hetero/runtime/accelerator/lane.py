@@ -4,6 +4,7 @@ work submitted in order to the lane's compute queue, each with a handle to wait 
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from hetero.errors import CapacityError, HeteroError
+from hetero.runtime.engine import SWITCH_INTERVAL_S
 from placement.sizes import MIB
 
 
@@ -42,6 +44,10 @@ class Lane:
     device: torch.device
 
     def __init__(self, vram_bytes: int):
+        # three threads hand the GIL around in a hybrid step (the host, the expert worker, the
+        # lane's); at the default 5 ms switch interval one waits out the others' Python glue
+        # and the CPU and lane parts ran one after the other (engine_overlap_bench.py)
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.vram_bytes = vram_bytes
         self.used_bytes = 0
         self._budget_lock = threading.Lock()
