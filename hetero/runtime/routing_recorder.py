@@ -24,11 +24,13 @@ class RecordingExperts(ExpertBackend, nn.Module):
         self.inner = inner
         self.counts = np.zeros(num_experts, dtype=np.int64)
         self.tokens = 0
+        self.steps: list[np.ndarray] = []  # each call's expert ids [tokens, top_k], in order
 
     def submit(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> ExpertsHandle:
         # expert_ids: [tokens, top_k]
+        self.steps.append(expert_ids.cpu().numpy())
         ids = expert_ids.reshape(-1).cpu().numpy()
         self.counts += np.bincount(ids, minlength=len(self.counts))[: len(self.counts)]
         self.tokens += int(x.shape[0])
