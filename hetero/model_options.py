@@ -61,6 +61,13 @@ def add_accelerator_option(p: argparse.ArgumentParser) -> None:
         help="what runs the plan's GPU groups: cuda; sim: a CPU thread with --vram-budget of "
         "its own (planned as a GPU of that size); none: the CPU (default: cuda when present)",
     )
+    p.add_argument(
+        "--expert-cache",
+        default="score",
+        choices=["score", "lru", "static"],
+        help="the accelerator's experts of a layer: a pool filled by use, evicting the least "
+        "used (score, default) or least recent (lru), seeded with the plan's; static: the plan's",
+    )
 
 
 def accelerator_of_run(args: argparse.Namespace) -> str:
@@ -128,6 +135,7 @@ def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
         progress=True,
         plan=plan,
         accelerator=accelerator_of_run(args),
+        expert_cache=getattr(args, "expert_cache", "score"),
     )
     for line in model.placement.log_lines():
         print(f"hetero: {line}", file=sys.stderr, flush=True)

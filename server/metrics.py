@@ -40,6 +40,16 @@ def render_metrics(state: ServerState) -> str:
             kv.prefix_hit_tokens / queried if queried else 0.0,
         ),
     ]
+    hit_rate = state.model.expert_cache_hit_rate()
+    if hit_rate is not None:
+        rows.append(
+            (
+                "hetero_expert_cache_hit_rate",
+                "gauge",
+                "Share of routed pairs whose expert was in the accelerator's pool",
+                hit_rate,
+            )
+        )
     lines = []
     for name, kind, doc, value in rows:
         lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]

@@ -17,6 +17,7 @@ from test_cli import hetero as run_hetero
 import hetero
 from hetero.demo import write_demo
 from hetero.runtime.accelerator import AcceleratorOutOfMemoryError
+from hetero.runtime.accelerator.cached import CachedExperts
 from hetero.runtime.accelerator.placed import LaneExperts, OnLane
 from hetero.runtime.assembler import SplitExperts
 from hetero.runtime.engine import Engine, Request
@@ -43,17 +44,33 @@ def demo(tmp_path_factory):
     return write_demo(tmp_path_factory.mktemp("demo"))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3"])
-def test_a_sim_hybrid_plan_gives_the_greedy_tokens_of_a_cpu_only_load(tmp_path, family):
+@pytest.mark.parametrize(
+    ("family", "expert_cache"),
+    [
+        ("qwen3_moe", "static"),
+        ("qwen3_moe", "score"),
+        ("qwen2_moe", "lru"),
+        ("deepseek_v3", "score"),
+    ],
+)
+def test_a_sim_hybrid_plan_gives_the_greedy_tokens_of_a_cpu_only_load(
+    tmp_path, family, expert_cache
+):
     path = tmp_path / family
     path.mkdir()
     make_checkpoint(path, family)
     plan = sim_plan(str(path), tmp_path / "plan.json")
     cpu_only = hetero.load(path, progress=False)
-    hybrid = hetero.load(path, progress=False, plan=plan, accelerator="sim")
+    hybrid = hetero.load(
+        path, progress=False, plan=plan, accelerator="sim", expert_cache=expert_cache
+    )
     moe = next(layer.mlp for layer in hybrid.net.layers if hasattr(layer.mlp, "experts"))
-    assert isinstance(moe.experts, SplitExperts)
-    assert [type(part).__name__ for part in moe.experts.parts][-1] == LaneExperts.__name__
+    if expert_cache == "static":  # the plan's experts 0-3 on the lane, for good
+        assert isinstance(moe.experts, SplitExperts)
+        assert isinstance(moe.experts.parts[-1], LaneExperts)
+    else:  # a pool of 4 slots seeded with them, every expert on the CPU kernels too
+        assert isinstance(moe.experts, CachedExperts)
+        assert moe.experts.slot_expert == [0, 1, 2, 3]
     assert isinstance(hybrid.net.layers[0].self_attn, OnLane)
     assert isinstance(moe.gate, OnLane)  # the router runs on the accelerator
     expected = cpu_only.generate(PROMPT, max_new_tokens=12).token_ids
@@ -70,6 +87,8 @@ def test_a_sim_hybrid_plan_gives_the_greedy_tokens_of_a_cpu_only_load(tmp_path, 
     by_prompt = {r.prompt_tokens: r.token_ids for r in results}
     assert by_prompt[len(PROMPT)] == expected
     assert by_prompt[5] == cpu_only.generate(PROMPT[:5], max_new_tokens=12).token_ids
+    if expert_cache != "static":
+        assert 0 < hybrid.expert_cache_hit_rate() <= 1
 
 
 def test_the_demo_runs_on_a_4mib_sim_accelerator_with_the_cpu_only_text(demo):

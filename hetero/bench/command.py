@@ -273,6 +273,9 @@ def placement_row(text: str, job: Job, planning: Planning, scratch: Path) -> dic
     measured = run_worker(job, scratch, text)
     if "error" in measured:
         return {**row, "error": measured["error"]}
+    if measured.get("expert_cache_hit_rate") is not None:
+        notes.append(f"expert cache hit rate {measured['expert_cache_hit_rate']:.0%}")
+        row["note"] = "; ".join(notes)
     for test in measured["tests"]:
         if test["kind"] == "pp":
             predicted, bound = plan.predicted.prefill_tok_s, plan.predicted.prefill_bound

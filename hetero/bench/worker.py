@@ -34,6 +34,7 @@ class Job:
     plan: str | None = None  # hetero: the plan's JSON file
     quant: str = "auto"  # hetero: the loader's quant
     accelerator: str = "none"  # hetero: what runs the plan's "gpu" groups (cuda, sim, none)
+    expert_cache: str = "score"  # hetero: how the accelerator's experts change by use
     binary: str | None = None  # llama.cpp: llama-bench; None: llama-cpp-python
     llama_args: list[str] | None = None  # llama.cpp: extra arguments (-ngl, -ot)
     gpu_layers: int = 0  # llama-cpp-python: layers on the GPU
@@ -71,6 +72,7 @@ def measure_hetero(job: Job) -> dict:
         progress=False,
         plan=plan,
         accelerator=job.accelerator,
+        expert_cache=job.expert_cache,
     )
     if plan is not None:
         model.kv_dtype = plan.kv_cache.dtype  # the plan sized the cache in it
@@ -92,7 +94,12 @@ def measure_hetero(job: Job) -> dict:
             ]
             tests.append(tg_test(job.new_tokens, depth, sequences, rates))
     accelerator = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"tests": tests, "ttft_s": median_and_range(ttft), "peak_accel_bytes": accelerator}
+    return {
+        "tests": tests,
+        "ttft_s": median_and_range(ttft),
+        "peak_accel_bytes": accelerator,
+        "expert_cache_hit_rate": model.expert_cache_hit_rate(),
+    }
 
 
 def decode_together(model, depth: int, sequences: int, new_tokens: int, seed: int) -> float:

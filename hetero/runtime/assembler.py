@@ -54,16 +54,21 @@ class Placement:
     devices: dict[str, str] = field(default_factory=dict)
     plan: Plan | None = None
     lane: Lane | None = None
+    # how a layer's experts on the lane change: "static" (the plan's), "lru" or "score"
+    # (a pool of as many slots, filled by use: hetero/runtime/expert_cache.py)
+    expert_cache: str = "score"
 
     @classmethod
-    def from_plan(cls, plan: Plan | None, lane: Lane | None = None) -> Placement:
+    def from_plan(
+        cls, plan: Plan | None, lane: Lane | None = None, expert_cache: str = "score"
+    ) -> Placement:
         if plan is None:
-            return cls(lane=lane)
+            return cls(lane=lane, expert_cache=expert_cache)
         devices = {g.name: g.device for g in plan.groups}
         for layer in plan.experts:
             for index, device in enumerate(layer.devices):
                 devices[f"layers.{layer.layer}.experts.{index}"] = device
-        return cls(devices, plan, lane)
+        return cls(devices, plan, lane, expert_cache)
 
     def device(self, group: str) -> str:
         return self.devices.get(group, "cpu")
@@ -285,18 +290,39 @@ class Assembler:
             )
         if not on_lane and (not kept or not self.backends.kernels):
             return None  # torch runs the block; its disk experts are computed from the file
-        parts: list[tuple[nn.Module, list[int]]] = []
+        on_disk = [e for e, mlp in enumerate(block) if isinstance(mlp, DiskMLP)]
         layer = name.split(".")[1]
+        if on_lane and not on_disk and self.placement.expert_cache != "static":
+            return self.cached_experts(name, names, on_lane, block, layer)
+        parts: list[tuple[nn.Module, list[int]]] = []
         if kept:
             parts.append((self.kernel_experts(names, kept, block, layer), kept))
         if on_lane:
             parts.append((self.lane_experts(name, names, on_lane, block), on_lane))
-        on_disk = [e for e, mlp in enumerate(block) if isinstance(mlp, DiskMLP)]
         if on_disk:
             parts.append((TorchExperts.of([block[e] for e in on_disk]), on_disk))
         if len(parts) == 1:
             return parts[0][0]
         return SplitExperts(parts, len(block))
+
+    def cached_experts(
+        self,
+        name: str,
+        names: list[dict[str, str]],
+        on_lane: list[int],
+        block: TorchExperts,
+        layer: str,
+    ) -> nn.Module:
+        """Every expert on the CPU kernels, and a pool of len(on_lane) slots on the lane
+        seeded with them, changed by use under the placement's expert cache policy."""
+        from hetero.runtime.accelerator.cached import CachedExperts
+        from hetero.runtime.expert_cache import ExpertSlots
+
+        held = list(range(len(block)))
+        cpu = self.kernel_experts(names, held, block, layer)
+        pool = self.lane_experts(name, names, on_lane, block)
+        slots = ExpertSlots(len(block), len(on_lane), self.placement.expert_cache, on_lane)
+        return CachedExperts(cpu, held, pool, slots, len(block))
 
     def kernel_experts(
         self, names: list[dict[str, str]], kept: list[int], block: TorchExperts, layer: str

@@ -29,6 +29,7 @@ class ExpertSlots:
             self.resident[expert] = None
             self.scores[expert] = 1.0
         self.hits = self.pairs = 0
+        self.admitted: list[tuple[int, int | None]] = []  # last step's (expert, evicted one)
 
     @property
     def hit_rate(self) -> float:
@@ -38,6 +39,7 @@ class ExpertSlots:
         """One routing step's pairs (expert ids, any shape): which were resident (bool, same
         shape), counted; then the pool learns from the step."""
         hit = np.isin(experts, list(self.resident))
+        self.admitted = []
         self.hits += int(hit.sum())
         self.pairs += hit.size
         if self.policy == "static":
@@ -57,6 +59,7 @@ class ExpertSlots:
             return
         if len(self.resident) < self.capacity:
             self.resident[expert] = None
+            self.admitted.append((expert, None))
             return
         if self.policy == "lru":
             victim = next(iter(self.resident))
@@ -66,3 +69,4 @@ class ExpertSlots:
                 return
         del self.resident[victim]
         self.resident[expert] = None
+        self.admitted.append((expert, victim))

@@ -116,6 +116,7 @@ class Model:
         plan: Plan | None = None,
         accelerator: str = "none",
         pcie_gbs: float | None = None,
+        expert_cache: str = "score",
     ) -> Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
         lazily). `quant`: "auto" runs a GGUF file's quantised and BF16 tensors on the CPU
@@ -126,7 +127,8 @@ class Model:
         (experts and dense layers). `plan` (from `hetero plan`) says where each tensor group
         runs; a plan made for another model is refused (`PlanMismatchError`). `accelerator`
         ("cuda", "sim", "none") runs the plan's "gpu" groups, within the plan's VRAM budget;
-        `pcie_gbs` rate-limits the sim lane's copies."""
+        `pcie_gbs` rate-limits the sim lane's copies; `expert_cache` ("static", "lru",
+        "score"): whether and how a layer's experts on the accelerator change by use."""
         model_dir = Path(path).expanduser()
         gguf = is_gguf(model_dir)
         if quant not in QUANT_CHOICES:
@@ -140,7 +142,8 @@ class Model:
         from hetero.runtime.accelerator import open_lane
 
         vram_bytes = plan.budgets.vram_bytes if plan is not None else 0
-        placement = Placement.from_plan(plan, open_lane(accelerator, vram_bytes, pcie_gbs))
+        lane = open_lane(accelerator, vram_bytes, pcie_gbs)
+        placement = Placement.from_plan(plan, lane, expert_cache)
         if gguf:
             checkpoint = GGUFCheckpoint(model_dir)
             raw, tokenizer = checkpoint.config, checkpoint.tokenizer
@@ -225,6 +228,15 @@ class Model:
         cache = PagedKVCache(specs, blocks, KV_BLOCK_TOKENS)
         self._charge_lane(cache)
         return cache
+
+    def expert_cache_hit_rate(self) -> float | None:
+        """Share of routed pairs whose expert was in the accelerator's pool, over the layers
+        whose pool changes by use (None: none does)."""
+        from hetero.runtime.accelerator.cached import CachedExperts
+
+        pools = [m.slots for m in self.net.modules() if isinstance(m, CachedExperts)]
+        pairs = sum(s.pairs for s in pools)
+        return sum(s.hits for s in pools) / pairs if pools and pairs else None
 
     def _charge_lane(self, cache: PagedKVCache) -> None:
         """The KV cache of the layers whose attention runs on the lane takes its budget until

@@ -71,6 +71,12 @@ class LaneExperts(ExpertBackend, nn.Module):
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, on the {self.lane.kind} lane"
 
+    def load_slot(self, slot: int, source: nn.Module, expert: int) -> None:
+        """Replace slot `slot` by expert `expert` of the CPU kernels' `source`, dequantised
+        (run on the lane's queue: ordered after the work that read the slot's old expert)."""
+        for pool, matrix in ((self.gate_up, source.gate_up), (self.down, source.down)):
+            pool[slot].copy_(self.lane.upload(torch.from_numpy(matrix.dequantize(expert))))
+
     def submit(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> LaneResult:
