@@ -200,3 +200,17 @@ def predict(
         decode_seconds=decode,
         prefill_seconds=prefill,
     )
+
+
+def streaming_is_faster(
+    stored_bytes: float, streamed_bytes: float, flops: float, hw: Hardware
+) -> bool:
+    """Whether experts held in DRAM are done sooner by copying their weights to the GPU
+    (`streamed_bytes` over PCIe, then `flops` there) than computed where they are (their
+    `stored_bytes` read and `flops` on the CPU): the prefill choice of `step_seconds`, for
+    one batch's experts at run time."""
+    on_cpu = sum(_device_seconds("cpu", stored_bytes, flops, hw).values())
+    streamed = streamed_bytes / (hw.h2d_gbs * 1e9) + sum(
+        _device_seconds("gpu", 0.0, flops, hw).values()
+    )
+    return streamed < on_cpu

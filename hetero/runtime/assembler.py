@@ -26,6 +26,7 @@ from hetero.progress import track
 from hetero.runtime.accelerator import Lane
 from hetero.runtime.accelerator.placed import LaneExperts, OnLane
 from hetero.runtime.disk import DiskLinear, DiskMLP, stored_matrix
+from placement.hardware import Hardware
 from placement.plan import Plan
 from placement.tensor_groups import classify
 
@@ -57,18 +58,23 @@ class Placement:
     # how a layer's experts on the lane change: "static" (the plan's), "lru" or "score"
     # (a pool of as many slots, filled by use: hetero/runtime/expert_cache.py)
     expert_cache: str = "score"
+    hardware: Hardware | None = None  # the rates the lane's prefill choices are made by
 
     @classmethod
     def from_plan(
-        cls, plan: Plan | None, lane: Lane | None = None, expert_cache: str = "score"
+        cls,
+        plan: Plan | None,
+        lane: Lane | None = None,
+        expert_cache: str = "score",
+        hardware: Hardware | None = None,
     ) -> Placement:
         if plan is None:
-            return cls(lane=lane, expert_cache=expert_cache)
+            return cls(lane=lane, expert_cache=expert_cache, hardware=hardware)
         devices = {g.name: g.device for g in plan.groups}
         for layer in plan.experts:
             for index, device in enumerate(layer.devices):
                 devices[f"layers.{layer.layer}.experts.{index}"] = device
-        return cls(devices, plan, lane, expert_cache)
+        return cls(devices, plan, lane, expert_cache, hardware)
 
     def device(self, group: str) -> str:
         return self.devices.get(group, "cpu")
@@ -322,7 +328,7 @@ class Assembler:
         cpu = self.kernel_experts(names, held, block, layer)
         pool = self.lane_experts(name, names, on_lane, block)
         slots = ExpertSlots(len(block), len(on_lane), self.placement.expert_cache, on_lane)
-        return CachedExperts(cpu, held, pool, slots, len(block))
+        return CachedExperts(cpu, held, pool, slots, len(block), self.placement.hardware)
 
     def kernel_experts(
         self, names: list[dict[str, str]], kept: list[int], block: TorchExperts, layer: str

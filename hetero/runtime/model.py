@@ -50,6 +50,7 @@ from hetero.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from hetero.runtime.quantized import QuantReport
+    from placement.hardware import Hardware
     from placement.plan import Plan
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -143,7 +144,7 @@ class Model:
 
         vram_bytes = plan.budgets.vram_bytes if plan is not None else 0
         lane = open_lane(accelerator, vram_bytes, pcie_gbs)
-        placement = Placement.from_plan(plan, lane, expert_cache)
+        placement = Placement.from_plan(plan, lane, expert_cache, lane_hardware(lane))
         if gguf:
             checkpoint = GGUFCheckpoint(model_dir)
             raw, tokenizer = checkpoint.config, checkpoint.tokenizer
@@ -355,6 +356,17 @@ class Model:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
             )
+
+
+def lane_hardware(lane) -> Hardware | None:
+    """The rates a lane's run-time choices are made by: this machine's (its probe, else the
+    defaults), the sim lane's own figures for it."""
+    if lane is None:
+        return None
+    from placement.hardware import load_hardware, sim_accelerator
+
+    hardware = load_hardware(None)
+    return sim_accelerator(hardware, lane.pcie_gbs) if lane.kind == "sim" else hardware
 
 
 def kernel_choice(

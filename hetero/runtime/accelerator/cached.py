@@ -15,6 +15,8 @@ from hetero.runtime.accelerator.lane import Lane
 from hetero.runtime.accelerator.placed import LaneExperts
 from hetero.runtime.assembler import SummedParts
 from hetero.runtime.expert_cache import ExpertSlots
+from placement.cost_model import streaming_is_faster
+from placement.hardware import Hardware
 
 
 class CachedExperts(ExpertBackend, nn.Module):
@@ -28,8 +30,11 @@ class CachedExperts(ExpertBackend, nn.Module):
         pool: LaneExperts,
         slots: ExpertSlots,
         num_experts: int,
+        hardware: Hardware | None = None,
     ):
         super().__init__()
+        self.hardware = hardware  # for the prefill choice: stream the CPU's experts or not
+        self.streamed_steps = 0
         self.on_cpu, self.pool, self.slots = cpu, pool, slots
         self.num_experts = num_experts
         self._cpu_local = torch.full((num_experts,), -1, dtype=torch.long)
@@ -57,14 +62,37 @@ class CachedExperts(ExpertBackend, nn.Module):
             (on_lane, self.pool, self._slot_of),
         ):
             pairs = mask.nonzero().squeeze(1)
-            if pairs.numel():
-                rows = token[pairs]
-                routed = local[ids[pairs]][:, None]
-                started.append((rows, backend.submit(x[rows], routed, weights[pairs])))
+            if not pairs.numel():
+                continue
+            rows = token[pairs]
+            routed = local[ids[pairs]][:, None]
+            if backend is self.on_cpu and self.stream_misses(ids[pairs]):
+                self.streamed_steps += 1
+                handle = self.pool.submit_streamed(self.on_cpu, x[rows], routed, weights[pairs])
+            else:
+                handle = backend.submit(x[rows], routed, weights[pairs])
+            started.append((rows, handle))
         self.slots.access(expert_ids.numpy())
         for expert, evicted in self.slots.admitted:
             self._fill(expert, evicted)
         return SummedParts(torch.zeros_like(x), started)
+
+    def stream_misses(self, missed: torch.Tensor) -> bool:
+        """Whether the CPU's pairs (their experts `missed` [pairs]) run sooner streamed to
+        the lane: only a batch of many tokens (prefill) amortises the copies."""
+        if self.hardware is None or missed.numel() <= len(self.slot_expert):
+            return False
+        experts = int(missed.unique().numel())
+        held = self.on_cpu.num_experts
+        pool = self.pool
+        float_bytes = (pool.gate_up[0].numel() + pool.down[0].numel()) * pool.gate_up.element_size()
+        params = pool.gate_up[0].numel() + pool.down[0].numel()
+        return streaming_is_faster(
+            experts * self.on_cpu.nbytes / held,
+            experts * float_bytes,
+            2.0 * params * missed.numel(),
+            self.hardware,
+        )
 
     def _fill(self, expert: int, evicted: int | None) -> None:
         """Copy `expert` into a slot (a free one, or `evicted`'s), queued on the lane after

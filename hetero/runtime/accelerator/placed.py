@@ -85,17 +85,54 @@ class LaneExperts(ExpertBackend, nn.Module):
         up = [lane.to_lane(t) for t in (x, expert_ids, expert_weights)]
         return LaneResult(lane, lane.submit(self._compute, *up))
 
+    def submit_streamed(
+        self,
+        source: nn.Module,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        expert_weights: torch.Tensor,
+    ) -> LaneResult:
+        """Experts of the CPU kernels' `source` (ids into it) run here, their weights copied
+        up for this call only: a prefill's choice where that beats computing them on the CPU
+        (placement.cost_model.streaming_is_faster)."""
+        lane = self.lane
+        up = [lane.to_lane(t) for t in (x, expert_ids, expert_weights)]
+        return LaneResult(lane, lane.submit(self._streamed, source, *up))
+
     def _compute(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # the seam of gpu_kernels.fused_moe.fused_moe(x, gate_up, down, ids, weights) on cuda
-        # computed in the weights' dtype (bf16 weights are not widened per call)
         def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
-            gate, up = (xs @ self.gate_up[expert].T).split(self.expert_size, -1)
-            return (F.silu(gate) * up) @ self.down[expert].T
+            return self._ffn(xs, self.gate_up[expert], self.down[expert])
 
+        return self._grouped(x, expert_ids, expert_weights, self.num_experts, run_expert)
+
+    def _streamed(
+        self,
+        source: nn.Module,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        expert_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
+            gate_up, down = (
+                self.lane.upload(torch.from_numpy(m.dequantize(expert))).to(self.gate_up.dtype)
+                for m in (source.gate_up, source.down)
+            )
+            return self._ffn(xs, gate_up, down)
+
+        return self._grouped(x, expert_ids, expert_weights, source.num_experts, run_expert)
+
+    def _ffn(self, xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        # xs: [tokens, hidden]; gate_up: [2 * size, hidden]; down: [hidden, size]
+        gate, up = (xs @ gate_up.T).split(self.expert_size, -1)
+        return (F.silu(gate) * up) @ down.T
+
+    def _grouped(self, x, expert_ids, expert_weights, num_experts, run_expert) -> torch.Tensor:
+        # computed in the weights' dtype (bf16 weights are not widened per call)
         xw = x.to(self.gate_up.dtype)
-        out = run_grouped_by_expert(xw, expert_ids, expert_weights, self.num_experts, run_expert)
+        out = run_grouped_by_expert(xw, expert_ids, expert_weights, num_experts, run_expert)
         return out.to(x.dtype)
 
 
