@@ -153,3 +153,19 @@ def test_a_request_beyond_the_lane_budget_fails_alone_and_the_engine_serves_the_
     failed, served = events
     assert failed.error_status == 503 and "out of memory" in failed.error
     assert served.error is None and len(served.result.token_ids) == 4
+
+
+def test_the_server_on_a_sim_accelerator_answers_with_the_cpu_text_and_reports_hits(tmp_path):
+    import httpx
+    from server_fixtures import running_server
+
+    body = {"model": "demo", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
+    texts = []
+    for args in ((), ("--accelerator", "sim", "--vram-budget", "8MiB")):
+        with running_server(
+            tmp_path, "--context-length", "256", "--max-concurrency", "2", *args
+        ) as url:
+            texts.append(httpx.post(url + "/v1/completions", json=body, timeout=60).json())
+            metrics = httpx.get(url + "/metrics").text
+    assert texts[1]["choices"][0]["text"] == texts[0]["choices"][0]["text"]
+    assert "hetero_expert_cache_hit_rate 0." in metrics  # the sim run's
