@@ -6,8 +6,9 @@
 #   bench/gpu_check.sh            (PYTHON=... picks the interpreter; default .venv/bin/python)
 # Setup: ./dev test sets up .venv; where its torch has no CUDA, install a CUDA build first, e.g.
 #   HETERO_TORCH=torch==2.13.0 HETERO_TORCH_INDEX=https://download.pytorch.org/whl/cu128 ./dev test
-# (the device machine has no network: bring the venv with you). Not yet here: the issue's full
-# GPU bench (48 layers x 128 Q4_K experts, 16 GiB, and accelerate offload at the same budget).
+# (the device machine has no network: bring the venv with you). The transformers peer of step 3
+# offloads with accelerate at the same VRAM budget. Not yet here: the issue's full GPU bench
+# (48 layers x 128 experts in Q4_K, 16 GiB: needs a writer of random Q4_K GGUF blocks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
