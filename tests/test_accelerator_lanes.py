@@ -119,3 +119,18 @@ def test_on_lane_runs_its_module_on_the_lane_and_reads_through_to_it():
     wrapped = OnLane(lane, lane.place(linear, "a linear"))
     torch.testing.assert_close(wrapped(x), expected)
     assert wrapped.out_features == 3
+
+
+def test_a_batch_goes_to_a_device_lane_rebuilt_there_once_per_forward():
+    from hetero.runtime.accelerator.placed import lane_argument
+    from hetero.runtime.batch import ForwardBatch
+
+    class MetaLane(type(open_lane("sim", 0))):  # a lane whose device is not the host's
+        device = torch.device("meta")
+
+    lane = MetaLane(0)
+    batch = ForwardBatch.fresh(3)
+    moved = lane_argument(lane, batch)
+    assert moved.positions.device.type == "meta" and moved.num_tokens == 3
+    assert lane_argument(lane, batch) is moved  # every layer's attention shares it
+    assert lane_argument(open_lane("sim", 0), batch) is batch  # the sim lane's memory is the host's

@@ -12,10 +12,19 @@ from torch import nn
 from hetero.models.batch import Batch
 from hetero.models.experts import ExpertBackend, run_grouped_by_expert
 from hetero.runtime.accelerator.lane import Lane, LaneHandle
+from hetero.runtime.batch import ForwardBatch
 
 
-def _up(lane: Lane, value):
-    return lane.to_lane(value) if isinstance(value, torch.Tensor) else value
+def lane_argument(lane: Lane, value):
+    """An argument of a module on the lane, on the lane: a tensor copied up; a batch rebuilt
+    there once per forward (its positions and history indices feed the attention's math)."""
+    if isinstance(value, torch.Tensor):
+        return lane.to_lane(value)
+    if isinstance(value, ForwardBatch) and lane.device.type != "cpu":
+        return value.memo(
+            ("on", str(lane.device)), lambda: ForwardBatch(value.slices, value.kv, lane.device)
+        )
+    return value
 
 
 class OnLane(nn.Module):
@@ -39,7 +48,7 @@ class OnLane(nn.Module):
 
     def forward(self, *args: torch.Tensor | Batch) -> torch.Tensor | tuple[torch.Tensor, ...]:
         lane = self._lane
-        out = lane.run(self.inner, *(_up(lane, a) for a in args))
+        out = lane.run(self.inner, *(lane_argument(lane, a) for a in args))
         if isinstance(out, tuple):  # a router's (weights, ids)
             return tuple(lane.to_host(t) for t in out)
         return lane.to_host(out)
