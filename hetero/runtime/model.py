@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -136,6 +137,9 @@ class Model:
             raise InvalidRequestError(
                 f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}"
             )
+        if threads is None and accelerator == "sim":
+            # the sim lane computes on a core of its own: the CPU's share gets the others
+            threads = max(1, (os.cpu_count() or 2) - 1)
         if threads is not None:
             set_threads(threads)
         if plan is not None:
