@@ -108,13 +108,16 @@ def weighted_rows(scores, norm, store, slot_row, scratch, out, first):
 
 @njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
-    """out[s, h] = softmax(scale * q[s, h] . K_s) @ V_s for each sequence s and query head h,
-    where K_s, V_s are rows slots[s, :lengths[s]] of the stores at kv head h // (heads /
-    kv_heads) (grouped-query attention).
+    """out[s, h] = softmax(scale * q[s, h] . K) @ V for each sequence s and query head h, where
+    K, V are rows slots[s, r, :lengths[s, r]] of the stores at kv head k = h // (heads /
+    kv_heads) (grouped-query attention), r = k where each kv head reads its own rows (sparse
+    attention selects pages per kv head), else 0 (all read the same: dense, a window).
 
     q: float32 [n, heads, d]; k_store: float32 or uint16 (bfloat16 bits) [kv_heads, rows, d];
-    v_store: like k_store, [kv_heads, rows, dv]; slots: int64 [n, >= max length]; lengths:
-    int64 [n] (each >= 1); out: float32 [n, heads, dv]. Parallel over (sequence, kv head): each
+    v_store: like k_store, [kv_heads, rows, dv]; slots: int64 [n, kv_heads or 1, >= max
+    length]; lengths: int64 [n, kv_heads or 1] (each >= 1); out: float32 [n, heads, dv]. Rows
+    are read in the order `slots` gives them, so a selection of every page in order sums
+    exactly as the dense read does. Parallel over (sequence, kv head): each
     job reads a key and a value row once for all the query heads that share it, and keeps their
     outputs in a local [groups, dv] sum (1.6x the speed of per-head passes at 544 tokens); the
     softmax subtracts each head's maximum score, takes `softmax_numerators` (another
@@ -124,17 +127,18 @@ def paged_decode_attention(q, k_store, v_store, slots, lengths, scale, out):
     groups = heads // kv_heads
     for job in prange(n * kv_heads):
         s, h = job // kv_heads, job % kv_heads
-        length = lengths[s]
+        r = h if slots.shape[1] > 1 else 0
+        rows, length = slots[s, r], lengths[s, r]
         queries = q[s, h * groups : (h + 1) * groups].copy()
         key_row = np.empty(d, np.float32)
         value_row = np.empty(dv, np.float32)
         scores = np.empty((groups, length), np.float32)
         for t in range(length):
-            key = float32_row(k_store[h, slots[s, t]], key_row)
+            key = float32_row(k_store[h, rows[t]], key_row)
             for g in range(groups):
                 total = np.float32(0.0)
                 for i in range(d):
                     total += queries[g, i] * key[i]
                 scores[g, t] = total * scale
         norm = softmax_rows(scores, np.empty(length, np.int32), np.empty(length, np.float32))
-        weighted_rows(scores, norm, v_store[h], slots[s], value_row, out[s], h * groups)
+        weighted_rows(scores, norm, v_store[h], rows, value_row, out[s], h * groups)

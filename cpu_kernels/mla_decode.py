@@ -21,11 +21,12 @@ def paged_latent_attention(
     q_latent, q_rope, latent_store, rope_store, slots, lengths, scale, head_block, out
 ):
     """out[s, h] = softmax(scale * (q_latent[s, h] . C_s + q_rope[s, h] . R_s)) @ C_s, where
-    C_s, R_s are rows slots[s, :lengths[s]] of the latent and rope stores.
+    C_s, R_s are rows slots[s, 0, :lengths[s, 0]] of the latent and rope stores (one kv head:
+    the layout `paged_decode_attention` takes, so one page selection feeds both).
 
     q_latent: float32 [n, heads, rank]; q_rope: float32 [n, heads, rope]; latent_store: float32
     or uint16 (bfloat16 bits) [rows, rank]; rope_store: like it, [rows, rope]; slots: int64
-    [n, >= max length]; lengths: int64 [n] (each >= 1); out: float32 [n, heads, rank]. Every
+    [n, 1, >= max length]; lengths: int64 [n, 1] (each >= 1); out: float32 [n, heads, rank]. Every
     head shares each cached row (multi-query attention over the latents): a job takes one
     sequence and `head_block` heads, reads each row once for all of them, and keeps their
     outputs in a local [heads, rank] sum; the softmax is `paged_decode_attention`'s."""
@@ -35,15 +36,16 @@ def paged_latent_attention(
     for job in prange(n * blocks):
         s, b = job // blocks, job % blocks
         first, end = b * head_block, min(heads, (b + 1) * head_block)
-        count, length = end - first, lengths[s]
+        rows, length = slots[s, 0], lengths[s, 0]
+        count = end - first
         queries = q_latent[s, first:end].copy()
         rope_queries = q_rope[s, first:end].copy()
         latent_row = np.empty(rank, np.float32)
         rope_row = np.empty(rope, np.float32)
         scores = np.empty((count, length), np.float32)
         for t in range(length):
-            latent = float32_row(latent_store[slots[s, t]], latent_row)
-            k_rope = float32_row(rope_store[slots[s, t]], rope_row)
+            latent = float32_row(latent_store[rows[t]], latent_row)
+            k_rope = float32_row(rope_store[rows[t]], rope_row)
             for g in range(count):
                 total = np.float32(0.0)
                 for i in range(rank):
@@ -52,7 +54,7 @@ def paged_latent_attention(
                     total += rope_queries[g, i] * k_rope[i]
                 scores[g, t] = total * scale
         norm = softmax_rows(scores, np.empty(length, np.int32), np.empty(length, np.float32))
-        weighted_rows(scores, norm, latent_store, slots[s], latent_row, out[s], first)
+        weighted_rows(scores, norm, latent_store, rows, latent_row, out[s], first)
 
 
 def latent_attention_decode(

@@ -104,6 +104,7 @@ class TransformerConfig:
     hidden_act: str = "silu"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     bos_token_id: int | None = None
+    attention_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None: full
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> Self:
@@ -132,6 +133,7 @@ class TransformerConfig:
                 hidden_act="silu",
                 eos_token_ids=eos_ids,
                 bos_token_id=cfg.get("bos_token_id"),
+                attention_windows=sliding_windows(cfg),
                 **cls._extra(cfg),
             )
         except KeyError as missing:
@@ -147,6 +149,34 @@ class TransformerConfig:
     def context_limit(self) -> int:
         """Longest sequence (prompt + completion) the model runs correctly."""
         return self.max_position_embeddings
+
+    def attention_window(self, layer: int) -> int | None:
+        return self.attention_windows[layer] if self.attention_windows else None
+
+
+def sliding_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), read as transformers reads the
+    config: its `layer_types` where it has them, else the family's rule (Qwen2/Qwen3: layers
+    from max_window_layers on; Qwen2-MoE: even layers below it; Qwen3-MoE: every layer, all
+    three only with use_sliding_window; Mixtral and Mistral: every layer)."""
+    layers = range(int(cfg["num_hidden_layers"]))
+    window = cfg.get("sliding_window") or None
+    kind = cfg["model_type"]
+    if kind.startswith("qwen") and not cfg.get("use_sliding_window"):
+        window = None
+    if window is None:
+        return ()
+    if cfg.get("layer_types"):
+        slides = [t == "sliding_attention" for t in cfg["layer_types"]]
+    elif kind in ("qwen2", "qwen3"):
+        slides = [i >= cfg.get("max_window_layers", 28) for i in layers]
+    elif kind == "qwen2_moe":
+        slides = [(i + 1) % 2 == 1 and i < cfg.get("max_window_layers", 28) for i in layers]
+    elif kind in ("qwen3_moe", "mixtral", "mistral"):
+        slides = [True for _ in layers]
+    else:
+        return ()
+    return tuple(int(window) if slide else None for slide in slides)
 
 
 def raise_unsupported(cfg: dict[str, Any], what: str) -> None:

@@ -37,13 +37,16 @@ def widened(store: np.ndarray) -> np.ndarray:
 
 
 def reference(q, k_store, v_store, slots, lengths, scale):
-    """float64: per sequence and head, softmax(scale * q . K) @ V over its rows, GQA groups."""
+    """float64: per sequence and head, softmax(scale * q . K) @ V over its rows, GQA groups;
+    slots [n, kv_heads or 1, longest] and lengths [n, kv_heads or 1] name each kv head's rows
+    (or all heads' alike)."""
     n, heads, _ = q.shape
     groups = heads // k_store.shape[0]
     out = np.zeros((n, heads, v_store.shape[2]))
     for s in range(n):
-        rows = slots[s, : lengths[s]]
         for h in range(heads):
+            r = h // groups if slots.shape[1] > 1 else 0
+            rows = slots[s, r, : lengths[s, r]]
             keys = widened(k_store)[h // groups, rows]
             values = widened(v_store)[h // groups, rows]
             scores = scale * keys @ q[s, h].astype(np.float64)
@@ -69,9 +72,9 @@ def test_paged_decode_attention_matches_reference(heads, kv_heads, d, dv, length
     if store_dtype == np.uint16:
         k_store, v_store = bf16_bits(k_store), bf16_bits(v_store)
     longest = max(lengths)
-    slots = np.stack([rng.permutation(rows)[:longest] for _ in range(n)])  # scattered rows
+    slots = np.stack([rng.permutation(rows)[:longest] for _ in range(n)])[:, None]  # scattered
     q = rng.standard_normal((n, heads, d), dtype=np.float32) * 2
-    lengths = np.array(lengths)
+    lengths = np.array(lengths)[:, None]
     out = np.full((n, heads, dv), np.nan, np.float32)
     scale = d**-0.5
     paged_decode_attention(q, k_store, v_store, slots, lengths, np.float32(scale), out)
@@ -79,13 +82,31 @@ def test_paged_decode_attention_matches_reference(heads, kv_heads, d, dv, length
     assert np.abs(out - want).max() <= 1e-5 * np.abs(widened(v_store)).max()
 
 
+@pytest.mark.parametrize("store_dtype", [np.float32, np.uint16], ids=["f32", "bf16"])
+def test_paged_decode_attention_reads_each_kv_heads_own_rows(store_dtype):
+    """Sparse attention's layout: every kv head its own rows and count."""
+    rng = np.random.default_rng(SEED)
+    n, heads, kv_heads, d, rows = 3, 12, 3, 40, 512
+    k_store = rng.standard_normal((kv_heads, rows, d), dtype=np.float32)
+    v_store = rng.standard_normal((kv_heads, rows, d), dtype=np.float32)
+    if store_dtype == np.uint16:
+        k_store, v_store = bf16_bits(k_store), bf16_bits(v_store)
+    slots = rng.integers(0, rows, (n, kv_heads, 70))
+    lengths = rng.integers(1, 71, (n, kv_heads))
+    q = rng.standard_normal((n, heads, d), dtype=np.float32)
+    out = np.full((n, heads, d), np.nan, np.float32)
+    paged_decode_attention(q, k_store, v_store, slots, lengths, np.float32(0.15), out)
+    want = reference(q, k_store, v_store, slots, lengths, 0.15)
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(widened(v_store)).max()
+
+
 def test_paged_decode_attention_ignores_rows_past_each_length():
     rng = np.random.default_rng()
     k_store = rng.standard_normal((2, 64, 16), dtype=np.float32)
     v_store = rng.standard_normal((2, 64, 16), dtype=np.float32)
-    slots = np.arange(64).reshape(2, 32)
+    slots = np.arange(64).reshape(2, 1, 32)
     q = rng.standard_normal((2, 4, 16), dtype=np.float32)
-    lengths = np.array([10, 32])
+    lengths = np.array([[10], [32]])
     out = np.empty((2, 4, 16), np.float32)
     paged_decode_attention(q, k_store, v_store, slots, lengths, np.float32(0.25), out)
     k_store[:, 10:32] = 1e6  # rows sequence 0 does not own

@@ -53,7 +53,13 @@ def absorbed_decode(q_nope, q_rope, latent, k_rope, w_key, w_value, slots, lengt
     kernel, the result through the value part (float32 torch matmuls)."""
     q_latent = torch.bmm(torch.from_numpy(q_nope).transpose(0, 1), torch.from_numpy(w_key))
     mixed = latent_attention_decode(
-        q_latent.transpose(0, 1).contiguous().numpy(), q_rope, latent, k_rope, slots, lengths, scale
+        q_latent.transpose(0, 1).contiguous().numpy(),
+        q_rope,
+        latent,
+        k_rope,
+        slots[:, None],
+        lengths[:, None],
+        scale,
     )
     out = torch.bmm(torch.from_numpy(mixed).transpose(0, 1), torch.from_numpy(w_value).mT)
     return out.transpose(0, 1).numpy()
@@ -112,10 +118,10 @@ def test_latent_decode_ignores_rows_past_each_length():
     rng = np.random.default_rng(SEED)
     latent = rng.standard_normal((64, 32), dtype=np.float32)
     k_rope = rng.standard_normal((64, 8), dtype=np.float32)
-    slots = np.arange(64).reshape(2, 32)
+    slots = np.arange(64).reshape(2, 1, 32)
     q_latent = rng.standard_normal((2, 4, 32), dtype=np.float32)
     q_rope = rng.standard_normal((2, 4, 8), dtype=np.float32)
-    lengths = np.array([10, 32])
+    lengths = np.array([[10], [32]])
     out = latent_attention_decode(q_latent, q_rope, latent, k_rope, slots, lengths, 0.2)
     latent[10:32], k_rope[10:32] = np.nan, 1e6  # rows sequence 0 does not own
     again = latent_attention_decode(
@@ -132,8 +138,8 @@ def test_latent_decode_refuses_stores_of_another_rank():
             np.zeros((1, 2, 8), np.float32),
             np.zeros((4, 16), np.float32),
             np.zeros((4, 8), np.float32),
-            np.zeros((1, 1), np.int64),
-            np.ones(1, np.int64),
+            np.zeros((1, 1, 1), np.int64),
+            np.ones((1, 1), np.int64),
             1.0,
         )
 

@@ -42,6 +42,7 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.qk_norm = qk_norm
         self.rotary = RotaryEmbedding(self.head_dim, c.rope)
+        self.window = c.attention_window(layer_idx)
 
     def cache_entries(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.kv_heads, self.head_dim), "v": (self.kv_heads, self.head_dim)}
@@ -60,5 +61,6 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.batch_cos_sin(batch, x.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        out = batch.attention(self.layer_idx, GroupedQueryStep(q, k, v, self.head_dim**-0.5))
+        step = GroupedQueryStep(q, k, v, self.head_dim**-0.5, self.window)
+        out = batch.attention(self.layer_idx, step)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))

@@ -23,6 +23,7 @@ class GroupedQueryStep:
     k: torch.Tensor  # [tokens, kv_heads, d]
     v: torch.Tensor  # [tokens, kv_heads, dv]
     scale: float
+    window: int | None = None  # sliding window: a query sees only the last `window` keys
 
     def cache_entries(self) -> dict[str, torch.Tensor]:
         return {"k": self.k, "v": self.v}
@@ -75,6 +76,9 @@ class LatentStep:
 
 
 AttentionStep = GroupedQueryStep | LatentStep
+
+# the cache entries queries are scored against (the keys): what sparse attention summarises
+KEY_ENTRIES = frozenset({"k", "latent", "k_rope"})
 
 
 class Batch(Protocol):

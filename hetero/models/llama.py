@@ -1,5 +1,5 @@
-"""Dense decoder family: Llama, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm). The degenerate,
-expert-free case of the MoE families, useful for small tests."""
+"""Dense decoder family: Llama, Mistral (a sliding window), Qwen2 (q/k/v bias) and Qwen3 (q/k
+RMSNorm). The degenerate, expert-free case of the MoE families, useful for small tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hetero.models.attention import SelfAttention
 from hetero.models.decoder import CausalLM, DecoderLayer
 from hetero.models.experts import GatedMLP
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,6 @@ class LlamaConfig(TransformerConfig):
     def _extra(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         if cfg.get("mlp_bias"):
             raise_unsupported(cfg, "mlp_bias=true")
-        if cfg.get("use_sliding_window"):
-            raise_unsupported(cfg, "sliding-window attention")
         kind = cfg["model_type"]
         bias = bool(cfg.get("attention_bias", False))
         return {

@@ -26,22 +26,13 @@ _RENAMES = [
 class MixtralConfig(TransformerConfig):
     num_local_experts: int = 0
     num_experts_per_tok: int = 0
-    sliding_window: int | None = None
 
     @classmethod
     def _extra(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {
             "num_local_experts": int(cfg["num_local_experts"]),
             "num_experts_per_tok": int(cfg["num_experts_per_tok"]),
-            "sliding_window": cfg.get("sliding_window"),
         }
-
-    @property
-    def context_limit(self) -> int:
-        # Attention is full; within a sliding window it is identical to windowed attention.
-        return min(
-            self.max_position_embeddings, self.sliding_window or self.max_position_embeddings
-        )
 
 
 def parse_config(cfg: dict[str, Any]) -> MixtralConfig:

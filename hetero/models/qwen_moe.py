@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetero.config import TransformerConfig, raise_unsupported
+from hetero.config import TransformerConfig
 from hetero.models.attention import SelfAttention
 from hetero.models.decoder import CausalLM, DecoderLayer
 from hetero.models.experts import GatedMLP
@@ -29,8 +29,6 @@ class QwenMoeConfig(TransformerConfig):
 
     @classmethod
     def _extra(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        if cfg.get("use_sliding_window"):
-            raise_unsupported(cfg, "sliding-window attention")
         qwen2 = cfg["model_type"] == "qwen2_moe"
         return {
             # released configs say num_experts; transformers >= 5 writes num_local_experts

@@ -6,7 +6,11 @@ attention kind shares one cache.
 
 Prefix caching: a full block is named by a hash of its tokens and of everything before it.
 A new sequence whose prompt starts with cached blocks shares them (reference counted) and skips
-their computation. Freed blocks keep their contents and hash until the space is needed (LRU)."""
+their computation. Freed blocks keep their contents and hash until the space is needed (LRU).
+
+Page summaries (for sparse decode attention, `page_selection.py`): per block, the per-channel
+minimum and maximum of the entries a layer names in `KVLayerSpec.summarized` (the keys),
+updated as the block fills; a shared prefix block keeps its summary with its contents."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class KVLayerSpec:
     entries: EntryShapes
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    summarized: tuple[str, ...] = ()  # entries whose per-block min and max are kept
 
 
 @dataclass
@@ -61,6 +66,21 @@ class PagedKVCache:
             }
             for spec in layers
         ]
+        # summaries[layer][name] = (minimum, maximum), each [*shape[:-1], num_blocks, d] in the
+        # cache dtype: the min and max of stored (already rounded) values are exact in it
+        self.summaries = [
+            {
+                name: tuple(
+                    torch.empty(
+                        (*shape[:-1], num_blocks, shape[-1]), dtype=spec.dtype, device=spec.device
+                    )
+                    for _ in range(2)
+                )
+                for name, shape in spec.entries.items()
+                if name in spec.summarized
+            }
+            for spec in layers
+        ]
         self.bytes_per_token = sum(
             t.numel() // rows * t.element_size() for layer in self.storage for t in layer.values()
         )
@@ -73,6 +93,12 @@ class PagedKVCache:
         self._next_id = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        self.sparse_attention = None  # a page_selection.SparseAttention where decode is sparse
+        # decode attention's reads, counted per (sequence, layer) and averaged over kv heads:
+        # pages read, pages a dense read would take, and how many such reads
+        self.decode_pages_read = 0
+        self.decode_pages_dense = 0
+        self.decode_reads = 0
 
     @property
     def blocks_free(self) -> int:
@@ -174,8 +200,25 @@ class PagedKVCache:
         [tokens]."""
         for name, value in entries.items():
             store = self.storage[layer][name]
-            rows = value.movedim(0, -2)  # [*shape[:-1], tokens, shape[-1]]
-            store[..., slots.to(store.device), :] = rows.to(store.dtype)
+            rows = value.movedim(0, -2).to(store.dtype)  # [*shape[:-1], tokens, shape[-1]]
+            store[..., slots.to(store.device), :] = rows
+            if name in self.summaries[layer]:
+                self._summarize(self.summaries[layer][name], slots.to(store.device), rows)
+
+    def _summarize(
+        self, summary: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        """Fold rows [*lead, tokens, d] written at `slots` into their blocks' min and max. A
+        block's first token (a sequence fills its blocks in order from offset 0) starts its
+        summary afresh: the block may hold a summary of a previous owner's tokens."""
+        blocks = slots // self.block_size
+        starts = blocks[slots % self.block_size == 0]
+        index = blocks.view(*([1] * (rows.dim() - 2)), -1, 1).expand_as(rows)
+        lo, hi = summary
+        lo[..., starts, :] = float("inf")
+        hi[..., starts, :] = -float("inf")
+        lo.scatter_reduce_(-2, index, rows, "amin")
+        hi.scatter_reduce_(-2, index, rows, "amax")
 
     def gather(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Entries at flat storage rows `slots` (any shape, e.g. [sequences, length]):

@@ -34,6 +34,7 @@ from hetero.loading.gguf_checkpoint import GGUFCheckpoint
 from hetero.loading.safetensors_checkpoint import SafetensorsCheckpoint
 from hetero.loading.weights import load_weights, tensor_names
 from hetero.models import family_for
+from hetero.models.batch import KEY_ENTRIES
 from hetero.models.decoder import CausalLM
 from hetero.runtime.assembler import (
     CONVERT_TYPES,
@@ -43,6 +44,7 @@ from hetero.runtime.assembler import (
     check_plan_fits,
     run_groups_on_lane,
 )
+from hetero.runtime.attention.page_selection import SparseAttention
 from hetero.runtime.batch import ForwardBatch
 from hetero.runtime.engine import Engine, GenerationResult, Request
 from hetero.runtime.kv_cache import KVLayerSpec, PagedKVCache
@@ -87,6 +89,7 @@ class Model:
         self.placement = Placement()  # where `load` put each tensor group
         self.disk_bytes = 0  # weight bytes computed from the memory-mapped file
         self.kv_dtype = "auto"  # what `new_kv_cache` allocates by default (KV_DTYPES)
+        self.sparse_attention: SparseAttention | None = None  # sparse decode in new caches
 
     @property
     def weight_bytes(self) -> int:
@@ -226,11 +229,14 @@ class Model:
             )
         dtype = KV_DTYPES[kv_dtype] or self.dtype
         blocks = max_sequences * -(-max_tokens // KV_BLOCK_TOKENS)
-        specs = [
-            KVLayerSpec(layer.self_attn.cache_entries(), dtype, module_device(layer.self_attn))
-            for layer in self.net.layers
-        ]
+        sparse = self.sparse_attention
+        specs = []
+        for layer in self.net.layers:
+            entries = layer.self_attn.cache_entries()
+            keys = tuple(name for name in entries if name in KEY_ENTRIES) if sparse else ()
+            specs.append(KVLayerSpec(entries, dtype, module_device(layer.self_attn), keys))
         cache = PagedKVCache(specs, blocks, KV_BLOCK_TOKENS)
+        cache.sparse_attention = sparse
         self._charge_lane(cache)
         return cache
 

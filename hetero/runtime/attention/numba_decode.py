@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hetero.models.batch import AttentionStep, GroupedQueryStep, LatentStep
+from hetero.runtime.attention.page_selection import DecodeReads, decode_reads
 from hetero.runtime.kernel_inputs import cpu_kernel_input
 
 if TYPE_CHECKING:  # the batch module imports the backends
@@ -41,14 +42,18 @@ class NumbaDecodeAttention:
 
         batch.kv.write(layer, batch.write_slots, step.cache_entries())
         store = batch.kv.storage[layer]
-        q = step.q
-        out = np.empty((q.shape[0], q.shape[1], step.v.shape[-1]), np.float32)
+        q = step.q.detach().contiguous()
+        n, heads, d = q.shape
+        kv_heads = step.k.shape[1]
+        queries = [q.view(n, kv_heads, heads // kv_heads, d)]
+        reads = read_rows(batch, layer, queries, step.window)
+        out = np.empty((n, heads, step.v.shape[-1]), np.float32)
         paged_decode_attention(
-            q.detach().contiguous().numpy(),
+            q.numpy(),
             kernel_store(store["k"]),
             kernel_store(store["v"]),
-            batch.read_slots.numpy(),
-            batch.lengths.numpy(),
+            reads.slots.numpy(),
+            reads.counts.numpy(),
             np.float32(step.scale),
             out,
         )
@@ -64,18 +69,33 @@ class NumbaDecodeAttention:
         batch.kv.write(layer, batch.write_slots, step.cache_entries())
         store = batch.kv.storage[layer]
         key_part, value_part = step.absorbed_weights()  # [heads, nope, rank], [heads, v, rank]
-        q_latent = torch.bmm(step.q_nope.transpose(0, 1), key_part)  # [heads, n, rank]
+        q_latent = torch.bmm(step.q_nope.transpose(0, 1), key_part).transpose(0, 1).contiguous()
+        q_rope = step.q_rope.contiguous()  # q_latent: [n, heads, rank]; q_rope: [n, heads, rope]
+        # one kv head (the latent) shared by every query head
+        reads = read_rows(batch, layer, [q_latent[:, None], q_rope[:, None]], None)
         out = latent_attention_decode(
-            q_latent.transpose(0, 1).contiguous().numpy(),
-            step.q_rope.contiguous().numpy(),
+            q_latent.numpy(),
+            q_rope.numpy(),
             kernel_store(store["latent"]),
             kernel_store(store["k_rope"]),
-            batch.read_slots.numpy(),
-            batch.lengths.numpy(),
+            reads.slots.numpy(),
+            reads.counts.numpy(),
             step.scale,
         )  # [n, heads, rank]
         mixed = torch.from_numpy(out).transpose(0, 1)  # [heads, n, rank]
         return torch.bmm(mixed, value_part.transpose(1, 2)).transpose(0, 1)  # [n, heads, v]
+
+
+def read_rows(
+    batch: ForwardBatch, layer: int, queries: list[torch.Tensor], window: int | None
+) -> DecodeReads:
+    """`decode_reads`, counted in the cache's decode-read metrics."""
+    reads = decode_reads(batch, layer, queries, window)
+    kv = batch.kv
+    kv.decode_pages_read += reads.pages_read
+    kv.decode_pages_dense += reads.pages_dense
+    kv.decode_reads += reads.counts.shape[0]
+    return reads
 
 
 def kernel_store(t: torch.Tensor) -> np.ndarray:

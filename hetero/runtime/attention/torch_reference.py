@@ -21,7 +21,7 @@ class TorchAttention:
         self, batch: ForwardBatch, layer: int, step: GroupedQueryStep
     ) -> torch.Tensor:
         history = stored_history(batch, layer, step.cache_entries(), step.q.dtype)
-        return causal_attention(batch, step.q, history["k"], history["v"], step.scale)
+        return causal_attention(batch, step.q, history["k"], history["v"], step.scale, step.window)
 
     def latent(self, batch: ForwardBatch, layer: int, step: LatentStep) -> torch.Tensor:
         """kv_b expands every history token to per-head keys and values (the form DeepSeek's
@@ -54,9 +54,15 @@ def stored_history(
 
 
 def causal_attention(
-    batch: ForwardBatch, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    batch: ForwardBatch,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its history.
+    """Causal attention of each sequence's new tokens over its history, within the last
+    `window` keys of each query where there is a sliding window.
     q: [tokens, q_heads, d]; keys: [sequences, longest, kv_heads, d];
     values: [sequences, longest, kv_heads, dv] -> [tokens, q_heads, dv]"""
     out = q.new_empty(q.shape[0], q.shape[1], values.shape[-1])
@@ -68,6 +74,10 @@ def causal_attention(
         if len(batch.decoding) < len(batch.slices):  # prompts in the batch too
             decode_keys, decode_values = keys[index], values[index]
         valid = batch.valid[index] if batch.padded else None
+        if window is not None:
+            lengths = batch.lengths[index]
+            inside = torch.arange(keys.shape[1]) >= (lengths - window)[:, None]
+            valid = inside if valid is None else valid & inside
         rows = batch.decode_rows
         out[rows] = decode_attention(q[rows], decode_keys, decode_values, valid, scale)
     for i, s in enumerate(batch.slices):
@@ -79,7 +89,8 @@ def causal_attention(
         vs = heads_first(values[i, :length], groups, q.dtype)
         # query j sits at absolute position past_len + j and sees keys 0..past_len + j
         q_pos = torch.arange(s.past_len, length, device=q.device)
-        mask = q_pos[:, None] >= torch.arange(length, device=q.device)[None, :]
+        offset = q_pos[:, None] - torch.arange(length, device=q.device)[None, :]
+        mask = (offset >= 0) if window is None else (offset >= 0) & (offset < window)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         out[start : start + s.new_len] = o.transpose(0, 1)
     return out
