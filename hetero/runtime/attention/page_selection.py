@@ -116,7 +116,7 @@ def select_pages(
     score = bounds.masked_fill(forced, math.inf).masked_fill(page >= own, -math.inf)
     k = int(budgets.max())
     best = score.topk(k, dim=-1).indices  # [n, kv_heads, k], best first
-    keep = torch.arange(k) < budgets[:, None, None]
+    keep = (torch.arange(k) < budgets[:, None, None]).expand_as(best)
     chosen = torch.zeros(n, kv_heads, longest, dtype=torch.bool)
     chosen.scatter_(-1, best, keep)
     # the chosen pages first, each group in ascending order (a stable sort of "not chosen")
