@@ -47,6 +47,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
         mlp_only_layers=[],
     ),
     "mixtral": dict(TINY, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "mistral": dict(TINY, sliding_window=8),  # a window shorter than the parity prompts
     # MLA has no GQA: as many kv heads as heads. v_head_dim differs from the qk head dim (16 + 8).
     "deepseek_v3": dict(
         TINY,

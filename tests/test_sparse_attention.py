@@ -156,14 +156,14 @@ def test_a_budget_of_every_page_reads_exactly_what_dense_reads(dtype):
 
 
 def test_needle_page_is_selected_at_every_depth_reading_a_sixteenth():
-    length, depths, seeds = 4096, np.linspace(0, 1, 11), range(3)
+    length, depths, seeds = 4096, np.linspace(0, 1, 11), range(2)
     sparse = SparseAttention(Fraction(1, 16))
     pages = length // BLOCK
     budget = sparse.budget_pages(pages, BLOCK)
     for depth in depths:
         for seed in seeds:
             case = needle_case(length, depth, seed)
-            kv, seq = cache_holding(case.keys, torch.bfloat16)
+            kv, seq = cache_holding(case.keys, torch.bfloat16, chunks=(1000, 7))
             bounds = bounds_of(kv, seq, case.query)[None]
             chosen, _ = select_pages(bounds, torch.tensor([pages]), torch.tensor([budget]), 1, 2)
             for h in range(case.keys.shape[1]):

@@ -38,10 +38,7 @@ def needle_case(
     basis = torch.randn(kv_heads, d, rank, generator=g)
     rho = 0.995
     steps = torch.randn(length, kv_heads, rank, generator=g) * (1 - rho**2) ** 0.5
-    z = torch.empty(length, kv_heads, rank)
-    z[0] = torch.randn(kv_heads, rank, generator=g)
-    for t in range(1, length):
-        z[t] = rho * z[t - 1] + steps[t]
+    z = ar1(steps, rho, torch.randn(kv_heads, rank, generator=g))
     keys = torch.einsum("hdr,thr->thd", basis, z) + 0.3 * torch.randn(
         length, kv_heads, d, generator=g
     )
@@ -59,3 +56,20 @@ def needle_case(
     excess = scores.max(-1).values - scores[:, needle] + margin * scores.std(-1)
     keys[needle] += u * (excess / (u * query[:, 0]).sum(-1))[:, None]
     return NeedleCase(keys, query, needle)
+
+
+def ar1(steps: torch.Tensor, rho: float, start: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """z_t = rho z_{t-1} + steps[t] from z_{-1} = start, along dim 0, without a Python loop per
+    token: within a chunk z_t = rho^t (rho z_{-1} + sum_{j <= t} rho^-j steps[j]) in float64
+    (rho^-1024 stays far from overflow)."""
+    out = torch.empty_like(steps)
+    state = start.double()
+    for first in range(0, steps.shape[0], chunk):
+        part = steps[first : first + chunk].double()
+        powers = (rho ** torch.arange(part.shape[0], dtype=torch.float64)).view(
+            -1, *([1] * (part.dim() - 1))
+        )
+        z = powers * (rho * state + torch.cumsum(part / powers, dim=0))
+        out[first : first + chunk] = z.to(out.dtype)
+        state = z[-1]
+    return out
