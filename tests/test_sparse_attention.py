@@ -193,3 +193,27 @@ def test_budget_pages_never_drop_the_sinks_and_local_pages():
     assert sparse.budget_pages(2, BLOCK) == 2
     assert sparse.budget_pages(1024, BLOCK) == 32
     assert SparseAttention(100).budget_pages(1024, BLOCK) == 7
+
+
+# GQA over 4K tokens; MLA over 1K (its torch prefill expands the whole history per chunk)
+@pytest.mark.parametrize("family,length", [("qwen3", 4090), ("deepseek_v2", 1000)])
+def test_greedy_tokens_over_a_long_context_with_every_page_equal_dense(
+    family, length, checkpoint_factory, monkeypatch
+):
+    import hetero
+    from hetero.runtime.attention import page_selection
+
+    path, _ = checkpoint_factory(family, max_position_embeddings=4200)
+    model = hetero.load(path, dtype="float32", progress=False)
+    model.tokenizer.eos_token_ids.clear()
+    object.__setattr__(model.config, "eos_token_ids", ())
+    g = torch.Generator().manual_seed(SEED)
+    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=g).tolist()
+    dense = model.generate(prompt, max_new_tokens=6)
+    bounded = []
+    real = page_selection.page_bounds
+    monkeypatch.setattr(page_selection, "page_bounds", lambda *a: bounded.append(1) or real(*a))
+    model.sparse_attention = SparseAttention(Fraction(1), dense_layers=1)
+    sparse = model.generate(prompt, max_new_tokens=6)
+    assert bounded  # the sparse path ran
+    assert sparse.token_ids == dense.token_ids
