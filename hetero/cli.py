@@ -21,6 +21,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model", metavar="MODEL", help='model directory, .gguf file, or "demo" (built in)'
     )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="tokens per sequence the plan sizes the KV cache for (default: the planner's, "
+        "at most the model's)",
+    )
     add_load_options(p)
 
 
@@ -111,10 +118,18 @@ EXTRA_PROMPT_TOKENS = 256  # special tokens and a chat template's text around a 
 
 
 def load_model(args: argparse.Namespace, context: int | None = None):
-    """The model of `args`, its plan made for `context` tokens (None: the planner's default)."""
+    """The model of `args`, its plan made for --context-length tokens where given, else
+    `context` (None: the planner's default)."""
     from hetero.model_options import load_from_args, plan_from_args
+    from placement.report import summary_lines
 
-    return load_from_args(args, plan_from_args(args, context, 1))
+    if args.context_length is not None:
+        if args.context_length < 2:
+            raise InvalidRequestError("--context-length must be at least 2")
+        context = args.context_length
+    plan = plan_from_args(args, context, 1)
+    print(f"hetero: plan: {summary_lines(plan)[0]}", file=sys.stderr, flush=True)
+    return load_from_args(args, plan)
 
 
 def generate_context(args: argparse.Namespace) -> int:

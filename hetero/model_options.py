@@ -12,6 +12,7 @@ from hetero.config import DTYPE_NAMES, KV_DTYPE_NAMES, QUANT_CHOICES
 from hetero.errors import InvalidRequestError
 
 if TYPE_CHECKING:
+    from hetero.runtime.attention.page_selection import SparseAttention
     from hetero.runtime.model import Model
     from placement.plan import Plan
 
@@ -50,6 +51,14 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         choices=KV_DTYPE_NAMES,
         help="KV cache dtype without --plan (default: the compute dtype); bf16 halves a float32 "
         "model's cache; a plan's own KV dtype wins",
+    )
+    p.add_argument(
+        "--sparse-attention",
+        default=None,
+        metavar="BUDGET",
+        help="sparse decode attention: each kv head reads the pages of 16 tokens whose bound "
+        "of q.k is highest, plus the first and the last two; BUDGET is a fraction of the "
+        "context (1/16) or tokens (2048); the first 2 layers stay dense",
     )
 
 
@@ -91,26 +100,62 @@ def accelerator_of_run(args: argparse.Namespace) -> str:
 def plan_from_args(args: argparse.Namespace, context: int | None, sequences: int) -> Plan:
     """The plan a run executes: `--plan FILE`, or one made now for the budgets (default: this
     machine's free VRAM and available DRAM), `context` tokens (None: the planner's default)
-    for `sequences` sequences."""
+    for `sequences` sequences. An explicit --context-length the plan cannot hold (beyond the
+    model's positions, or a saved plan's context) and an unusable --sparse-attention are
+    refused here, before any weight loads."""
     from placement.hardware import load_hardware, sim_accelerator
     from placement.plan import load_plan
     from placement.policy import plan_for_model
 
     accelerator = accelerator_of_run(args)
+    sparse = sparse_attention_of_run(args)
     if args.plan:
         if args.vram_budget or args.dram_budget:
             raise InvalidRequestError(
                 "--plan and --vram-budget/--dram-budget exclude each other: the plan holds its "
                 "budgets (make another with `hetero plan MODEL --vram-budget ... --save FILE`)"
             )
-        return load_plan(args.plan)
-    hardware = load_hardware(None)
-    if accelerator == "sim":
-        hardware = sim_accelerator(hardware)
-    kv_dtype = kv_dtype_of_run(args)
-    return plan_for_model(
-        args.model, args.vram_budget, args.dram_budget, context, sequences, kv_dtype, hardware
+        plan = load_plan(args.plan)
+    else:
+        hardware = load_hardware(None)
+        if accelerator == "sim":
+            hardware = sim_accelerator(hardware)
+        kv_dtype = kv_dtype_of_run(args)
+        plan = plan_for_model(
+            args.model, args.vram_budget, args.dram_budget, context, sequences, kv_dtype, hardware
+        )
+    check_context_length(args, plan)
+    if sparse is not None:
+        sparse.check_context(plan.workload.context)
+    return plan
+
+
+def check_context_length(args: argparse.Namespace, plan: Plan) -> None:
+    """Refuse --context-length beyond what the plan holds: the planner cuts a context to the
+    model's positions (max_position_embeddings, which a config's rope scaling extends)."""
+    wanted, held = getattr(args, "context_length", None), plan.workload.context
+    if wanted is None or wanted <= held:
+        return
+    if args.plan:
+        raise InvalidRequestError(
+            f"--context-length {wanted} exceeds the {held} tokens per sequence the plan "
+            f"{args.plan} was made for; make one with `hetero plan MODEL --context {wanted}`"
+        )
+    raise InvalidRequestError(
+        f"--context-length {wanted} exceeds the {held} positions {plan.model.name} supports "
+        f"(max_position_embeddings, with its config's rope scaling if any); give at most "
+        f"{held}, or use a checkpoint whose config.json sets rope_scaling (yarn) for more"
     )
+
+
+def sparse_attention_of_run(args: argparse.Namespace) -> SparseAttention | None:
+    """--sparse-attention as given (None: dense), refused at once if unusable."""
+    text = getattr(args, "sparse_attention", None)
+    if text is None:
+        return None
+    from hetero.runtime.attention.page_selection import parse_sparse_attention
+
+    return parse_sparse_attention(text)
 
 
 def kv_dtype_of_run(args: argparse.Namespace) -> str:
@@ -140,6 +185,9 @@ def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
     for line in model.placement.log_lines():
         print(f"hetero: {line}", file=sys.stderr, flush=True)
     model.kv_dtype = plan.kv_cache.dtype  # the plan sized the cache in it; a saved plan too
+    model.sparse_attention = sparse_attention_of_run(args)
+    if model.sparse_attention is not None:
+        print(f"hetero: {model.sparse_attention.describe()}", file=sys.stderr, flush=True)
     if model.quant_report is not None:
         print(f"hetero: {model.quant_report.summary()}", file=sys.stderr, flush=True)
     return model

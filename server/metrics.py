@@ -39,6 +39,24 @@ def render_metrics(state: ServerState) -> str:
             "Share of prompt tokens served from cache",
             kv.prefix_hit_tokens / queried if queried else 0.0,
         ),
+        (
+            "hetero_kv_pages_read_total",
+            "counter",
+            "KV pages (16 tokens) decode attention read, per sequence and layer",
+            kv.decode_pages_read,
+        ),
+        (
+            "hetero_kv_pages_read_per_token",
+            "gauge",
+            "KV pages read per decoded token and layer (sparse attention reads fewer)",
+            kv.decode_pages_read / kv.decode_reads if kv.decode_reads else 0.0,
+        ),
+        (
+            "hetero_kv_pages_read_fraction",
+            "gauge",
+            "Share of the KV pages dense attention would have read",
+            kv.decode_pages_read / kv.decode_pages_dense if kv.decode_pages_dense else 0.0,
+        ),
     ]
     hit_rate = state.model.expert_cache_hit_rate()
     if hit_rate is not None:

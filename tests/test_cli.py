@@ -122,6 +122,30 @@ def test_prompt_longer_than_context_is_one_line_exit_2(checkpoint_factory):
     )
 
 
+def test_generate_with_sparse_attention_over_a_sized_context(tmp_path):
+    args = ["--context-length", "512", "--sparse-attention", "1/16", "--kv-dtype", "bf16"]
+    result = hetero("generate", "demo", "--prompt", "hello", "-n", "4", *args, env_cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "KV cache: 512 tokens x 1 sequence" in result.stderr
+    assert "(bf16)" in result.stderr
+    assert "sparse decode attention: 1/16 of the pages" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--sparse-attention", "0"], "--sparse-attention"),
+        (["--sparse-attention", "sixteenth"], "--sparse-attention"),
+        (["--sparse-attention", "3/2"], "--sparse-attention"),
+        (["--context-length", "128", "--sparse-attention", "4096"], "exceeds the context"),
+        (["--context-length", "1000"], "exceeds the 256 positions"),
+    ],
+)
+def test_bad_context_or_sparse_budget_is_one_line_exit_2(checkpoint_factory, args, fragment):
+    path, _ = checkpoint_factory("qwen3")  # max_position_embeddings 256
+    assert_one_line_error(hetero("generate", str(path), "--prompt", "x", *args), fragment)
+
+
 @pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "0"], ["-n", "-3"]])
 def test_invalid_sampling_values_are_one_line_exit_2(tmp_path, flag):
     assert_one_line_error(

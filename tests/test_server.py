@@ -229,6 +229,9 @@ def test_metrics_are_prometheus_text(url, client):
         "hetero_kv_blocks_used",
         "hetero_kv_blocks_free",
         "hetero_prefix_cache_hit_rate",
+        "hetero_kv_pages_read_total",
+        "hetero_kv_pages_read_per_token",
+        "hetero_kv_pages_read_fraction",
     ):
         assert f"# TYPE {name} " in text
     assert metric(url, "hetero_requests_total") >= 1

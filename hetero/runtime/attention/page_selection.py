@@ -44,6 +44,15 @@ class SparseAttention:
             wanted = -(-self.budget // block_size)
         return min(pages, max(wanted, self.sink_pages + self.local_pages))
 
+    def describe(self) -> str:
+        budget = self.budget
+        read = f"{budget} of the pages" if isinstance(budget, Fraction) else f"{budget} tokens"
+        return (
+            f"sparse decode attention: {read} per kv head ({self.sink_pages} first and "
+            f"{self.local_pages} last pages among them) after the first {self.dense_layers} "
+            f"layers"
+        )
+
     def check_context(self, context: int) -> None:
         """Refuse a token budget beyond the context: a sparse run that could never be sparse."""
         if isinstance(self.budget, int) and self.budget > context:
