@@ -21,6 +21,7 @@ from hetero.runtime.attention import NUMBA_DECODE
 from hetero.runtime.attention.page_selection import (
     SparseAttention,
     page_bounds,
+    page_bounds_reference,
     parse_sparse_attention,
     select_pages,
 )
@@ -51,7 +52,8 @@ def cache_holding(keys: torch.Tensor, dtype=torch.float32, chunks=(5, 16, 1, 40)
 def bounds_of(kv: PagedKVCache, seq: int, query: torch.Tensor) -> torch.Tensor:
     """query [kv_heads, groups, d] -> [kv_heads, pages]."""
     tables = torch.tensor([kv.block_table(seq)])
-    return page_bounds([query[None]], [kv.summaries[0]["k"]], tables)[0]
+    counts = torch.tensor([tables.shape[1]])
+    return page_bounds([query[None]], [kv.summaries[0]["k"]], tables, counts)[0]
 
 
 def true_page_maxima(keys: torch.Tensor, query: torch.Tensor, dtype) -> torch.Tensor:
@@ -94,6 +96,39 @@ def test_page_bound_is_at_least_every_keys_score(dtype, kind, length):
     truth = true_page_maxima(keys, query, dtype)
     tolerance = 1e-5 * query.abs().sum(-1).amax(-1).double()[:, None] * keys.abs().max()
     assert (bound >= truth - tolerance).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "kv_heads,groups,dims,pages",
+    [
+        (4, 8, [128], [512, 3]),  # Qwen3-MoE-like GQA, sequences of unlike lengths
+        (1, 16, [32, 8], [7]),  # MLA-like: one kv head, a latent and a roped part
+        (3, 1, [17], [1, 2, 5]),  # odd width, one query head per kv head, single pages
+    ],
+)
+def test_page_bounds_kernel_matches_the_torch_reference(dtype, kv_heads, groups, dims, pages):
+    """Both are float32 sums of d products of the same values: within 1e-5 relative of sum
+    |q| max |bound|."""
+    g = torch.Generator().manual_seed(SEED)
+    blocks = sum(pages) + 2
+    summaries = []
+    for d in dims:
+        a, b = (torch.randn(kv_heads, blocks, d, generator=g).to(dtype) for _ in range(2))
+        summaries.append((torch.minimum(a, b), torch.maximum(a, b)))
+    queries = [torch.randn(len(pages), kv_heads, groups, d, generator=g) for d in dims]
+    tables = torch.zeros(len(pages), max(pages), dtype=torch.int64)
+    order = torch.randperm(blocks, generator=g)
+    start = 0
+    for s, count in enumerate(pages):
+        tables[s, :count] = order[start : start + count]
+        start += count
+    counts = torch.tensor(pages)
+    got = page_bounds(queries, summaries, tables, counts)
+    want = page_bounds_reference(queries, summaries, tables)
+    scale = sum(q.abs().sum(-1).amax() for q in queries) * 3
+    for s, count in enumerate(pages):
+        torch.testing.assert_close(got[s, :, :count], want[s, :, :count], rtol=0, atol=1e-5 * scale)
 
 
 def test_summaries_restart_when_a_freed_block_is_reused():

@@ -210,15 +210,18 @@ class PagedKVCache:
     ) -> None:
         """Fold rows [*lead, tokens, d] written at `slots` into their blocks' min and max. A
         block's first token (a sequence fills its blocks in order from offset 0) starts its
-        summary afresh: the block may hold a summary of a previous owner's tokens."""
-        blocks = slots // self.block_size
-        starts = blocks[slots % self.block_size == 0]
-        index = blocks.view(*([1] * (rows.dim() - 2)), -1, 1).expand_as(rows)
-        lo, hi = summary
-        lo[..., starts, :] = float("inf")
-        hi[..., starts, :] = -float("inf")
-        lo.scatter_reduce_(-2, index, rows, "amin")
-        hi.scatter_reduce_(-2, index, rows, "amax")
+        summary afresh: the block may hold a summary of a previous owner's tokens. Works on a
+        copy of the touched blocks' rows: scatter_reduce_ into the whole store cost ~70 ms a
+        decode step at 128K tokens, as much as reading it."""
+        blocks, which = torch.unique(slots // self.block_size, return_inverse=True)
+        fresh = torch.zeros(len(blocks), dtype=torch.bool)
+        fresh[which[slots % self.block_size == 0]] = True
+        index = which.view(*([1] * (rows.dim() - 2)), -1, 1).expand_as(rows)
+        for bound, reduce, start in zip(
+            summary, ("amin", "amax"), (torch.inf, -torch.inf), strict=True
+        ):
+            touched = bound[..., blocks, :].masked_fill(fresh[:, None], start)
+            bound[..., blocks, :] = touched.scatter_reduce_(-2, index, rows, reduce)
 
     def gather(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Entries at flat storage rows `slots` (any shape, e.g. [sequences, length]):

@@ -12,13 +12,10 @@ import torch
 
 from hetero.models.batch import AttentionStep, GroupedQueryStep, LatentStep
 from hetero.runtime.attention.page_selection import DecodeReads, decode_reads
-from hetero.runtime.kernel_inputs import cpu_kernel_input
+from hetero.runtime.kernel_inputs import KERNEL_STORE_DTYPES, cpu_kernel_input, kernel_store
 
 if TYPE_CHECKING:  # the batch module imports the backends
     from hetero.runtime.batch import ForwardBatch
-
-# cache dtypes the kernels read: float32, and bfloat16 as its bits (numpy has no bfloat16)
-KERNEL_STORE_DTYPES = {torch.float32: None, torch.bfloat16: torch.uint16}
 
 
 class NumbaDecodeAttention:
@@ -96,9 +93,3 @@ def read_rows(
     kv.decode_pages_dense += reads.pages_dense
     kv.decode_reads += reads.counts.shape[0]
     return reads
-
-
-def kernel_store(t: torch.Tensor) -> np.ndarray:
-    """A CPU cache tensor as the array the kernels read (shared memory): bfloat16 as uint16."""
-    bits = KERNEL_STORE_DTYPES[t.dtype]
-    return (t if bits is None else t.view(bits)).numpy()

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from hetero.errors import InvalidRequestError
+from hetero.runtime.kernel_inputs import KERNEL_STORE_DTYPES, kernel_store
 
 if TYPE_CHECKING:  # the batch module imports the backends, which import this one
     from hetero.runtime.batch import ForwardBatch
@@ -92,6 +94,7 @@ def page_bounds(
     queries: list[torch.Tensor],
     summaries: list[tuple[torch.Tensor, torch.Tensor]],
     tables: torch.Tensor,
+    page_counts: torch.Tensor,
 ) -> torch.Tensor:
     """Each page's upper bound of q.k over its keys, the maximum over a kv head's group of
     query heads (a page that holds one head's top key must rank for that head; a sum would
@@ -99,9 +102,37 @@ def page_bounds(
 
     queries: per key part (GQA: the keys; MLA: the latent and the roped part), float32 [n,
     kv_heads, groups, d_i]; summaries: the matching (minimum, maximum), [kv_heads, blocks, d_i];
-    tables: int64 [n, pages], the blocks of each sequence's pages -> float32 [n, kv_heads,
-    pages]. sum_i max(q_i lo_i, q_i hi_i) = q+ . hi + q- . lo with q+ = max(q, 0) and q- =
-    min(q, 0): two matmuls instead of a [.., pages, d] temporary."""
+    tables: int64 [n, pages], the blocks of each sequence's pages; page_counts: int64 [n] ->
+    float32 [n, kv_heads, pages], anything past a sequence's pages. The Numba kernel where
+    the summaries are in CPU memory in a dtype it reads, `page_bounds_reference` otherwise."""
+    stores = [t for pair in summaries for t in pair]
+    if not all(t.device.type == "cpu" and t.dtype in KERNEL_STORE_DTYPES for t in stores):
+        return page_bounds_reference(queries, summaries, tables)
+    # imported here: Numba's import costs ~80 MB and a model torch runs may never decode
+    from cpu_kernels.page_bounds import accumulate_page_bounds
+
+    n, kv_heads, groups, _ = queries[0].shape
+    total = np.zeros((n, kv_heads, groups, tables.shape[1]), np.float32)
+    for q, (lo, hi) in zip(queries, summaries, strict=True):
+        accumulate_page_bounds(
+            q.detach().float().contiguous().numpy(),
+            kernel_store(lo),
+            kernel_store(hi),
+            tables.numpy(),
+            page_counts.numpy(),
+            total,
+        )
+    return torch.from_numpy(total).amax(dim=2)
+
+
+def page_bounds_reference(
+    queries: list[torch.Tensor],
+    summaries: list[tuple[torch.Tensor, torch.Tensor]],
+    tables: torch.Tensor,
+) -> torch.Tensor:
+    """`page_bounds` in torch, for any device and dtype: sum_i max(q_i lo_i, q_i hi_i) =
+    q+ . hi + q- . lo with q+ = max(q, 0) and q- = min(q, 0), two matmuls over gathered
+    copies of the summaries."""
     total = None
     for q, (lo, hi) in zip(queries, summaries, strict=True):
         lo_t = lo[:, tables].float().permute(1, 0, 3, 2)  # [n, kv_heads, d, pages]
@@ -126,11 +157,10 @@ def select_pages(
     k = int(budgets.max())
     best = score.topk(k, dim=-1).indices  # [n, kv_heads, k], best first
     keep = (torch.arange(k) < budgets[:, None, None]).expand_as(best)
-    chosen = torch.zeros(n, kv_heads, longest, dtype=torch.bool)
-    chosen.scatter_(-1, best, keep)
-    # the chosen pages first, each group in ascending order (a stable sort of "not chosen")
-    order = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
-    return order, chosen.sum(-1)
+    # ascending, the pages past a sequence's budget sorted behind its own (as its last page)
+    last = (page_counts - 1)[:, None, None].expand_as(best)
+    pages = torch.where(keep, best, longest).sort(dim=-1).values
+    return torch.minimum(pages, last), keep.sum(-1)
 
 
 def page_rows(
@@ -187,7 +217,7 @@ def decode_reads(
     parts = [
         tuple(t if t.dim() == 3 else t[None] for t in pair) for pair in summaries.values()
     ]  # MLA's summaries have no head dimension: one kv head
-    bounds = page_bounds(queries, parts, tables)
+    bounds = page_bounds(queries, parts, tables, page_counts)
     budgets = torch.tensor([sparse.budget_pages(int(p), block) for p in page_counts])
     pages, chosen = select_pages(
         bounds, page_counts, budgets, sparse.sink_pages, sparse.local_pages
