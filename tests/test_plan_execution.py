@@ -198,6 +198,7 @@ def test_the_kv_cache_allocated_is_the_one_the_plan_sized(demo, kv_dtype, expect
         plan=None,
         vram_budget=None,
         dram_budget=None,
+        sparse_attention=None,
     )
     plan = plan_from_args(args, 64, 2)
     model = load_from_args(args, plan)
@@ -215,7 +216,9 @@ def test_a_saved_plans_kv_dtype_wins(demo, tmp_path):
         "plan", str(demo), "--kv-dtype", "bf16", "--context", "64", "--save", str(tmp_path / "p")
     )
     assert made.returncode == 0, made.stderr
-    args = argparse.Namespace(model=str(demo), dtype="auto", quant="auto", threads=None)
+    args = argparse.Namespace(
+        model=str(demo), dtype="auto", quant="auto", threads=None, sparse_attention=None
+    )
     model = load_from_args(args, load_plan(tmp_path / "p"))
     assert model.new_kv_cache(64).layers[0].dtype == torch.bfloat16
 
