@@ -160,8 +160,29 @@ def decode_batch(kv: PagedKVCache, seqs: list[int], lengths: list[int]) -> Forwa
     return ForwardBatch(slices, kv)
 
 
+@pytest.fixture
+def selection_of_every_page(monkeypatch) -> list:
+    """Decode through the page selection with a budget of every page on sparse layers (where
+    `decode_reads` itself takes the dense rows without bounding any page); returns a list that
+    grows by one per selection made."""
+    from hetero.runtime.attention import numba_decode, page_selection
+
+    made = []
+
+    def select_all(batch, layer, queries, window):
+        sparse = batch.kv.sparse_attention
+        if window is not None or sparse is None or layer < sparse.dense_layers:
+            return page_selection.decode_reads(batch, layer, queries, window)
+        made.append(layer)
+        pages = (batch.lengths + BLOCK - 1) // BLOCK
+        return page_selection.sparse_reads(batch, layer, queries, sparse, pages)
+
+    monkeypatch.setattr(numba_decode, "decode_reads", select_all)
+    return made
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_a_budget_of_every_page_reads_exactly_what_dense_reads(dtype):
+def test_a_budget_of_every_page_reads_exactly_what_dense_reads(dtype, selection_of_every_page):
     g = torch.Generator().manual_seed(SEED)
     kv_heads, heads, d = 2, 8, 32
     spec = KVLayerSpec({"k": (kv_heads, d), "v": (kv_heads, d)}, dtype, summarized=("k",))
@@ -186,8 +207,24 @@ def test_a_budget_of_every_page_reads_exactly_what_dense_reads(dtype):
     dense = NUMBA_DECODE.grouped_query(batch, 2, step)
     kv.sparse_attention = SparseAttention(Fraction(1), dense_layers=0)
     sparse = NUMBA_DECODE.grouped_query(batch, 2, step)
+    assert selection_of_every_page
     torch.testing.assert_close(sparse, dense, rtol=0, atol=0)
     assert kv.decode_pages_read == kv.decode_pages_dense  # every page, both times
+
+
+def test_a_budget_of_every_page_skips_the_bounds(monkeypatch):
+    from hetero.runtime.attention import page_selection
+
+    kv = PagedKVCache(
+        [KVLayerSpec({"k": (1, 4), "v": (1, 4)}, summarized=("k",))], 4, block_size=BLOCK
+    )
+    kv.sparse_attention = SparseAttention(2048, dense_layers=0)
+    seq, _ = kv.new_sequence()
+    kv.reserve(seq, 40)
+    kv.write(0, torch.from_numpy(kv.slot_array(seq, 0, 40)), {"k": torch.ones(40, 1, 4)})
+    monkeypatch.setattr(page_selection, "page_bounds", None)  # would fail if called
+    reads = page_selection.decode_reads(decode_batch(kv, [seq], [40]), 0, [], None)
+    assert reads.counts.tolist() == [[40]]
 
 
 def test_needle_page_is_selected_at_every_depth_reading_a_sixteenth():
@@ -233,10 +270,9 @@ def test_budget_pages_never_drop_the_sinks_and_local_pages():
 # GQA over 4K tokens; MLA over 1K (its torch prefill expands the whole history per chunk)
 @pytest.mark.parametrize("family,length", [("qwen3", 4090), ("deepseek_v2", 1000)])
 def test_greedy_tokens_over_a_long_context_with_every_page_equal_dense(
-    family, length, checkpoint_factory, monkeypatch
+    family, length, checkpoint_factory, selection_of_every_page
 ):
     import hetero
-    from hetero.runtime.attention import page_selection
 
     path, _ = checkpoint_factory(family, max_position_embeddings=4200)
     model = hetero.load(path, dtype="float32", progress=False)
@@ -245,10 +281,7 @@ def test_greedy_tokens_over_a_long_context_with_every_page_equal_dense(
     g = torch.Generator().manual_seed(SEED)
     prompt = torch.randint(0, model.config.vocab_size, (length,), generator=g).tolist()
     dense = model.generate(prompt, max_new_tokens=6)
-    bounded = []
-    real = page_selection.page_bounds
-    monkeypatch.setattr(page_selection, "page_bounds", lambda *a: bounded.append(1) or real(*a))
     model.sparse_attention = SparseAttention(Fraction(1), dense_layers=1)
     sparse = model.generate(prompt, max_new_tokens=6)
-    assert bounded  # the sparse path ran
+    assert selection_of_every_page
     assert sparse.token_ids == dense.token_ids

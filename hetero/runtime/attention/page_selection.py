@@ -210,17 +210,33 @@ def decode_reads(
         pages = (lengths - 1) // block - (lengths - counts[:, 0]) // block + 1
         return DecodeReads(slots, counts, float(pages.sum()), dense_pages)
     sparse, summaries = kv.sparse_attention, kv.summaries[layer]
-    if sparse is None or layer < sparse.dense_layers or not summaries:
-        counts = lengths[:, None]
-        return DecodeReads(batch.read_slots[:, None], counts, float(dense_pages), dense_pages)
+    if sparse is not None and layer >= sparse.dense_layers and summaries:
+        budgets = torch.tensor([sparse.budget_pages(int(p), block) for p in page_counts])
+        if (budgets < page_counts).any():
+            return sparse_reads(batch, layer, queries, sparse, budgets)
+    # dense, or a budget of every page: the same rows in the same order, without the bounds
+    counts = lengths[:, None]
+    return DecodeReads(batch.read_slots[:, None], counts, float(dense_pages), dense_pages)
+
+
+def sparse_reads(
+    batch: ForwardBatch,
+    layer: int,
+    queries: list[torch.Tensor],
+    sparse: SparseAttention,
+    budgets: torch.Tensor,
+) -> DecodeReads:
+    """`decode_reads`' sparse selection: budgets[s] pages of each sequence per kv head."""
+    kv, lengths, block = batch.kv, batch.lengths, batch.kv.block_size
+    page_counts = (lengths + block - 1) // block
+    summaries = kv.summaries[layer]
     tables = batch.read_slots[:, ::block] // block  # [n, longest pages]
     parts = [
         tuple(t if t.dim() == 3 else t[None] for t in pair) for pair in summaries.values()
     ]  # MLA's summaries have no head dimension: one kv head
     bounds = page_bounds(queries, parts, tables, page_counts)
-    budgets = torch.tensor([sparse.budget_pages(int(p), block) for p in page_counts])
     pages, chosen = select_pages(
         bounds, page_counts, budgets, sparse.sink_pages, sparse.local_pages
     )
     slots, counts = page_rows(tables, pages, chosen, lengths, block)
-    return DecodeReads(slots, counts, float(chosen.float().mean(1).sum()), dense_pages)
+    return DecodeReads(slots, counts, float(chosen.float().mean(1).sum()), int(page_counts.sum()))
