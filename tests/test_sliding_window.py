@@ -1,7 +1,6 @@
 """Sliding-window attention against transformers on tiny models with a window of 8 tokens,
 shorter than the prompts: the windowed mask in prefill (logits, float32 1e-4 relative) and the
-window's rows in decode (the same greedy tokens), for every family whose configs have one.
-Mistral's window is in its FAMILY_CONFIGS entry, so test_parity covers it."""
+window's rows in decode (the same greedy tokens), for every family whose configs have one."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ WINDOWED = {
     "qwen2_moe": dict(use_sliding_window=True, sliding_window=8, max_window_layers=2),
     "qwen3_moe": dict(use_sliding_window=True, sliding_window=8),
     "mixtral": dict(sliding_window=8),
+    "mistral": dict(sliding_window=8),
 }
 
 

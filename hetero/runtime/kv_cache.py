@@ -214,7 +214,7 @@ class PagedKVCache:
         copy of the touched blocks' rows: scatter_reduce_ into the whole store cost ~70 ms a
         decode step at 128K tokens, as much as reading it."""
         blocks, which = torch.unique(slots // self.block_size, return_inverse=True)
-        fresh = torch.zeros(len(blocks), dtype=torch.bool)
+        fresh = torch.zeros(len(blocks), dtype=torch.bool, device=blocks.device)
         fresh[which[slots % self.block_size == 0]] = True
         index = which.view(*([1] * (rows.dim() - 2)), -1, 1).expand_as(rows)
         for bound, reduce, start in zip(

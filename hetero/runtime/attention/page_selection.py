@@ -150,13 +150,13 @@ def select_pages(
     (budgets[s] <= page_counts[s]) -> (pages int64 [n, kv_heads, max budget] in ascending order,
     entries past counts[s, h] unused; counts int64 [n, kv_heads])."""
     n, kv_heads, longest = bounds.shape
-    page = torch.arange(longest)
+    page = torch.arange(longest, device=bounds.device)
     own = page_counts[:, None, None]
     forced = (page < sinks) | (page >= own - local)
     score = bounds.masked_fill(forced, math.inf).masked_fill(page >= own, -math.inf)
     k = int(budgets.max())
     best = score.topk(k, dim=-1).indices  # [n, kv_heads, k], best first
-    keep = (torch.arange(k) < budgets[:, None, None]).expand_as(best)
+    keep = (torch.arange(k, device=best.device) < budgets[:, None, None]).expand_as(best)
     # ascending, the pages past a sequence's budget sorted behind its own (as its last page)
     last = (page_counts - 1)[:, None, None].expand_as(best)
     pages = torch.where(keep, best, longest).sort(dim=-1).values
@@ -176,7 +176,8 @@ def page_rows(
     last page may be partial."""
     n, kv_heads, k = pages.shape
     blocks = tables.gather(1, pages.reshape(n, -1)).view(n, kv_heads, k)
-    slots = (blocks[..., None] * block_size + torch.arange(block_size)).view(n, kv_heads, -1)
+    offsets = torch.arange(block_size, device=blocks.device)
+    slots = (blocks[..., None] * block_size + offsets).view(n, kv_heads, -1)
     last_fill = lengths - (lengths - 1) // block_size * block_size  # 1..block_size
     return slots, (counts - 1) * block_size + last_fill[:, None]
 
@@ -190,7 +191,8 @@ def window_rows(
     counts [n, 1])."""
     width = min(window, read_slots.shape[1])
     start = (lengths - window).clamp(min=0)
-    index = (start[:, None] + torch.arange(width)).clamp(max=read_slots.shape[1] - 1)
+    offsets = torch.arange(width, device=read_slots.device)
+    index = (start[:, None] + offsets).clamp(max=read_slots.shape[1] - 1)
     return read_slots.gather(1, index)[:, None], lengths.clamp(max=window)[:, None]
 
 

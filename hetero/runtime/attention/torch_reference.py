@@ -76,7 +76,7 @@ def causal_attention(
         valid = batch.valid[index] if batch.padded else None
         if window is not None:
             lengths = batch.lengths[index]
-            inside = torch.arange(keys.shape[1]) >= (lengths - window)[:, None]
+            inside = torch.arange(keys.shape[1], device=keys.device) >= (lengths - window)[:, None]
             valid = inside if valid is None else valid & inside
         rows = batch.decode_rows
         out[rows] = decode_attention(q[rows], decode_keys, decode_values, valid, scale)
