@@ -20,6 +20,7 @@ from hetero.models.batch import GroupedQueryStep
 from hetero.runtime.attention import NUMBA_DECODE
 from hetero.runtime.attention.page_selection import (
     SparseAttention,
+    compacted_tables,
     page_bounds,
     page_bounds_reference,
     parse_sparse_attention,
@@ -152,6 +153,12 @@ def test_selection_takes_sinks_local_pages_and_the_best_others():
     assert counts.tolist() == [[5], [4]]
     assert pages[0, 0, :5].tolist() == [0, 1, 3, 6, 7]  # sink, best two (9, 8), last two
     assert pages[1, 0, :4].tolist() == [0, 1, 4, 5]  # page 6, 7 lie past its 6 pages
+    tables = torch.arange(16).view(2, 8) * 3  # any blocks
+    lengths = torch.tensor([8 * BLOCK - 5, 6 * BLOCK])
+    blocks, tokens = compacted_tables(tables, pages, counts, lengths, BLOCK)
+    assert blocks[0, 0, :5].tolist() == [0, 3, 9, 18, 21]
+    assert blocks[1, 0, :4].tolist() == [24, 27, 36, 39]
+    assert tokens.tolist() == [[5 * BLOCK - 5], [4 * BLOCK]]  # the last page partial
 
 
 def decode_batch(kv: PagedKVCache, seqs: list[int], lengths: list[int]) -> ForwardBatch:

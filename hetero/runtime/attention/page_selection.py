@@ -163,23 +163,29 @@ def select_pages(
     return torch.minimum(pages, last), keep.sum(-1)
 
 
-def page_rows(
+def compacted_tables(
     tables: torch.Tensor,
     pages: torch.Tensor,
     counts: torch.Tensor,
     lengths: torch.Tensor,
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat rows of the selected pages: tables int64 [n, pages] (blocks), pages [n, kv_heads,
+    """The selected pages as block tables: what a paged decode kernel that takes a block table
+    and a token count per sequence reads (gpu_kernels/paged_attention.py; with one kv head,
+    as MLA has, [n, 1, k] is its [n, k]). tables int64 [n, pages] (blocks), pages [n, kv_heads,
     k] ascending with the sequence's last page among them, counts [n, kv_heads], lengths [n]
-    -> (slots int64 [n, kv_heads, k * block_size], row counts int64 [n, kv_heads]); only the
-    last page may be partial."""
+    -> (blocks int64 [n, kv_heads, k], token counts int64 [n, kv_heads]); only the last page
+    may be partial."""
     n, kv_heads, k = pages.shape
     blocks = tables.gather(1, pages.reshape(n, -1)).view(n, kv_heads, k)
-    offsets = torch.arange(block_size, device=blocks.device)
-    slots = (blocks[..., None] * block_size + offsets).view(n, kv_heads, -1)
     last_fill = lengths - (lengths - 1) // block_size * block_size  # 1..block_size
-    return slots, (counts - 1) * block_size + last_fill[:, None]
+    return blocks, (counts - 1) * block_size + last_fill[:, None]
+
+
+def page_rows(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat rows of blocks [n, kv_heads, k] -> int64 [n, kv_heads, k * block_size]."""
+    offsets = torch.arange(block_size, device=blocks.device)
+    return (blocks[..., None] * block_size + offsets).flatten(-2)
 
 
 def window_rows(
@@ -240,5 +246,6 @@ def sparse_reads(
     pages, chosen = select_pages(
         bounds, page_counts, budgets, sparse.sink_pages, sparse.local_pages
     )
-    slots, counts = page_rows(tables, pages, chosen, lengths, block)
-    return DecodeReads(slots, counts, float(chosen.float().mean(1).sum()), int(page_counts.sum()))
+    blocks, counts = compacted_tables(tables, pages, chosen, lengths, block)
+    read = float(chosen.float().mean(1).sum())
+    return DecodeReads(page_rows(blocks, block), counts, read, int(page_counts.sum()))
