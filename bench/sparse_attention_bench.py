@@ -7,6 +7,7 @@ page bounds, selection, kernel) dense and at each sparse budget, measured interl
 process (medians), their ratio to dense, and the KV bytes read per layer against the cache's
 size; then the needle's hit rate by depth (`hetero.bench.needle_keys`).
 Run: .venv/bin/python bench/sparse_attention_bench.py [--contexts 8192 32768 131072]
+     [--hit-context 8192] [--seeds 4] [--threads N]
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def needle_hits(context: int, budget: Fraction, margin: float, seeds: int, depth
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument(
+        "--contexts", type=int, nargs="*", default=[8192, 32768, 131072], help="none: no timing"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--hit-context", type=int, default=8192)
@@ -106,32 +109,34 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
         f"load average {os.getloadavg()[0]:.2f} at start"
     )
-    kv_token_layer = 2 * KV_HEADS * HEAD_DIM * 2  # k and v, bf16
-    print(
-        f"KV cache: {kv_token_layer} B per token and layer (bf16); page summaries (min and "
-        f"max of the keys per 16-token page) add 1/16 of it"
-    )
-    print()
-    print(
-        "| context | KV per layer | KV total, bench model (8 layers) / Qwen3-30B-A3B (48) | "
-        "mode | ms per layer | x dense | KV pages read | bytes read per layer |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for context in args.contexts:
-        results = decode_ms(context, budgets, args.repeats)
-        dense_ms = results[None][0]
-        size = context * kv_token_layer
-        for mode, (ms, pages) in results.items():
-            name = "dense" if mode is None else f"sparse {mode.budget}"
-            total_pages = -(-(context + 1) // BLOCK)
-            summary_bytes = 0 if mode is None else total_pages * kv_token_layer
-            read = pages * BLOCK * kv_token_layer + summary_bytes
-            print(
-                f"| {context} | {size / 2**20:.0f} MiB | "
-                f"{size * BENCH_LAYERS / 2**30:.2f} / {size * QWEN3_30B_LAYERS / 2**30:.2f} GiB "
-                f"| {name} | {ms:.2f} | {dense_ms / ms:.2f} | {pages:.0f} | "
-                f"{read / 2**20:.1f} MiB |"
-            )
+    if args.contexts:
+        kv_token_layer = 2 * KV_HEADS * HEAD_DIM * 2  # k and v, bf16
+        print(
+            f"KV cache: {kv_token_layer} B per token and layer (bf16); page summaries (min and "
+            f"max of the keys per 16-token page) add 1/16 of it"
+        )
+        print()
+        print(
+            "| context | KV per layer | KV total, bench model (8 layers) / Qwen3-30B-A3B (48) | "
+            "mode | ms per layer | x dense | KV pages read | bytes read per layer |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for context in args.contexts:
+            results = decode_ms(context, budgets, args.repeats)
+            dense_ms = results[None][0]
+            size = context * kv_token_layer
+            for mode, (ms, pages) in results.items():
+                name = "dense" if mode is None else f"sparse {mode.budget}"
+                total_pages = -(-(context + 1) // BLOCK)
+                summary_bytes = 0 if mode is None else total_pages * kv_token_layer
+                read = pages * BLOCK * kv_token_layer + summary_bytes
+                print(
+                    f"| {context} | {size / 2**20:.0f} MiB | "
+                    f"{size * BENCH_LAYERS / 2**30:.2f} / "
+                    f"{size * QWEN3_30B_LAYERS / 2**30:.2f} GiB "
+                    f"| {name} | {ms:.2f} | {dense_ms / ms:.2f} | {pages:.0f} | "
+                    f"{read / 2**20:.1f} MiB |"
+                )
     print()
     depths = np.linspace(0, 1, 11)
     print(
@@ -142,7 +147,7 @@ def main() -> None:
     print("| budget | margin | " + " | ".join(f"{d:.1f}" for d in depths) + " |")
     print("|---|---|" + "---|" * len(depths))
     for budget in budgets:
-        for margin in (2.0, 4.0):
+        for margin in (1.0, 2.0, 4.0):
             rates = needle_hits(args.hit_context, budget, margin, args.seeds, depths)
             print(f"| {budget} | {margin:g} | " + " | ".join(f"{r:.2f}" for r in rates) + " |")
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
