@@ -292,3 +292,23 @@ def test_greedy_tokens_over_a_long_context_with_every_page_equal_dense(
     sparse = model.generate(prompt, max_new_tokens=6)
     assert selection_of_every_page
     assert sparse.token_ids == dense.token_ids
+
+
+def test_served_sparse_attention_reads_fewer_pages_in_metrics(tmp_path):
+    import httpx
+    from server_fixtures import running_server
+
+    args = ["--sparse-attention", "1/16", "--context-length", "2048", "--max-concurrency", "1"]
+    with running_server(tmp_path, *args) as url:
+        body = {"prompt": "one two three " * 300, "max_tokens": 4, "temperature": 0}
+        reply = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        metrics = {
+            line.split()[0]: float(line.split()[1])
+            for line in httpx.get(url + "/metrics").text.splitlines()
+            if line.startswith("hetero_kv_pages_read")
+        }
+    # the demo has four layers and its first two stay dense: (2 P + 2 P / 16) / 4 P of the
+    # pages a dense read takes, for a prompt of P pages (~100)
+    assert 0.5 < metrics["hetero_kv_pages_read_fraction"] < 0.56
+    assert metrics["hetero_kv_pages_read_per_token"] > 0
