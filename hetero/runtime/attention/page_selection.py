@@ -4,9 +4,10 @@ cache's per-page key minima and maxima, the top pages by it plus attention sinks
 pages) and a local window (the last ones).
 
 The selection is a function of (page summaries, queries) returning per-sequence, per-kv-head
-page lists in ascending order, then flat row indices; any decode kernel that reads rows (or
-pages) in place consumes them. With the budget at every page it returns every row in order, so
-sparse attention equals dense exactly."""
+page lists in ascending order (`select_pages`), as block tables with token counts
+(`compacted_tables`, what a block-table kernel takes) or flat rows (`page_rows`, what the CPU
+kernels take); each kernel reads those pages in place. With the budget at every page it
+returns every row in order, so sparse attention equals dense exactly."""
 
 from __future__ import annotations
 
