@@ -92,6 +92,35 @@ def needle_hits(context: int, budget: Fraction, margin: float, seeds: int, depth
     return rates
 
 
+def e2e_decode_tok_s(
+    model_dir: str, context: int, budgets: list[Fraction], new_tokens: int, rounds: int
+) -> dict:
+    """Decode tok/s of a model after a `context`-token random prompt, dense and at each budget:
+    one bf16 cache with page summaries, the prompt prefilled once and then shared through the
+    prefix cache, the modes taken in turn for `rounds` rounds (medians)."""
+    import hetero
+    from hetero.runtime.engine import Engine, Request
+
+    model = hetero.load(model_dir, progress=False)
+    model.sparse_attention = SparseAttention(budgets[0])  # allocates the summaries
+    kv = model.new_kv_cache(context + new_tokens + BLOCK, 2, "bf16")
+    engine = Engine(model.net, model.tokenizer, kv, max_running=1, glue_threads=model.glue_threads)
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist()
+    modes = [None, *(SparseAttention(b) for b in budgets)]
+    rates: dict = {m: [] for m in modes}
+    results: list = []
+    for _ in range(rounds + 1):  # the first round prefills and warms
+        for mode in modes:
+            kv.sparse_attention = mode
+            results.clear()
+            engine.submit(Request(prompt, new_tokens), lambda e: results.append(e.result))
+            while not any(results):
+                engine.step()
+            rates[mode].append(next(r for r in results if r).decode_tok_s)
+    return {m: float(np.median(r[1:])) for m, r in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -101,6 +130,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--hit-context", type=int, default=8192)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--e2e", metavar="MODEL_DIR", help="also decode tok/s of this model")
+    parser.add_argument("--e2e-contexts", type=int, nargs="+", default=[8192])
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -137,6 +168,14 @@ def main() -> None:
                     f"| {name} | {ms:.2f} | {dense_ms / ms:.2f} | {pages:.0f} | "
                     f"{read / 2**20:.1f} MiB |"
                 )
+    if args.e2e:
+        print(f"\nEnd to end, {args.e2e}: decode tok/s (16 tokens, medians of 3 rounds)\n")
+        print("| context | " + " | ".join(["dense", *(f"sparse {b}" for b in budgets)]) + " |")
+        print("|---|" + "---|" * (1 + len(budgets)))
+        for context in args.e2e_contexts:
+            rates = list(e2e_decode_tok_s(args.e2e, context, budgets, 16, 3).values())
+            cells = [f"{r:.2f} ({r / rates[0]:.2f}x)" for r in rates]
+            print(f"| {context} | " + " | ".join(cells) + " |")
     print()
     depths = np.linspace(0, 1, 11)
     print(
