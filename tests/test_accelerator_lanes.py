@@ -90,7 +90,13 @@ def test_cuda_asked_for_without_a_device_is_an_error():
         open_lane("cuda", 1 << 30)
 
 
-def test_lane_experts_match_torch_experts_over_the_same_weights():
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
+def test_lane_experts_match_torch_experts_over_the_same_weights(fused):
+    if fused:  # the cuda lane's kernel; on a CPU-only machine in Triton's interpreter
+        pytest.importorskip("triton", reason="gpu_kernels need Triton (Linux)")
+        from gpu_kernel_device import require_triton
+
+        require_triton()
     seed = torch.seed()
     hidden, size, experts = 24, 40, 5
     reference = TorchExperts(experts, hidden, size)
@@ -100,6 +106,7 @@ def test_lane_experts_match_torch_experts_over_the_same_weights():
     down = torch.stack([m.down_proj.weight for m in reference])
     lane = open_lane("sim", 1 << 20)
     on_lane = LaneExperts(lane, gate_up.detach(), down.detach(), "five experts")
+    on_lane.fused = fused
     for tokens in (1, 7):  # one token; and tokens where expert 4 gets none
         x = torch.randn(tokens, hidden)
         ids = torch.stack([torch.randperm(4)[:2] for _ in range(tokens)])

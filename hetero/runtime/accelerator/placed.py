@@ -72,6 +72,9 @@ class LaneExperts(ExpertBackend, nn.Module):
         self.lane, self.expert_size = lane, double_size // 2
         self.gate_up, self.down = lane.upload(gate_up), lane.upload(down)
         self.num_experts = experts
+        # on a GPU the whole block is one Triton kernel pair (gpu_kernels/fused_moe.py); the
+        # sim lane runs torch, one matmul pair per expert
+        self.fused = lane.device.type == "cuda"
 
     @property
     def nbytes(self) -> int:
@@ -111,7 +114,12 @@ class LaneExperts(ExpertBackend, nn.Module):
     def _compute(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
-        # the seam of gpu_kernels.fused_moe.fused_moe(x, gate_up, down, ids, weights) on cuda
+        if self.fused:
+            from gpu_kernels.fused_moe import fused_moe
+
+            xw = x.to(self.gate_up.dtype)
+            return fused_moe(xw, self.gate_up, self.down, expert_ids, expert_weights).to(x.dtype)
+
         def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
             return self._ffn(xs, self.gate_up[expert], self.down[expert])
 
