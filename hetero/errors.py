@@ -22,10 +22,6 @@ class InvalidRequestError(HeteroError):
     """A generation parameter is out of range."""
 
 
-class KernelGradientError(HeteroError):
-    """A gradient was asked of a module that runs on the CPU kernels, which have no backward."""
-
-
 class CapacityError(HeteroError):
     """A request cannot run now for want of a resource (an accelerator's memory), though the
     request itself is valid: the server answers 503 and serves the others."""

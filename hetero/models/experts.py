@@ -37,6 +37,15 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[tokens, 2 * size] (gate, then up) -> silu(gate) * up, [tokens, size]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
 class ExpertsHandle(Protocol):
     """Routed experts under way: `wait()` blocks until their output is ready and returns it,
     [tokens, hidden], or raises what the computation raised."""
@@ -94,6 +103,13 @@ class TorchExperts(ExpertBackend, nn.ModuleList):
             x, expert_ids, expert_weights, len(self), lambda e, xs: self[e](xs)
         )
         return FinishedExperts(out)
+
+    def expert_projections(self, expert: int) -> tuple[Projection, Projection]:
+        """Expert `expert`'s gate/up projection ([n, hidden] -> [n, 2 * size], gate first, as
+        transformers' fused gate_up_proj) and its down projection ([n, size] -> [n, hidden]),
+        for adapters that change them (LoRA)."""
+        mlp = self[expert]
+        return lambda xs: torch.cat([mlp.gate_proj(xs), mlp.up_proj(xs)], dim=-1), mlp.down_proj
 
 
 def run_grouped_by_expert(

@@ -5,7 +5,8 @@ Same interface as `TorchExperts`, so the runtime can swap a layer's `mlp.experts
 meanwhile. Decode (few tokens) runs the grouped GEMV over all (token, expert) pairs at once,
 parallel over rows; prefill (many tokens) dequantises one expert at a time and uses torch's
 matmul, except where the format's kernel is the faster GEMM too (`runs_many_rows`: the panel
-formats on AVX2)."""
+formats on AVX2). Inputs that need a gradient (training a LoRA over frozen experts) run in
+torch through `frozen_linear`, whose backward reads the same stored matrices."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
@@ -32,11 +32,14 @@ from hetero.models.experts import (
     ExpertBackend,
     ExpertsHandle,
     FinishedExperts,
+    Projection,
     TorchExperts,
     run_grouped_by_expert,
+    swiglu,
 )
+from hetero.runtime.disk import StoredMatrix
 from hetero.runtime.expert_worker import expert_worker
-from hetero.runtime.no_backward import refuse_gradient
+from hetero.runtime.frozen import frozen_linear, needs_gradient
 from hetero.runtime.prefill_matmul import DECODE_MAX_TOKENS, prefill_dtype
 
 
@@ -155,7 +158,8 @@ class NumbaExperts(ExpertBackend, nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> ExpertsHandle:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
-        refuse_gradient(self, x, expert_weights)
+        if needs_gradient(x, expert_weights):  # training: autograd records here, in torch
+            return FinishedExperts(self._differentiable(x, expert_ids, expert_weights))
         worker = expert_worker() if self.overlap else None
         if worker is None:
             return FinishedExperts(self._compute(x, expert_ids, expert_weights))
@@ -165,14 +169,40 @@ class NumbaExperts(ExpertBackend, nn.Module):
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # nothing runs meanwhile: computed in the caller's thread, without a worker handoff
-        refuse_gradient(self, x, expert_weights)
+        if needs_gradient(x, expert_weights):
+            return self._differentiable(x, expert_ids, expert_weights)
         return self._compute(x, expert_ids, expert_weights)
+
+    def expert_projections(self, expert: int) -> tuple[Projection, Projection]:
+        """As `TorchExperts.expert_projections`: from the stored matrices, a row tile at a time
+        (an expert's matrix is dequantised once per tile, forward and backward alike)."""
+
+        def stored(matrix: QuantMatrix) -> StoredMatrix:
+            rows, cols = matrix.shape[1:]
+            return StoredMatrix(
+                (rows, cols),
+                lambda start, stop: torch.from_numpy(matrix.dequantize(expert)[start:stop]),
+            )
+
+        gate_up, down = stored(self.gate_up), stored(self.down)
+        return lambda xs: frozen_linear(xs, gate_up), lambda hs: frozen_linear(hs, down)
+
+    def _differentiable(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # the frozen experts' backward to x and to the routing weights (the path to the router)
+        def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
+            gate_up, down = self.expert_projections(expert)
+            return down(swiglu(gate_up(xs)))
+
+        experts = self.num_experts
+        return run_grouped_by_expert(x.float(), expert_ids, expert_weights, experts, run_expert)
 
     def _compute(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k] -> [tokens, hidden].
-        # detach(): inputs that need a gradient were refused (submit, forward); these have none
+        # detach(): inputs that need a gradient took `_differentiable` (submit, forward)
         if x.shape[0] > DECODE_MAX_TOKENS and not runs_many_rows(self.gate_up, self.path):
             return self._prefill(x, expert_ids, expert_weights)
         top_k = expert_ids.shape[1]
@@ -198,8 +228,7 @@ class NumbaExperts(ExpertBackend, nn.Module):
         def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
             # xs: float32 [expert's tokens, hidden]; the weighted sum stays float32
             gate_up = xs.to(dtype) @ weight(self.gate_up, expert).T
-            gate, up = gate_up.split(self.expert_size, dim=-1)
-            return ((F.silu(gate) * up) @ weight(self.down, expert).T).float()
+            return (swiglu(gate_up) @ weight(self.down, expert).T).float()
 
         out = run_grouped_by_expert(
             x.detach().float(), expert_ids, expert_weights, self.num_experts, run_expert

@@ -1,6 +1,7 @@
 """Weights a plan leaves on disk: they stay memory-mapped in the model file as stored and are
 computed from it a tile at a time, so a model larger than DRAM runs (slower: the OS pages the
-weights in on each use and may drop them again) instead of failing."""
+weights in on each use and may drop them again) instead of failing. Their backward (training a
+LoRA over them) reads the same tiles."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from hetero.formats.gguf_quants import dequantize
+from hetero.runtime.frozen import frozen_linear
 from hetero.runtime.prefill_matmul import prefill_dtype
 
 TILE_BYTES = 64 * 1024 * 1024  # float32 bytes of weight dequantised at a time (disk, prefill)
@@ -47,22 +49,36 @@ class StoredMatrix:
         # weight: [rows, cols], a zero-copy view of the mapped file
         return cls(tuple(weight.shape), lambda start, stop: weight[start:stop].float(), False)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float32 [tokens, in] -> x @ W.T, float32 [tokens, out], one tile at a time, each
-        multiplied in the prefill dtype (hetero/runtime/prefill_matmul.py) if quantised."""
+    def row_tiles(self):
+        """(start, stop) of the row tiles read one at a time: TILE_BYTES of float32 each."""
         out_features, in_features = self.shape
-        y = x.new_empty(x.shape[0], out_features)
-        dtype = prefill_dtype(x) if self.quantized else torch.float32
-        xs = x.to(dtype)
         step = max(1, TILE_BYTES // (4 * in_features))
         for start in range(0, out_features, step):
-            stop = min(start + step, out_features)
+            yield start, min(start + step, out_features)
+
+    def matmul(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x: float32 [tokens, in] -> x @ W.T, float32 [tokens, out], one tile at a time, each
+        multiplied in `dtype` (None: the prefill dtype, hetero/runtime/prefill_matmul.py, if
+        quantised)."""
+        y = x.new_empty(x.shape[0], self.shape[0])
+        if dtype is None:
+            dtype = prefill_dtype(x) if self.quantized else torch.float32
+        xs = x.to(dtype)
+        for start, stop in self.row_tiles():
             tile = self._read_rows(start, stop).to(dtype)
             if dtype == y.dtype:
                 torch.matmul(xs, tile.T, out=y[:, start:stop])
             else:
                 y[:, start:stop] = xs @ tile.T
         return y
+
+    def grad_input(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """grad_out: float32 [tokens, out] -> grad_out @ W, [tokens, in]: the backward of
+        `matmul`, from the same row tiles (W is never transposed or held whole)."""
+        grad_in = grad_out.new_zeros(grad_out.shape[0], self.shape[1])
+        for start, stop in self.row_tiles():
+            grad_in.addmm_(grad_out[:, start:stop], self._read_rows(start, stop))
+        return grad_in
 
 
 class DiskLinear(nn.Module):
@@ -76,9 +92,9 @@ class DiskLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        y = self.weight_file.matmul(x.reshape(-1, self.in_features).float())
+        y = frozen_linear(x.reshape(-1, self.in_features), self.weight_file)
         if self.bias is not None:
-            y += self.bias.float()
+            y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -94,9 +110,8 @@ class DiskMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, hidden] -> [tokens, hidden]
-        flat = x.float()
-        hidden = F.silu(self.gate.matmul(flat)) * self.up.matmul(flat)
-        return self.down.matmul(hidden).to(x.dtype)
+        hidden = F.silu(frozen_linear(x, self.gate)) * frozen_linear(x, self.up)
+        return frozen_linear(hidden, self.down).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"expert_size={self.gate.shape[0]}, on disk"

@@ -24,7 +24,7 @@ from cpu_kernels.quant_matrix import (
 )
 from hetero.runtime.cpu_experts import FLOAT_PANELS, NumbaExperts, matrix_from_weights
 from hetero.runtime.disk import StoredMatrix
-from hetero.runtime.no_backward import refuse_gradient
+from hetero.runtime.frozen import frozen_linear, needs_gradient
 from hetero.runtime.prefill_matmul import DECODE_MAX_TOKENS, prefill_dtype_name
 
 # llama.cpp's K-quant mixes keep the output layer at Q6_K: it decides every token's ranking
@@ -32,9 +32,9 @@ LM_HEAD_TYPE = {T.Q4_K: T.Q6_K}
 
 
 class QuantLinear(nn.Module):
-    """`nn.Linear` over a quantised [out, in] matrix, for inference (an input that needs a
-    gradient is refused): the GEMV for a few tokens, dequantised row tiles and torch's matmul
-    for many."""
+    """`nn.Linear` over a frozen quantised [out, in] matrix: the GEMV for a few tokens,
+    dequantised row tiles and torch's matmul for many, and the tiles again (dX = dY W) for an
+    input that needs a gradient."""
 
     def __init__(self, weight: QuantMatrix, bias: nn.Parameter | None, path: str | None = None):
         super().__init__()
@@ -58,16 +58,18 @@ class QuantLinear(nn.Module):
         return (self.qweight,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]; detach(): only inputs without autograd pass
-        refuse_gradient(self, x)
-        flat = x.detach().reshape(-1, self.in_features).float()
-        if flat.shape[0] <= DECODE_MAX_TOKENS or runs_many_rows(self.qweight, self.path):
+        # x: [..., in] -> [..., out]
+        flat = x.reshape(-1, self.in_features).float()
+        if needs_gradient(x):
+            y = frozen_linear(flat, self._tiles)
+        elif flat.shape[0] <= DECODE_MAX_TOKENS or runs_many_rows(self.qweight, self.path):
             pair_expert = np.zeros(flat.shape[0], np.int64)
-            y = torch.from_numpy(grouped_gemv(self._stacked, flat.numpy(), pair_expert, self.path))
+            rows = flat.detach().numpy()
+            y = torch.from_numpy(grouped_gemv(self._stacked, rows, pair_expert, self.path))
         else:
             y = self._tiles.matmul(flat)
         if self.bias is not None:
-            y += self.bias.float()
+            y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -114,7 +116,6 @@ class JoinedQuantLinear(nn.Module):
         return f"sizes={self.sizes}, passes={len(self.passes)}"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        refuse_gradient(self, x)
         outs = [p(x) for p in self.passes]
         return tuple(outs[k][..., start:stop] for k, start, stop in self._where)
 
