@@ -1,0 +1,237 @@
+"""LoRA over a loaded model: low-rank updates beside frozen linears (attention, shared experts)
+and routed experts, laid out and scaled exactly as PEFT lays them out, so an adapter trained
+here is PEFT's (adapters.py names its tensors):
+- a linear W [out, in]: y = W x + s * B (A x), A [r, in], B [out, r], s = alpha / r;
+- a layer's experts, which transformers stores fused as gate_up_proj [E, 2I, H] and down_proj
+  [E, H, I] and PEFT targets with `target_parameters` (peft/tuners/lora/layer.py, ParamWrapper:
+  W_e + s * B_e A_e): A [r * E, in] holds expert e's A_e in rows e*r..e*r+r-1, B [out, r * E]
+  holds its B_e in columns e, E + e, 2E + e, ... (PEFT reshapes B to [out, r, E])."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetero.errors import InvalidRequestError
+from hetero.models.experts import (
+    ExpertBackend,
+    FinishedExperts,
+    run_grouped_by_expert,
+    swiglu,
+)
+
+TARGET_CHOICES = ("attention", "experts", "shared")
+ATTENTION_PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+)
+SHARED_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+SHARED_BLOCKS = ("shared_expert", "shared_experts")  # Qwen2-MoE's name, DeepSeek's
+# PEFT loads an adapter onto DeepSeek (and Qwen3-MoE) after renaming every `gate_proj`/`up_proj`
+# target to the routed experts' fused gate_up_proj (peft/utils/transformers_weight_conversion.py),
+# so LoRA on DeepSeek's shared experts (`shared_experts.gate_proj`) would not load there
+PEFT_UNLOADABLE_SHARED = "shared_experts"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attention", "experts", "shared")
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise InvalidRequestError(f"the LoRA rank must be >= 1, got {self.rank}")
+        unknown = set(self.targets) - set(TARGET_CHOICES)
+        if unknown or not self.targets:
+            raise InvalidRequestError(
+                f"LoRA targets must be some of {', '.join(TARGET_CHOICES)}; got "
+                f"{','.join(self.targets) or 'none'}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise InvalidRequestError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and "experts" in self.targets:
+            raise InvalidRequestError(
+                "LoRA dropout cannot apply to experts (PEFT's parameter LoRA has none): use "
+                "--lora-dropout 0, or --targets without experts"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LowRank(nn.Module):
+    """The update s * B (A x) of one linear, or of each of `experts` stacked matrices (PEFT's
+    layouts, see the module docstring). float32 whatever the model computes in."""
+
+    def __init__(self, in_features: int, out_features: int, settings: LoraSettings, experts=1):
+        super().__init__()
+        rank = settings.rank
+        self.rank, self.experts, self.scaling = rank, experts, settings.scaling
+        # PEFT's initialisation: A as nn.Linear's default (Kaiming-uniform), B zero
+        self.lora_A = nn.Parameter(torch.empty(rank * experts, in_features))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank * experts))
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, expert: int = 0) -> torch.Tensor:
+        # x: [..., in] -> [..., out], float32
+        a, b = self.lora_A, self.lora_B
+        if self.experts > 1:
+            a = a.view(self.experts, self.rank, -1)[expert]  # [r, in]
+            b = b.view(b.shape[0], self.rank, self.experts)[:, :, expert]  # [out, r]
+        return (self.dropout(x.float()) @ a.T) @ b.T * self.scaling
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear (torch, kernel or disk) plus its low-rank update."""
+
+    def __init__(self, base: nn.Module, settings: LoraSettings):
+        super().__init__()
+        self.base = base
+        self.lora = LowRank(base.in_features, base.out_features, settings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora(x).to(x.dtype)
+
+
+class LoraJoined(nn.Module):
+    """Frozen linears joined into one pass (`JoinedQuantLinear`: q/k/v, gate/up), each part
+    with its own update (None: that part is not adapted)."""
+
+    def __init__(self, base: nn.Module, updates: list[LowRank | None]):
+        super().__init__()
+        self.base = base
+        self.updates = nn.ModuleList(u if u is not None else nn.Identity() for u in updates)
+        self.adapted = [u is not None for u in updates]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.base(x)
+        return tuple(
+            out + update(x).to(x.dtype) if adapted else out
+            for out, update, adapted in zip(outs, self.updates, self.adapted, strict=True)
+        )
+
+
+class LoraExperts(ExpertBackend, nn.Module):
+    """A layer's frozen routed experts (`TorchExperts` or `NumbaExperts`) with updates to each
+    expert's fused gate/up and down projections, computed in torch (autograd records through
+    it; the frozen projections' backward reads the stored weights)."""
+
+    def __init__(self, base: nn.Module, settings: LoraSettings):
+        super().__init__()
+        experts, hidden, size = expert_shape(base)
+        self.base, self.num_experts = base, experts
+        self.gate_up = LowRank(hidden, 2 * size, settings, experts)
+        self.down = LowRank(size, hidden, settings, experts)
+
+    def submit(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor):
+        # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
+        def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
+            gate_up, down = self.base.expert_projections(expert)
+            hidden = swiglu(gate_up(xs) + self.gate_up(xs, expert))
+            return down(hidden) + self.down(hidden, expert)
+
+        out = run_grouped_by_expert(
+            x.float(), expert_ids, expert_weights, self.num_experts, run_expert
+        )
+        return FinishedExperts(out.to(x.dtype))
+
+
+def expert_shape(block: nn.Module) -> tuple[int, int, int]:
+    """(experts, hidden, expert size) of a routed-experts backend that LoRA adapts."""
+    if hasattr(block, "gate_up"):  # NumbaExperts: gate_up [experts, 2 * size, hidden]
+        experts, double_size, hidden = block.gate_up.shape
+        return experts, hidden, double_size // 2
+    first = block[0]  # TorchExperts: GatedMLPs
+    return len(block), first.gate_proj.in_features, first.gate_proj.out_features
+
+
+def default_targets(net: nn.Module) -> tuple[str, ...]:
+    """Every target of `net` whose adapter PEFT loads."""
+    names = {name.rpartition(".")[2] for name, _ in net.named_modules()}
+    if PEFT_UNLOADABLE_SHARED in names:
+        return ("attention", "experts")
+    return TARGET_CHOICES
+
+
+def is_linear(module: nn.Module | None) -> bool:
+    """A frozen linear LoRA wraps: nn.Linear, QuantLinear, DiskLinear (all say their widths)."""
+    return module is not None and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def adapt(net: nn.Module, settings: LoraSettings) -> dict[str, LowRank]:
+    """Put LoRA updates on `net`'s targets (frozen; only the updates train). Returns each
+    update by the transformers module path PEFT keys it under (adapters.py)."""
+    updates: dict[str, LowRank] = {}
+    for name, module in list(net.named_modules()):
+        path = "model." + name
+        leaf = name.rpartition(".")[2]
+        if (
+            "experts" in settings.targets
+            and leaf == "experts"
+            and isinstance(module, ExpertBackend)
+        ):
+            if not hasattr(module, "expert_projections"):
+                raise InvalidRequestError(
+                    f"{name} runs {type(module).__name__}, which LoRA cannot adapt (experts split "
+                    f"between DRAM and disk): train with every expert in DRAM"
+                )
+            wrapped = LoraExperts(module, settings)
+            net.set_submodule(name, wrapped)
+            # PEFT nests its two parameter wrappers: gate_up_proj's is the inner (base_layer)
+            updates[f"{path}.base_layer"] = wrapped.gate_up
+            updates[path] = wrapped.down
+        elif "attention" in settings.targets and leaf == "self_attn":
+            updates.update(adapt_linears(module, path, ATTENTION_PROJECTIONS, settings))
+        elif "shared" in settings.targets and leaf == PEFT_UNLOADABLE_SHARED:
+            raise InvalidRequestError(
+                "LoRA on DeepSeek's shared experts would not load in PEFT (it renames their "
+                "gate_proj/up_proj targets to the routed experts' gate_up_proj): use --targets "
+                "attention,experts"
+            )
+        elif "shared" in settings.targets and leaf in SHARED_BLOCKS:
+            updates.update(adapt_linears(module, path, SHARED_PROJECTIONS, settings))
+    if not updates:
+        raise InvalidRequestError(
+            f"the model has nothing to adapt for --targets {','.join(settings.targets)}"
+        )
+    return updates
+
+
+def adapt_linears(
+    parent: nn.Module, path: str, names: tuple[str, ...], settings: LoraSettings
+) -> dict[str, LowRank]:
+    """Wrap `parent`'s linears named in `names` (and the parts of its joined ones)."""
+    updates = {}
+    for joined_name, parts in getattr(parent, "JOINABLE", {}).items():
+        joined = getattr(parent, joined_name, None)
+        if joined is None:
+            continue
+        width = joined.passes[0].in_features
+        part_updates = [
+            LowRank(width, size, settings) if part in names else None
+            for part, size in zip(parts, joined.sizes, strict=True)
+        ]
+        setattr(parent, joined_name, LoraJoined(joined, part_updates))
+        for part, update in zip(parts, part_updates, strict=True):
+            if update is not None:
+                updates[f"{path}.{part}"] = update
+    for name in names:
+        base = getattr(parent, name, None)
+        if is_linear(base):
+            wrapped = LoraLinear(base, settings)
+            setattr(parent, name, wrapped)
+            updates[f"{path}.{name}"] = wrapped.lora
+    return updates

@@ -1,0 +1,50 @@
+"""The training forward: a batch of examples as one flat batch of sequences (each attends only
+to itself), each layer recomputed in the backward when activations would not fit
+(torch.utils.checkpoint), and the summed cross-entropy of the target tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hetero.runtime.batch import ForwardBatch, SequenceSlice
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: token ids and which of them are targets (predicted from the
+    tokens before them: assistant turns of a chat, every token of a text but the first)."""
+
+    ids: list[int]
+    targets: list[bool]
+
+    @property
+    def target_count(self) -> int:
+        return sum(self.targets[1:])
+
+
+def batch_loss(net: torch.nn.Module, examples: list[Example], recompute: bool) -> torch.Tensor:
+    """Summed cross-entropy over the examples' target tokens (float32 scalar).
+    `recompute`: keep only each layer's input and recompute the layer in the backward."""
+    ids = torch.tensor([i for e in examples for i in e.ids])
+    batch = ForwardBatch([SequenceSlice(None, 0, len(e.ids)) for e in examples], kv=None)
+    # row r predicts token r + 1 of its sequence: every row but each sequence's last
+    rows, labels = [], []
+    start = 0
+    for e in examples:
+        for i in range(1, len(e.ids)):
+            if e.targets[i]:
+                rows.append(start + i - 1)
+                labels.append(e.ids[i])
+        start += len(e.ids)
+    x = net.embed_tokens(ids)
+    for layer in net.layers:
+        if recompute:
+            x = checkpoint(layer, x, batch, use_reentrant=False)
+        else:
+            x = layer(x, batch)
+    logits = net.lm_head(net.norm(x[torch.tensor(rows, dtype=torch.long)]))
+    return F.cross_entropy(logits.float(), torch.tensor(labels), reduction="sum")
