@@ -42,9 +42,6 @@ def batch_loss(net: torch.nn.Module, examples: list[Example], recompute: bool) -
         start += len(e.ids)
     x = net.embed_tokens(ids)
     for layer in net.layers:
-        if recompute:
-            x = checkpoint(layer, x, batch, use_reentrant=False)
-        else:
-            x = layer(x, batch)
+        x = checkpoint(layer, x, batch, use_reentrant=False) if recompute else layer(x, batch)
     logits = net.lm_head(net.norm(x[torch.tensor(rows, dtype=torch.long)]))
     return F.cross_entropy(logits.float(), torch.tensor(labels), reduction="sum")
