@@ -32,7 +32,8 @@ def load(path: str | Path, **options: Any):
 
     Options: dtype ("auto", "float32", "bfloat16", "float16"), threads (CPU threads), quant
     ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32": which weights run on the CPU kernels; see
-    `Model.load`), progress (show a load progress bar)."""
+    `Model.load`), progress (show a load progress bar), adapter (a LoRA adapter directory, as
+    `hetero train` or PEFT writes it, applied to the model)."""
     from hetero.demo import resolve_model_path
     from hetero.runtime.model import Model
 

@@ -11,6 +11,7 @@ from hetero.bench.command import add_bench_command
 from hetero.errors import HeteroError, InvalidRequestError
 from hetero.model_options import add_load_options
 from hetero.profile_command import add_profile_command
+from hetero.train.command import add_train_commands
 from placement.cli import add_placement_commands
 from server.cli import add_serve_command
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(commands)
     add_placement_commands(commands)
     add_profile_command(commands)
+    add_train_commands(commands)
 
     quant = commands.add_parser("quantize", help="write MODEL as a GGUF file (llama.cpp's mixes)")
     quant.add_argument("model", metavar="SRC", help='model directory, .gguf file, or "demo"')

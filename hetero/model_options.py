@@ -46,6 +46,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     )
     add_accelerator_option(p)
     p.add_argument(
+        "--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (hetero train, PEFT)"
+    )
+    p.add_argument(
         "--kv-dtype",
         default="auto",
         choices=KV_DTYPE_NAMES,
@@ -181,6 +184,7 @@ def load_from_args(args: argparse.Namespace, plan: Plan) -> Model:
         plan=plan,
         accelerator=accelerator_of_run(args),
         expert_cache=getattr(args, "expert_cache", "score"),
+        adapter=getattr(args, "adapter", None),
     )
     for line in model.placement.log_lines():
         print(f"hetero: {line}", file=sys.stderr, flush=True)

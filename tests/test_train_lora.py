@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import hetero
-from hetero.train.adapters import save_adapter
-from hetero.train.lora import LoraSettings, adapt, default_targets
+from hetero.runtime.adapters import save_adapter
+from hetero.runtime.lora import LoraSettings, adapt, default_targets
 from hetero.train.loss import Example, batch_loss
 
 SEED = 0

@@ -122,6 +122,7 @@ class Model:
         accelerator: str = "none",
         pcie_gbs: float | None = None,
         expert_cache: str = "score",
+        adapter: str | Path | None = None,
     ) -> Model:
         """Open a Hugging Face model directory or a GGUF file (weights memory-mapped, read
         lazily). `quant`: "auto" runs a GGUF file's quantised and BF16 tensors on the CPU
@@ -133,7 +134,9 @@ class Model:
         runs; a plan made for another model is refused (`PlanMismatchError`). `accelerator`
         ("cuda", "sim", "none") runs the plan's "gpu" groups, within the plan's VRAM budget;
         `pcie_gbs` rate-limits the sim lane's copies; `expert_cache` ("static", "lru",
-        "score"): whether and how a layer's experts on the accelerator change by use."""
+        "score"): whether and how a layer's experts on the accelerator change by use.
+        `adapter`: a LoRA adapter directory (`hetero train`'s or PEFT's) put on the frozen
+        model."""
         model_dir = Path(path).expanduser()
         gguf = is_gguf(model_dir)
         if quant not in QUANT_CHOICES:
@@ -201,7 +204,13 @@ class Model:
             report.seconds += time.perf_counter() - began
             if report.modules:
                 install_cpu_glue(net)
-        net.eval().requires_grad_(False)
+        net.requires_grad_(False)
+        if adapter is not None:
+            from hetero.runtime.adapters import apply_adapter
+
+            apply_adapter(net, adapter)
+            net.requires_grad_(False)
+        net.eval()
         model = cls(model_dir, family, config, net, tokenizer)
         run_groups_on_lane(net, placement)
         model.quant_report = report

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hetero.errors import HeteroError
-from hetero.train.lora import (
+from hetero.runtime.lora import (
     ATTENTION_PROJECTIONS,
     SHARED_BLOCKS,
     LoraSettings,

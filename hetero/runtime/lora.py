@@ -94,6 +94,13 @@ class LowRank(nn.Module):
         return (self.dropout(x.float()) @ a.T) @ b.T * self.scaling
 
 
+def delta_weights(update: LowRank) -> torch.Tensor:
+    """The update as weights, s * B_e A_e for each expert: [experts, out, in] float32."""
+    a = update.lora_A.detach().view(update.experts, update.rank, -1)  # [E, r, in]
+    b = update.lora_B.detach().view(-1, update.rank, update.experts)  # [out, r, E]
+    return torch.einsum("ore,eri->eoi", b, a) * update.scaling
+
+
 class LoraLinear(nn.Module):
     """A frozen linear (torch, kernel or disk) plus its low-rank update."""
 
