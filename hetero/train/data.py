@@ -97,35 +97,47 @@ def encode(record: dict, tokenizer: Tokenizer) -> Example:
 
 
 def encode_chat(messages: list, tokenizer: Tokenizer) -> Example:
-    """A conversation through the chat template, rendered one turn at a time so each
-    assistant turn (what the template adds for it, end-of-turn tokens included) is known."""
+    """A conversation through the chat template. The targets are each assistant turn: from
+    where the template's generation prompt for it ends to the end of its content and the
+    end-of-turn token after it (templates such as Qwen3's render earlier turns differently
+    from the last, so the turns are found in the one rendering of the whole conversation)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+    if not all(isinstance(m, dict) for m in messages):
+        raise ValueError("every message must be a JSON object")
+    if not any(m.get("role") == "assistant" for m in messages):
         raise ValueError("no assistant message to learn from")
-    render = tokenizer.apply_chat_template
-    pieces: list[tuple[str, bool]] = []  # (text, is a target)
-    done = ""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    ends_of_turn = [
+        tokenizer.decode([i], skip_special_tokens=False) for i in tokenizer.eos_token_ids
+    ]
+    spans, searched = [], 0
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") != "assistant":
+        if message.get("role") != "assistant":
             continue
         prompt = (
             tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
         )
-        turn = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
-        if not (prompt.startswith(done) and turn.startswith(prompt)):
-            raise ValueError("the chat template does not render this conversation turn by turn")
-        pieces += [(prompt[len(done) :], False), (turn[len(prompt) :], True)]
-        done = turn
-    rest = render(messages, add_generation_prompt=False)[len(done) :]
-    pieces.append((rest, False))
+        content = message.get("content")
+        start = max(len(prompt), searched)
+        found = isinstance(content, str) and content and text.startswith(prompt)
+        end = text.find(content, start) if found else -1
+        if end < 0:
+            raise ValueError(f"message {i}: cannot find this assistant turn in the template's text")
+        end += len(content)
+        end += next((len(t) for t in ends_of_turn if t and text.startswith(t, end)), 0)
+        spans.append((start, end))
+        searched = end
     ids: list[int] = []
     targets: list[bool] = []
-    for text, target in pieces:
-        if text:
-            piece = tokenizer.encode(text, add_special_tokens=False)
-            ids += piece
-            targets += [target] * len(piece)
+    done = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, target in ((text[done:start], False), (text[start:end], True)):
+            if piece:
+                piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+                ids += piece_ids
+                targets += [target] * len(piece_ids)
+        done = end
     return Example(ids, targets)
 
 
