@@ -126,9 +126,11 @@ def load_into(updates: dict[str, LowRank], directory: Path) -> None:
             tensor.copy_(got[key])
 
 
-def apply_adapter(net: torch.nn.Module, directory: str | Path) -> dict[str, LowRank]:
-    """Put the adapter at `directory` on `net` (for inference or to train on)."""
+def apply_adapter(
+    net: torch.nn.Module, directory: str | Path, name: str = "default"
+) -> dict[str, LowRank]:
+    """Put the adapter at `directory` on `net` under `name` (for inference or to train on)."""
     directory = Path(directory).expanduser()
-    updates = adapt(net, read_settings(directory))
+    updates = adapt(net, read_settings(directory), name)
     load_into(updates, directory)
     return updates

@@ -101,59 +101,133 @@ def delta_weights(update: LowRank) -> torch.Tensor:
     return torch.einsum("ore,eri->eoi", b, a) * update.scaling
 
 
-class LoraLinear(nn.Module):
-    """A frozen linear (torch, kernel or disk) plus its low-rank update."""
+class AdapterRows:
+    """Which rows (tokens) of a forward each of a model's adapters applies to; one object per
+    model, shared by its LoRA modules. Unset (training, one adapter put on a model): the first
+    adapter applies to every row. A server with several adapters sets it before each step:
+    (adapter name or None for the bare model, its rows) for every row of the batch."""
 
-    def __init__(self, base: nn.Module, settings: LoraSettings):
+    def __init__(self):
+        self.names: list[str] = []
+        self.groups: list[tuple[str | None, torch.Tensor]] | None = None
+
+    def active(self) -> list[tuple[str | None, torch.Tensor | None]]:
+        """(adapter, rows) pairs; rows None: every row."""
+        if self.groups is None:
+            return [(self.names[0], None)]
+        return self.groups
+
+    def assign(self, names_and_counts: list[tuple[str | None, int]]) -> None:
+        """Each sequence's adapter and token count, in batch order."""
+        by_name: dict[str | None, list[int]] = {}
+        start = 0
+        for name, count in names_and_counts:
+            by_name.setdefault(name, []).extend(range(start, start + count))
+            start += count
+        self.groups = [(name, torch.tensor(rows)) for name, rows in by_name.items()]
+
+    def delta(self, x: torch.Tensor, updates: nn.ModuleDict) -> torch.Tensor | int:
+        """The updates `updates` (by adapter name) give rows x: [rows, in] -> [rows, out]
+        (0 where no row has an adapter here)."""
+        out: torch.Tensor | int = 0
+        for name, rows in self.active():
+            if name not in updates:
+                continue
+            if rows is None:
+                return updates[name](x).to(x.dtype)
+            part = updates[name](x[rows]).to(x.dtype)
+            if isinstance(out, int):
+                out = x.new_zeros(x.shape[0], part.shape[1])
+            out[rows] = part
+        return out
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear (torch, kernel or disk) plus the low-rank update of each adapter."""
+
+    def __init__(self, base: nn.Module, rows: AdapterRows):
         super().__init__()
-        self.base = base
-        self.lora = LowRank(base.in_features, base.out_features, settings)
+        self.base, self.rows = base, rows
+        self.adapters = nn.ModuleDict()
+
+    def add(self, name: str, settings: LoraSettings) -> LowRank:
+        update = LowRank(self.base.in_features, self.base.out_features, settings)
+        self.adapters[name] = update
+        return update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora(x).to(x.dtype)
+        return self.base(x) + self.rows.delta(x, self.adapters)
 
 
 class LoraJoined(nn.Module):
     """Frozen linears joined into one pass (`JoinedQuantLinear`: q/k/v, gate/up), each part
-    with its own update (None: that part is not adapted)."""
+    with the updates of the adapters that adapt it."""
 
-    def __init__(self, base: nn.Module, updates: list[LowRank | None]):
+    def __init__(self, base: nn.Module, rows: AdapterRows):
         super().__init__()
-        self.base = base
-        self.updates = nn.ModuleList(u if u is not None else nn.Identity() for u in updates)
-        self.adapted = [u is not None for u in updates]
+        self.base, self.rows = base, rows
+        self.parts = nn.ModuleList(nn.ModuleDict() for _ in base.sizes)
+
+    def add(self, name: str, part: int, settings: LoraSettings) -> LowRank:
+        update = LowRank(self.base.passes[0].in_features, self.base.sizes[part], settings)
+        self.parts[part][name] = update
+        return update
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = self.base(x)
         return tuple(
-            out + update(x).to(x.dtype) if adapted else out
-            for out, update, adapted in zip(outs, self.updates, self.adapted, strict=True)
+            out + self.rows.delta(x, updates) for out, updates in zip(outs, self.parts, strict=True)
         )
 
 
 class LoraExperts(ExpertBackend, nn.Module):
-    """A layer's frozen routed experts (`TorchExperts` or `NumbaExperts`) with updates to each
-    expert's fused gate/up and down projections, computed in torch (autograd records through
-    it; the frozen projections' backward reads the stored weights)."""
+    """A layer's frozen routed experts (`TorchExperts` or `NumbaExperts`) with each adapter's
+    updates to every expert's fused gate/up and down projections, computed in torch (autograd
+    records through it; the frozen projections' backward reads the stored weights). Rows
+    without an adapter run on the base backend as they would without LoRA."""
 
-    def __init__(self, base: nn.Module, settings: LoraSettings):
+    def __init__(self, base: nn.Module, rows: AdapterRows):
         super().__init__()
-        experts, hidden, size = expert_shape(base)
-        self.base, self.num_experts = base, experts
-        self.gate_up = LowRank(hidden, 2 * size, settings, experts)
-        self.down = LowRank(size, hidden, settings, experts)
+        self.base, self.rows = base, rows
+        self.num_experts = expert_shape(base)[0]
+        self.gate_up, self.down = nn.ModuleDict(), nn.ModuleDict()
+
+    def add(self, name: str, settings: LoraSettings) -> tuple[LowRank, LowRank]:
+        experts, hidden, size = expert_shape(self.base)
+        self.gate_up[name] = LowRank(hidden, 2 * size, settings, experts)
+        self.down[name] = LowRank(size, hidden, settings, experts)
+        return self.gate_up[name], self.down[name]
 
     def submit(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor):
         # x: [tokens, hidden]; expert_ids, expert_weights: [tokens, top_k]
+        groups = self.rows.active()
+        if groups[0][1] is None:
+            return FinishedExperts(self._adapted(groups[0][0], x, expert_ids, expert_weights))
+        out = torch.zeros_like(x)
+        for name, rows in groups:
+            out[rows] = self._adapted(name, x[rows], expert_ids[rows], expert_weights[rows])
+        return FinishedExperts(out)
+
+    def _adapted(
+        self,
+        name: str | None,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        expert_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        if name not in self.gate_up:
+            return self.base.submit(x, expert_ids, expert_weights).wait()
+        gate_up_update, down_update = self.gate_up[name], self.down[name]
+
         def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
             gate_up, down = self.base.expert_projections(expert)
-            hidden = swiglu(gate_up(xs) + self.gate_up(xs, expert))
-            return down(hidden) + self.down(hidden, expert)
+            hidden = swiglu(gate_up(xs) + gate_up_update(xs, expert))
+            return down(hidden) + down_update(hidden, expert)
 
         out = run_grouped_by_expert(
             x.float(), expert_ids, expert_weights, self.num_experts, run_expert
         )
-        return FinishedExperts(out.to(x.dtype))
+        return out.to(x.dtype)
 
 
 def expert_shape(block: nn.Module) -> tuple[int, int, int]:
@@ -178,30 +252,30 @@ def is_linear(module: nn.Module | None) -> bool:
     return module is not None and hasattr(module, "in_features") and hasattr(module, "out_features")
 
 
-def adapt(net: nn.Module, settings: LoraSettings) -> dict[str, LowRank]:
-    """Put LoRA updates on `net`'s targets (frozen; only the updates train). Returns each
-    update by the transformers module path PEFT keys it under (adapters.py)."""
+def adapt(net: nn.Module, settings: LoraSettings, name: str = "default") -> dict[str, LowRank]:
+    """Put adapter `name`'s LoRA updates on `net`'s targets (frozen; only the updates train;
+    a model may hold several adapters, see `AdapterRows`). Returns each update by the
+    transformers module path PEFT keys it under (adapters.py)."""
+    rows = adapter_rows(net)
+    if name in rows.names:
+        raise InvalidRequestError(f"the model already has an adapter named {name!r}")
     updates: dict[str, LowRank] = {}
-    for name, module in list(net.named_modules()):
-        path = "model." + name
-        leaf = name.rpartition(".")[2]
-        if (
-            "experts" in settings.targets
-            and leaf == "experts"
-            and isinstance(module, ExpertBackend)
-        ):
-            if not hasattr(module, "expert_projections"):
-                raise InvalidRequestError(
-                    f"{name} runs {type(module).__name__}, which LoRA cannot adapt (experts split "
-                    f"between DRAM and disk): train with every expert in DRAM"
-                )
-            wrapped = LoraExperts(module, settings)
-            net.set_submodule(name, wrapped)
+    for module_name, module in list(net.named_modules()):
+        path = "model." + module_name
+        leaf = module_name.rpartition(".")[2]
+        if "experts" in settings.targets and leaf == "experts":
+            if not isinstance(module, LoraExperts):
+                if not hasattr(module, "expert_projections"):
+                    raise InvalidRequestError(
+                        f"{module_name} runs {type(module).__name__}, which LoRA cannot adapt "
+                        f"(experts split between DRAM and disk): train with every expert in DRAM"
+                    )
+                module = LoraExperts(module, rows)
+                net.set_submodule(module_name, module)
             # PEFT nests its two parameter wrappers: gate_up_proj's is the inner (base_layer)
-            updates[f"{path}.base_layer"] = wrapped.gate_up
-            updates[path] = wrapped.down
+            updates[f"{path}.base_layer"], updates[path] = module.add(name, settings)
         elif "attention" in settings.targets and leaf == "self_attn":
-            updates.update(adapt_linears(module, path, ATTENTION_PROJECTIONS, settings))
+            updates.update(adapt_linears(module, path, ATTENTION_PROJECTIONS, settings, name, rows))
         elif "shared" in settings.targets and leaf == PEFT_UNLOADABLE_SHARED:
             raise InvalidRequestError(
                 "LoRA on DeepSeek's shared experts would not load in PEFT (it renames their "
@@ -209,36 +283,48 @@ def adapt(net: nn.Module, settings: LoraSettings) -> dict[str, LowRank]:
                 "attention,experts"
             )
         elif "shared" in settings.targets and leaf in SHARED_BLOCKS:
-            updates.update(adapt_linears(module, path, SHARED_PROJECTIONS, settings))
+            updates.update(adapt_linears(module, path, SHARED_PROJECTIONS, settings, name, rows))
     if not updates:
         raise InvalidRequestError(
             f"the model has nothing to adapt for --targets {','.join(settings.targets)}"
         )
+    rows.names.append(name)
     return updates
 
 
+def adapter_rows(net: nn.Module) -> AdapterRows:
+    """The model's `AdapterRows` (made on its first adapter)."""
+    if not hasattr(net, "adapter_rows"):
+        net.adapter_rows = AdapterRows()
+    return net.adapter_rows
+
+
 def adapt_linears(
-    parent: nn.Module, path: str, names: tuple[str, ...], settings: LoraSettings
+    parent: nn.Module,
+    path: str,
+    names: tuple[str, ...],
+    settings: LoraSettings,
+    adapter: str,
+    rows: AdapterRows,
 ) -> dict[str, LowRank]:
-    """Wrap `parent`'s linears named in `names` (and the parts of its joined ones)."""
+    """Add the adapter's updates to `parent`'s linears named in `names` (and to the parts of
+    its joined ones), wrapping each on its first adapter."""
     updates = {}
     for joined_name, parts in getattr(parent, "JOINABLE", {}).items():
         joined = getattr(parent, joined_name, None)
         if joined is None:
             continue
-        width = joined.passes[0].in_features
-        part_updates = [
-            LowRank(width, size, settings) if part in names else None
-            for part, size in zip(parts, joined.sizes, strict=True)
-        ]
-        setattr(parent, joined_name, LoraJoined(joined, part_updates))
-        for part, update in zip(parts, part_updates, strict=True):
-            if update is not None:
-                updates[f"{path}.{part}"] = update
+        if not isinstance(joined, LoraJoined):
+            joined = LoraJoined(joined, rows)
+            setattr(parent, joined_name, joined)
+        for i, part in enumerate(parts):
+            if part in names:
+                updates[f"{path}.{part}"] = joined.add(adapter, i, settings)
     for name in names:
-        base = getattr(parent, name, None)
-        if is_linear(base):
-            wrapped = LoraLinear(base, settings)
-            setattr(parent, name, wrapped)
-            updates[f"{path}.{name}"] = wrapped.lora
+        linear = getattr(parent, name, None)
+        if is_linear(linear) and not isinstance(linear, LoraLinear):
+            linear = LoraLinear(linear, rows)
+            setattr(parent, name, linear)
+        if isinstance(linear, LoraLinear):
+            updates[f"{path}.{name}"] = linear.add(adapter, settings)
     return updates
