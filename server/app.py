@@ -118,18 +118,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.served_name,
-                    "object": "model",
-                    "created": int(state.started),
-                    "owned_by": "hetero",
-                    "max_model_len": state.context_length,
-                }
-            ],
+        base = {
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": "hetero",
+            "max_model_len": state.context_length,
         }
+        # adapters as vLLM lists its LoRA modules: their own ids, the model as parent
+        adapters = [
+            {"id": name, **base, "root": name, "parent": state.served_name}
+            for name in state.adapters
+        ]
+        return {"object": "list", "data": [{"id": state.served_name, **base}, *adapters]}
 
     @app.post("/api/chat")
     async def api_chat(request: Request):

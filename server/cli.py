@@ -54,6 +54,13 @@ def add_serve_command(commands) -> None:
         metavar="FILE",
         help="Jinja chat template to use instead of the model's",
     )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help="LoRA adapters served beside the model, each chosen by requests naming NAME",
+    )
     add_load_options(p)
     p.set_defaults(run=run_serve)
 
@@ -90,7 +97,13 @@ def run_serve(args: argparse.Namespace) -> int:
         template = Path(args.chat_template).read_text(encoding="utf-8")
     # the plan sizes the KV cache: its tokens per sequence and sequences are what is allocated
     plan = plan_from_args(args, args.context_length or DEFAULT_CONTEXT, args.max_concurrency)
+    adapters = parse_lora_modules(args.lora_modules)
     model = load_from_args(args, plan)
+    if adapters:
+        from hetero.runtime.adapters import apply_adapter
+
+        for adapter_name, directory in adapters.items():
+            apply_adapter(model.net, directory, adapter_name, default=False)
     if template is not None:
         model.tokenizer.chat_templates["default"] = template
     context = min(plan.workload.context, model.config.context_limit)
@@ -105,7 +118,11 @@ def run_serve(args: argparse.Namespace) -> int:
         glue_threads=model.glue_threads,
     )
     name = args.served_model_name or ("demo" if args.model == "demo" else model.name)
-    state = ServerState(model, engine, name, context, api_key=args.api_key)
+    if name in adapters:
+        raise InvalidRequestError(f"the adapter name {name!r} is the model's served name")
+    state = ServerState(
+        model, engine, name, context, api_key=args.api_key, adapters=tuple(adapters)
+    )
     # built now rather than by the first request that needs them, on the event loop's thread:
     # the grammar tokenizer takes about a second on a 150k vocabulary, a GGUF header a moment
     state.grammars, state.info  # noqa: B018
@@ -134,6 +151,19 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def parse_lora_modules(specs: list[str]) -> dict[str, str]:
+    """--lora-modules NAME=DIR ... as {name: directory}."""
+    adapters = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise InvalidRequestError(f"--lora-modules takes NAME=DIR; got {spec!r}")
+        if name in adapters:
+            raise InvalidRequestError(f"--lora-modules names {name!r} twice")
+        adapters[name] = directory
+    return adapters
 
 
 def kv_dtype_names(kv) -> str:

@@ -161,9 +161,11 @@ def prepare(
     ignore_eos: bool = False,
     grammar: Grammar | None = None,
     tool_use: ToolUse = NO_TOOLS,
+    adapter: str | None = None,
 ) -> Prepared:
     """Tokenise, check the context window, and build the engine request. `ignore_eos`: run to
-    max_tokens past the model's end-of-sequence tokens (vLLM's flag, for benchmarks)."""
+    max_tokens past the model's end-of-sequence tokens (vLLM's flag, for benchmarks);
+    `adapter`: the LoRA adapter the request runs with (None: the model as loaded)."""
     if isinstance(prompt, str):
         prompt_ids = model.tokenizer.encode(prompt, add_special_tokens=not chat)
     else:
@@ -190,6 +192,7 @@ def prepare(
         eos_token_ids=frozenset() if ignore_eos else frozenset(model.eos_token_ids),
         logprobs=logprobs,
         grammar=grammar,
+        adapter=adapter,
     )
     # under a grammar the whole reply is the answer (JSON, tool calls), even where the template
     # opened a <think> block

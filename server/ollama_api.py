@@ -50,7 +50,7 @@ def prepare_ollama(
     chat: bool,
     tool_use: ToolUse = NO_TOOLS,
 ):
-    state.check_model(field(body, "model", str))
+    adapter = state.check_model(field(body, "model", str))
     options = field(body, "options", dict, {})
     num_predict = field(options, "num_predict", int, None)
     max_tokens = None if num_predict is None or num_predict < 0 else max(num_predict, 1)
@@ -65,6 +65,7 @@ def prepare_ollama(
         chat=chat,
         grammar=ollama_format(body, state.grammars),
         tool_use=tool_use,
+        adapter=adapter,
     )
 
 

@@ -21,14 +21,16 @@ from server.tool_calls import read_tool_use
 from server.validation import RequestError, field, stop_strings
 
 
-def check_common(state: ServerState, body: dict[str, Any]) -> None:
-    state.check_model(field(body, "model", str, state.served_name))
+def check_common(state: ServerState, body: dict[str, Any]) -> str | None:
+    """Checks every request shares; returns the LoRA adapter its model name asks for."""
+    adapter = state.check_model(field(body, "model", str, state.served_name))
     if field(body, "n", int, 1) != 1:
         raise RequestError(
             "'n' must be 1: this server returns one choice per request; send n requests "
             "(with different seeds) for n choices",
             param="n",
         )
+    return adapter
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:
@@ -73,7 +75,7 @@ def error_event(event: Event) -> str:
 
 
 async def chat_completions(state: ServerState, body: dict[str, Any], http_request) -> Any:
-    check_common(state, body)
+    adapter = check_common(state, body)
     stream = field(body, "stream", bool, False)
     include_usage = bool(field(body, "stream_options", dict, {}).get("include_usage"))
     want_logprobs = field(body, "logprobs", bool, False)
@@ -103,6 +105,7 @@ async def chat_completions(state: ServerState, body: dict[str, Any], http_reques
         ignore_eos=field(body, "ignore_eos", bool, False),
         grammar=grammar or tool_use.grammar,
         tool_use=tool_use,
+        adapter=adapter,
     )
     events = EventStream(state.engine, prepared.request)
     meta = {
@@ -206,7 +209,7 @@ def chat_logprobs(state: ServerState, logprobs: list[TokenLogprob]) -> dict[str,
 
 
 async def completions(state: ServerState, body: dict[str, Any], http_request) -> Any:
-    check_common(state, body)
+    adapter = check_common(state, body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -235,6 +238,7 @@ async def completions(state: ServerState, body: dict[str, Any], http_request) ->
         logprobs,
         chat=False,
         ignore_eos=field(body, "ignore_eos", bool, False),
+        adapter=adapter,
     )
     echoed = "" if not echo else prompt if isinstance(prompt, str) else state.token_texts(prompt)
     events = EventStream(state.engine, prepared.request)

@@ -27,16 +27,22 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     started: float = field(default_factory=time.time)
+    adapters: tuple[str, ...] = ()  # LoRA adapters served beside the model, by their names
 
-    def check_model(self, name: str) -> None:
-        # Ollama clients add a ":latest" tag to bare names
-        if name not in (self.served_name, f"{self.served_name}:latest"):
-            raise RequestError(
-                f"the model '{name}' does not exist; this server serves '{self.served_name}'",
-                status=404,
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter a request's model name asks for (None: the model itself)."""
+        name = name.removesuffix(":latest")  # Ollama clients add it to bare names
+        if name == self.served_name:
+            return None
+        if name in self.adapters:
+            return name
+        served = ", ".join(f"'{n}'" for n in (self.served_name, *self.adapters))
+        raise RequestError(
+            f"the model '{name}' does not exist; this server serves {served}",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
 
     @cached_property
     def info(self) -> ModelInfo:

@@ -127,10 +127,11 @@ def load_into(updates: dict[str, LowRank], directory: Path) -> None:
 
 
 def apply_adapter(
-    net: torch.nn.Module, directory: str | Path, name: str = "default"
+    net: torch.nn.Module, directory: str | Path, name: str = "default", default: bool = True
 ) -> dict[str, LowRank]:
-    """Put the adapter at `directory` on `net` under `name` (for inference or to train on)."""
+    """Put the adapter at `directory` on `net` under `name` (for inference or to train on;
+    `default`: it applies where a request names no adapter)."""
     directory = Path(directory).expanduser()
-    updates = adapt(net, read_settings(directory), name)
+    updates = adapt(net, read_settings(directory), name, default)
     load_into(updates, directory)
     return updates

@@ -58,6 +58,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's plus top n
     grammar: Grammar | None = None  # constrained decoding: only tokens the grammar allows
+    adapter: str | None = None  # the LoRA adapter it runs with (a model may hold several)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class Engine:
         kernels, and one thread spares a second pool of spinning threads beside the kernels'
         (on a loaded machine, two pools of two threads on two cores stall each other)."""
         self.net = net
+        self.adapter_rows = getattr(net, "adapter_rows", None)  # a model with LoRA adapters
         self.glue_threads = glue_threads
         self.tokenizer = tokenizer
         self.kv = kv
@@ -236,7 +238,7 @@ class Engine:
                     return
                 sequence = self.waiting[0]
             request = sequence.request
-            seq, cached = self.kv.new_sequence(request.prompt_ids)
+            seq, cached = self.kv.new_sequence(request.prompt_ids, request.adapter or "")
             try:
                 self.kv.reserve(seq, len(request.prompt_ids) + request.max_new_tokens)
             except KVCacheFullError:
@@ -276,6 +278,8 @@ class Engine:
             if small and self.glue_threads:
                 torch.set_num_threads(self.glue_threads)
             with torch.inference_mode():
+                if self.adapter_rows is not None:
+                    self.adapter_rows.assign([(s.request.adapter, n) for s, n in scheduled])
                 batch = ForwardBatch(slices, self.kv)
                 logits = self.net(torch.tensor(ids), batch, logit_rows=rows).float()
         finally:

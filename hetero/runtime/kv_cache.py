@@ -44,6 +44,7 @@ class KVLayerSpec:
 class _SequenceBlocks:
     table: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
+    root: int = 0  # the parent hash of the first block: its namespace
 
 
 class PagedKVCache:
@@ -116,18 +117,19 @@ class PagedKVCache:
     def block_table(self, seq: int) -> list[int]:
         return self._sequences[seq].table
 
-    def new_sequence(self, prompt: list[int] | None = None) -> tuple[int, int]:
-        """Open a sequence; with a prompt, share its longest cached prefix of full blocks.
+    def new_sequence(self, prompt: list[int] | None = None, namespace: str = "") -> tuple[int, int]:
+        """Open a sequence; with a prompt, share its longest cached prefix of full blocks
+        cached in the same `namespace` (a LoRA adapter's name: its keys and values differ).
         Returns (sequence id, number of prompt tokens already in the cache). At least one
         prompt token is always left to compute, so the caller gets logits."""
         seq = self._next_id
         self._next_id += 1
-        blocks = _SequenceBlocks()
+        blocks = _SequenceBlocks(root=hash(namespace) if namespace else 0)
         self._sequences[seq] = blocks
         if not prompt:
             return seq, 0
         usable = (len(prompt) - 1) // self.block_size
-        parent = 0
+        parent = blocks.root
         for i in range(usable):
             h = block_hash(parent, prompt[i * self.block_size : (i + 1) * self.block_size])
             block = self._block_of.get(h)
@@ -160,7 +162,7 @@ class PagedKVCache:
         tokens), so later prompts can share them."""
         blocks = self._sequences[seq]
         full = len(tokens) // self.block_size
-        parent = blocks.hashes[-1] if blocks.hashes else 0
+        parent = blocks.hashes[-1] if blocks.hashes else blocks.root
         for i in range(len(blocks.hashes), full):
             h = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             block = blocks.table[i]

@@ -103,27 +103,31 @@ def delta_weights(update: LowRank) -> torch.Tensor:
 
 class AdapterRows:
     """Which rows (tokens) of a forward each of a model's adapters applies to; one object per
-    model, shared by its LoRA modules. Unset (training, one adapter put on a model): the first
-    adapter applies to every row. A server with several adapters sets it before each step:
-    (adapter name or None for the bare model, its rows) for every row of the batch."""
+    model, shared by its LoRA modules. Unset (training, `Model.logits`): the default adapter
+    (None: none) applies to every row. The engine sets it before each step from its requests'
+    adapters (a request naming none gets the default)."""
 
     def __init__(self):
         self.names: list[str] = []
+        self.default: str | None = None
         self.groups: list[tuple[str | None, torch.Tensor]] | None = None
 
     def active(self) -> list[tuple[str | None, torch.Tensor | None]]:
         """(adapter, rows) pairs; rows None: every row."""
         if self.groups is None:
-            return [(self.names[0], None)]
+            return [(self.default, None)]
         return self.groups
 
     def assign(self, names_and_counts: list[tuple[str | None, int]]) -> None:
-        """Each sequence's adapter and token count, in batch order."""
+        """Each sequence's adapter (None: the default) and token count, in batch order."""
         by_name: dict[str | None, list[int]] = {}
         start = 0
         for name, count in names_and_counts:
-            by_name.setdefault(name, []).extend(range(start, start + count))
+            by_name.setdefault(name or self.default, []).extend(range(start, start + count))
             start += count
+        if len(by_name) == 1:  # one adapter (or none) for the whole batch: no row gathers
+            self.groups = [(next(iter(by_name)), None)]
+            return
         self.groups = [(name, torch.tensor(rows)) for name, rows in by_name.items()]
 
     def delta(self, x: torch.Tensor, updates: nn.ModuleDict) -> torch.Tensor | int:
@@ -252,10 +256,13 @@ def is_linear(module: nn.Module | None) -> bool:
     return module is not None and hasattr(module, "in_features") and hasattr(module, "out_features")
 
 
-def adapt(net: nn.Module, settings: LoraSettings, name: str = "default") -> dict[str, LowRank]:
+def adapt(
+    net: nn.Module, settings: LoraSettings, name: str = "default", default: bool = True
+) -> dict[str, LowRank]:
     """Put adapter `name`'s LoRA updates on `net`'s targets (frozen; only the updates train;
-    a model may hold several adapters, see `AdapterRows`). Returns each update by the
-    transformers module path PEFT keys it under (adapters.py)."""
+    a model may hold several adapters, see `AdapterRows`; `default`: the one rows that name
+    no adapter get). Returns each update by the transformers module path PEFT keys it under
+    (adapters.py)."""
     rows = adapter_rows(net)
     if name in rows.names:
         raise InvalidRequestError(f"the model already has an adapter named {name!r}")
@@ -289,6 +296,8 @@ def adapt(net: nn.Module, settings: LoraSettings, name: str = "default") -> dict
             f"the model has nothing to adapt for --targets {','.join(settings.targets)}"
         )
     rows.names.append(name)
+    if default:
+        rows.default = name
     return updates
 
 
