@@ -75,9 +75,13 @@ class StoredMatrix:
     def grad_input(self, grad_out: torch.Tensor) -> torch.Tensor:
         """grad_out: float32 [tokens, out] -> grad_out @ W, [tokens, in]: the backward of
         `matmul`, from the same row tiles (W is never transposed or held whole)."""
-        grad_in = grad_out.new_zeros(grad_out.shape[0], self.shape[1])
+        grad_in = None
         for start, stop in self.row_tiles():
-            grad_in.addmm_(grad_out[:, start:stop], self._read_rows(start, stop))
+            tile = self._read_rows(start, stop)
+            if grad_in is None:  # the first tile writes, the others add: no zero-fill pass
+                grad_in = grad_out[:, start:stop] @ tile
+            else:
+                grad_in.addmm_(grad_out[:, start:stop], tile)
         return grad_in
 
 

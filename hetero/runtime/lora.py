@@ -91,7 +91,8 @@ class LowRank(nn.Module):
         if self.experts > 1:
             a = a.view(self.experts, self.rank, -1)[expert]  # [r, in]
             b = b.view(b.shape[0], self.rank, self.experts)[:, :, expert]  # [out, r]
-        return (self.dropout(x.float()) @ a.T) @ b.T * self.scaling
+        # scaled at rank width, the narrowest point
+        return ((self.dropout(x.float()) @ a.T) * self.scaling) @ b.T
 
 
 def delta_weights(update: LowRank) -> torch.Tensor:
