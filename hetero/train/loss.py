@@ -1,5 +1,5 @@
 """The training forward: a batch of examples as one flat batch of sequences (each attends only
-to itself), each layer recomputed in the backward when activations would not fit
+to itself), each layer and the head recomputed in the backward when activations would not fit
 (torch.utils.checkpoint), and the summed cross-entropy of the target tokens."""
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hetero.runtime.batch import ForwardBatch, SequenceSlice
+
+# rows of the head computed at a time when recomputing: [256, vocab] float32 logits (150 MiB
+# at a 152k vocabulary) alive instead of [tokens, vocab]
+HEAD_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -43,5 +47,23 @@ def batch_loss(net: torch.nn.Module, examples: list[Example], recompute: bool) -
     x = net.embed_tokens(ids)
     for layer in net.layers:
         x = checkpoint(layer, x, batch, use_reentrant=False) if recompute else layer(x, batch)
-    logits = net.lm_head(net.norm(x[torch.tensor(rows, dtype=torch.long)]))
-    return F.cross_entropy(logits.float(), torch.tensor(labels), reduction="sum")
+    x, targets = x[torch.tensor(rows, dtype=torch.long)], torch.tensor(labels)
+    if not recompute:
+        return head_loss(net, x, targets)
+    # the head too, a chunk of rows at a time: its logits are the largest activation
+    chunks = range(0, len(rows), HEAD_CHUNK_ROWS)
+    return sum(
+        checkpoint(
+            head_loss,
+            net,
+            x[i : i + HEAD_CHUNK_ROWS],
+            targets[i : i + HEAD_CHUNK_ROWS],
+            use_reentrant=False,
+        )
+        for i in chunks
+    )
+
+
+def head_loss(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """x: [rows, hidden] -> the summed cross-entropy of their next tokens `targets` [rows]."""
+    return F.cross_entropy(net.lm_head(net.norm(x)).float(), targets, reduction="sum")
