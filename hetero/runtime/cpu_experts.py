@@ -187,6 +187,16 @@ class NumbaExperts(ExpertBackend, nn.Module):
         gate_up, down = stored(self.gate_up), stored(self.down)
         return lambda xs: frozen_linear(xs, gate_up), lambda hs: frozen_linear(hs, down)
 
+    def runs_pairs(self, tokens: int) -> bool:
+        """Whether `tokens` tokens take the grouped GEMV over (token, expert) pairs (decode)."""
+        return tokens <= DECODE_MAX_TOKENS or runs_many_rows(self.gate_up, self.path)
+
+    def pair_matmul(self, which: str, rows: np.ndarray, pair_expert: np.ndarray) -> np.ndarray:
+        """Row i of rows [pairs, in] (float32) through expert pair_expert[i]'s `which` matrix
+        ("gate_up" or "down") -> [pairs, out]: the grouped GEMV, for adapters that change
+        what runs between the two (LoRA)."""
+        return grouped_gemv(getattr(self, which), rows, pair_expert, self.path)
+
     def _differentiable(
         self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:

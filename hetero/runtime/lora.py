@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -223,6 +224,9 @@ class LoraExperts(ExpertBackend, nn.Module):
         if name not in self.gate_up:
             return self.base.submit(x, expert_ids, expert_weights).wait()
         gate_up_update, down_update = self.gate_up[name], self.down[name]
+        inference = not (torch.is_grad_enabled() and x.requires_grad)
+        if inference and hasattr(self.base, "runs_pairs") and self.base.runs_pairs(x.shape[0]):
+            return self._decode(name, x, expert_ids, expert_weights)
 
         def run_expert(expert: int, xs: torch.Tensor) -> torch.Tensor:
             gate_up, down = self.base.expert_projections(expert)
@@ -233,6 +237,31 @@ class LoraExperts(ExpertBackend, nn.Module):
             x.float(), expert_ids, expert_weights, self.num_experts, run_expert
         )
         return out.to(x.dtype)
+
+    def _decode(
+        self, name: str, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # a few tokens on the kernels' grouped GEMV over (token, expert) pairs, each pair's
+        # update added between the two projections, as in `_adapted`
+        tokens, top_k = expert_ids.shape
+        pair_expert = expert_ids.reshape(-1).numpy().astype(np.int64)
+        xs = x.detach().float().repeat_interleave(top_k, dim=0)  # pairs are token-major
+        gate_up = torch.from_numpy(self.base.pair_matmul("gate_up", xs.numpy(), pair_expert))
+        self._add_pair_updates(gate_up, self.gate_up[name], xs, pair_expert)
+        hidden = swiglu(gate_up).contiguous()
+        y = torch.from_numpy(self.base.pair_matmul("down", hidden.numpy(), pair_expert))
+        self._add_pair_updates(y, self.down[name], hidden, pair_expert)
+        weights = expert_weights.float().unsqueeze(-1)
+        return (y.view(tokens, top_k, -1) * weights).sum(dim=1).to(x.dtype)
+
+    @staticmethod
+    def _add_pair_updates(
+        out: torch.Tensor, update: LowRank, rows: torch.Tensor, pair_expert: np.ndarray
+    ) -> None:
+        # out, rows: [pairs, ...]; each expert's update on its pairs' rows
+        for expert in np.unique(pair_expert).tolist():
+            pairs = torch.from_numpy(np.flatnonzero(pair_expert == expert))
+            out[pairs] += update(rows[pairs], expert)
 
 
 def expert_shape(block: nn.Module) -> tuple[int, int, int]:
