@@ -20,6 +20,7 @@ from hetero.errors import InvalidRequestError, ModelFormatError, UnsupportedMode
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANT_CHOICES = ("auto", "none", "q8_0", "q4_k", "bf16", "f16", "f32")
 KV_DTYPE_NAMES = ("auto", "bf16", "f16", "f32")  # hetero.runtime.model.KV_DTYPES' keys
+LORA_TARGETS = ("attention", "experts", "shared")  # what hetero.runtime.lora adapts
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # the KV cache is allocated in blocks of this many tokens; the planner sizes it in whole blocks

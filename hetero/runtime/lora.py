@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetero.config import LORA_TARGETS
 from hetero.errors import InvalidRequestError
 from hetero.models.experts import (
     ExpertBackend,
@@ -24,7 +25,6 @@ from hetero.models.experts import (
     swiglu,
 )
 
-TARGET_CHOICES = ("attention", "experts", "shared")
 ATTENTION_PROJECTIONS = (
     "q_proj",
     "k_proj",
@@ -53,10 +53,10 @@ class LoraSettings:
     def __post_init__(self):
         if self.rank < 1:
             raise InvalidRequestError(f"the LoRA rank must be >= 1, got {self.rank}")
-        unknown = set(self.targets) - set(TARGET_CHOICES)
+        unknown = set(self.targets) - set(LORA_TARGETS)
         if unknown or not self.targets:
             raise InvalidRequestError(
-                f"LoRA targets must be some of {', '.join(TARGET_CHOICES)}; got "
+                f"LoRA targets must be some of {', '.join(LORA_TARGETS)}; got "
                 f"{','.join(self.targets) or 'none'}"
             )
         if not 0 <= self.dropout < 1:
@@ -278,7 +278,7 @@ def default_targets(net: nn.Module) -> tuple[str, ...]:
     names = {name.rpartition(".")[2] for name, _ in net.named_modules()}
     if PEFT_UNLOADABLE_SHARED in names:
         return ("attention", "experts")
-    return TARGET_CHOICES
+    return LORA_TARGETS
 
 
 def is_linear(module: nn.Module | None) -> bool:

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from hetero.config import LORA_TARGETS
 from hetero.errors import InvalidRequestError
 from hetero.model_options import add_load_options
-from hetero.runtime.lora import TARGET_CHOICES, LoraSettings
 from hetero.train.data import TOO_LONG_CHOICES, DataError
 
 
@@ -29,7 +29,7 @@ def add_train_commands(commands) -> None:
     p.add_argument(
         "--targets",
         default=None,
-        help=f"some of {','.join(TARGET_CHOICES)} (default: all PEFT loads for the model)",
+        help=f"some of {','.join(LORA_TARGETS)} (default: all PEFT loads for the model)",
     )
     p.add_argument("--lr", type=float, default=2e-4)
     length = p.add_mutually_exclusive_group()
@@ -72,7 +72,7 @@ def add_train_commands(commands) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from hetero.model_options import load_from_args, plan_from_args
-    from hetero.runtime.lora import default_targets
+    from hetero.runtime.lora import LoraSettings, default_targets
     from hetero.train.data import read_dataset
     from hetero.train.loop import TrainOptions, say, train
 
@@ -89,7 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
         recompute=args.recompute,
     )
     options.check()
-    targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else TARGET_CHOICES
+    targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else LORA_TARGETS
     LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout, targets)  # fail before loading
     data = Path(args.data).expanduser()
     if not data.is_file():

@@ -10,9 +10,21 @@ from pathlib import Path
 
 from hetero.errors import HeteroError, InvalidRequestError
 from hetero.tokenizer import Tokenizer
-from hetero.train.loss import Example
 
 TOO_LONG_CHOICES = ("truncate", "skip")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: token ids and which of them are targets (predicted from the
+    tokens before them: assistant turns of a chat, every token of a text but the first)."""
+
+    ids: list[int]
+    targets: list[bool]
+
+    @property
+    def target_count(self) -> int:
+        return sum(self.targets[1:])
 
 
 class DataError(HeteroError):

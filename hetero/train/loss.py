@@ -4,30 +4,16 @@ to itself), each layer and the head recomputed in the backward when activations 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hetero.runtime.batch import ForwardBatch, SequenceSlice
+from hetero.train.data import Example
 
 # rows of the head computed at a time when recomputing: [256, vocab] float32 logits (150 MiB
 # at a 152k vocabulary) alive instead of [tokens, vocab]
 HEAD_CHUNK_ROWS = 256
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training sequence: token ids and which of them are targets (predicted from the
-    tokens before them: assistant turns of a chat, every token of a text but the first)."""
-
-    ids: list[int]
-    targets: list[bool]
-
-    @property
-    def target_count(self) -> int:
-        return sum(self.targets[1:])
 
 
 def batch_loss(net: torch.nn.Module, examples: list[Example], recompute: bool) -> torch.Tensor:
