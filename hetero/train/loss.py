@@ -30,7 +30,10 @@ def batch_loss(net: torch.nn.Module, examples: list[Example], recompute: bool) -
                 rows.append(start + i - 1)
                 labels.append(e.ids[i])
         start += len(e.ids)
-    x = net.embed_tokens(ids)
+    # autograd records from the embeddings on (they are frozen), so every frozen module, layer
+    # 0's too, takes its float32 differentiable path: inference may multiply prefill tiles in
+    # bfloat16 (hetero/runtime/prefill_matmul.py), which would move the loss by ~1e-3
+    x = net.embed_tokens(ids).requires_grad_()
     for layer in net.layers:
         x = checkpoint(layer, x, batch, use_reentrant=False) if recompute else layer(x, batch)
     x, targets = x[torch.tensor(rows, dtype=torch.long)], torch.tensor(labels)
