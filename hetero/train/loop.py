@@ -159,17 +159,8 @@ def train(
             optimizer.step()
             tok_s = tokens / (time.perf_counter() - began)
             losses.append(loss_sum)
-            log.write(
-                json.dumps(
-                    {
-                        "step": step + 1,
-                        "loss": loss_sum,
-                        "tokens": tokens,
-                        "tokens_per_s": round(tok_s, 1),
-                    }
-                )
-                + "\n"
-            )
+            record = {"step": step + 1, "loss": loss_sum, "tokens": tokens, "tokens_per_s": tok_s}
+            log.write(json.dumps(record) + "\n")
             log.flush()
             progress.update(task, advance=1, loss=f"{loss_sum:.4f}", speed=f"{tok_s:.0f}")
             if (step + 1) % options.save_every == 0 or step + 1 == total:
