@@ -56,6 +56,11 @@ class TrainOptions:
             raise InvalidRequestError(f"--steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
             raise InvalidRequestError(f"--lr must be > 0, got {self.lr}")
+        if has_checkpoint(self.out.expanduser()) and not self.resume:
+            raise InvalidRequestError(
+                f"{self.out} holds a training run: pass --resume to continue it, or choose "
+                f"another --out"
+            )
 
 
 def epoch_steps(examples: list[Example], options: TrainOptions, epoch: int) -> list[Step]:
@@ -116,10 +121,6 @@ def train(
     Returns each step's loss (mean over the step's target tokens)."""
     options.check()
     out = options.out.expanduser()
-    if has_checkpoint(out) and not options.resume:
-        raise InvalidRequestError(
-            f"{out} holds a training run: pass --resume to continue it, or choose another --out"
-        )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)  # the updates' initial values
     updates = adapt(model.net, settings)
