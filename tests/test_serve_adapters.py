@@ -6,9 +6,11 @@ a request naming none), prefix-cached keys and values are never shared across ad
 from __future__ import annotations
 
 import httpx
+import pytest
 import torch
 
 import hetero
+from hetero.errors import InvalidRequestError
 from hetero.runtime.adapters import save_adapter
 from hetero.runtime.engine import Engine, Request
 from hetero.runtime.lora import LoraSettings, adapt
@@ -81,3 +83,12 @@ def test_serve_routes_requests_by_model_name(checkpoint_factory, tmp_path):
         assert answer.json()["choices"][0]["text"] == want
         missing = httpx.post(url + "/v1/completions", json={**body, "model": "other"})
         assert missing.status_code == 404 and "'tuned'" in missing.json()["error"]["message"]
+
+
+def test_mla_kv_b_cannot_take_one_of_several_adapters(checkpoint_factory):
+    # MLA runs kv_b on cached latents too, whose rows are not the batch's tokens
+    directory, _ = checkpoint_factory("deepseek_v3")
+    model = hetero.load(directory, quant="none", progress=False)
+    settings = LoraSettings(rank=2, alpha=4.0, targets=("attention",))
+    with pytest.raises(InvalidRequestError, match="kv_b_proj"):
+        adapt(model.net, settings, "a", default=False)

@@ -325,6 +325,13 @@ def adapt(
         raise InvalidRequestError(
             f"the model has nothing to adapt for --targets {','.join(settings.targets)}"
         )
+    if not default and any(path.endswith(".kv_b_proj") for path in updates):
+        # MLA runs kv_b on the cached latents of each history too, whose rows are not the
+        # batch's tokens that AdapterRows names
+        raise InvalidRequestError(
+            "several adapters in one batch cannot adapt MLA's kv_b_proj; serve this adapter "
+            "alone (--adapter)"
+        )
     rows.names.append(name)
     if default:
         rows.default = name
