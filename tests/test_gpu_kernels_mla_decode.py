@@ -64,7 +64,9 @@ def test_mla_decode_agrees_with_the_cpu_kernel(request):
         [sequence_rows(tables[s], max(lengths), block_size).numpy() for s in range(len(lengths))]
     )
     arrays = [t.cpu().numpy() for t in (q_latent, q_rope, latent_store, rope_store)]
-    want = latent_attention_decode(*arrays, slots, np.array(lengths, np.int64), 0.2)
+    # the CPU kernel reads rows per kv head: [n, 1, L] and [n, 1] for MLA's one latent head
+    counts = np.array(lengths, np.int64)[:, None]
+    want = latent_attention_decode(*arrays, slots[:, None], counts, 0.2)
     torch.testing.assert_close(got.cpu(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
 
 
